@@ -1,0 +1,106 @@
+"""Shared benchmark harness: timing with warm-up, median and quantiles, peak memory, provenance.
+
+Every benchmark measures the fast path and its baseline in the same run and prints their ratio,
+because these machines are noisy: absolute numbers move, ratios within one run are what we claim.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    name: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.median_ms:.3f} ms (p20 {self.p20_ms:.3f}, p80 {self.p80_ms:.3f}, n={self.reps})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, *, name: str = "", device="cpu", warmup: int = 3, reps: int = 10, min_time_s: float = 0.0) -> Timing:
+    """Median wall time of fn() in ms after `warmup` calls; CUDA is synchronized around each call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    start_all = time.perf_counter()
+    while len(samples) < reps or (time.perf_counter() - start_all) < min_time_s:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [min(samples)] * 4
+    return Timing(name, statistics.median(samples), q[0], q[-1], len(samples))
+
+
+def peak_memory_cuda(fn, device="cuda") -> int:
+    """Peak bytes allocated on a CUDA device while fn() runs, above what was allocated before."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def provenance() -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A plain aligned table (what RESULTS.md copies)."""
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def write_json(path, payload: dict) -> None:
+    payload = dict(payload, provenance=provenance())
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))

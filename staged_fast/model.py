@@ -1,0 +1,147 @@
+"""GPT-2: pre-LN blocks, learned positions, tied embeddings, tanh-GELU.
+
+Parameter names follow HF's GPT2LMHeadModel (transformer.wte, h.{i}.attn.c_attn, ...) so checkpoints
+map one to one; linear weights are nn.Linear's (out, in), HF's Conv1D stores the transpose.
+The model is written for one device; DDP/FSDP are applied from outside (staged_fast.distributed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .config import GPTConfig
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, n_embd: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+        self.backend = "torch"
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v stacked along out
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = "torch"
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        p = self.attn_dropout if self.training else 0.0
+        y = kernels.causal_attention(q, k, v, dropout_p=p, backend=self.backend)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, kernels_backend: str = "torch"):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=LayerNorm(config.n_embd, config.layer_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer)).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_kernels(kernels_backend)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_kernels(self, backend: str) -> None:
+        """Select 'torch' or 'triton' ops for every layer norm, attention and the LM-head loss."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton' (resolve 'auto' first), got {backend!r}")
+        self.kernels_backend = backend
+        for m in self.modules():
+            if isinstance(m, (LayerNorm, CausalSelfAttention)):
+                m.backend = backend
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx):
+        """Final-layer-normed hidden states, (B, T, d)."""
+        B, T = idx.shape
+        if T > self.config.n_positions:
+            raise ValueError(
+                f"sequence length {T} exceeds n_positions={self.config.n_positions}; "
+                f"use a shorter --seqlen or a model with more positions."
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) when targets is None, else the mean next-token loss (a scalar).
+
+        With targets the LM head and the loss are one op, so the Triton backend never materializes
+        the (B*T, V) logits.
+        """
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(h)
+        return kernels.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), backend=self.kernels_backend
+        )
