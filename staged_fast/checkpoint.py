@@ -46,7 +46,8 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", self.trainer_state.get("step", 0)))
+        """The number the folder is named by (the trainer uses its monotone update count)."""
+        return int(self.meta["step"])
 
 
 def _fsync_file(path: Path) -> None:
@@ -83,7 +84,10 @@ def save_checkpoint(
     keep_last: int | None = None,
     _before_commit=None,
 ) -> Path:
-    """Write a checkpoint atomically and return its folder. `model` must be unwrapped (no DDP)."""
+    """Write `<save_dir>/step_<step>` atomically and return it. `model` must be unwrapped (no DDP).
+
+    `trainer_state` is stored as given (the trainer keeps its schedule step counter there, which a
+    growth with --restart_steps can move backwards; `step` here must only grow)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     final = save_dir / f"step_{step:08d}"
@@ -100,7 +104,7 @@ def save_checkpoint(
         order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
         torch.save({"state_dict": optimizer.state_dict(), "param_names": order}, tmp / "optimizer.pt")
         files["optimizer.pt"] = tmp / "optimizer.pt"
-    torch.save(dict(trainer_state or {}, step=step), tmp / "trainer.pt")
+    torch.save(dict(trainer_state or {}), tmp / "trainer.pt")
     files["trainer.pt"] = tmp / "trainer.pt"
     for path in files.values():
         _fsync_file(path)

@@ -1,0 +1,66 @@
+"""Training metrics: JSONL log, optional TensorBoard, and model FLOPs utilization (MFU)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks in FLOP/s (vendor datasheets, SXM parts, no sparsity).
+# Matched by substring of torch.cuda.get_device_name(); unknown devices report no MFU.
+DEVICE_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "RTX 4090": 165e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in DEVICE_PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, seqlen: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls plus 12*L*T*d for attention scores and values
+    (PaLM, app. B). The causal mask's halving is not applied, so figures compare with nanoGPT's MFU."""
+    return 6.0 * n_params_non_embedding + 12.0 * n_layer * n_embd * seqlen
+
+
+class MetricsLogger:
+    """Rank 0 only: appends one JSON object per record to metrics.jsonl (resumed runs keep appending)."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool = False):
+        self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if run_dir is not None and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

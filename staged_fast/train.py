@@ -1,0 +1,93 @@
+"""`python -m staged_fast.train`: parse, build, train, close.
+
+Single process, or under `torchrun` (env://) with DDP on gloo (CPU) / nccl (CUDA). With no arguments it
+runs a short staged demo on the bundled corpus (see train_args.DEMO_ARGV).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from . import distributed as D
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .train_args import DEMO_ARGV, UsageError, parse_args
+
+# Errors that are the user's to fix: one paragraph, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, CheckpointError, UsageError)
+
+
+def _user_errors():
+    errors = list(USER_ERRORS)
+    try:
+        from .data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from .growth import GrowthError
+
+        errors.append(GrowthError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _relaunch_for_gpu_count(args, argv: list[str]) -> bool:
+    """The seed's --gpu_count N: outside torchrun, start N processes with torch.distributed.run."""
+    if args.gpu_count in (None, 1) or "WORLD_SIZE" in os.environ:
+        return False
+    import torch
+
+    n = torch.cuda.device_count() if args.gpu_count == -1 else args.gpu_count
+    if n <= 1:
+        return False
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "staged_fast.train", *argv])
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("staged_fast.train: no arguments, running the staged demo: " + " ".join(DEMO_ARGV), flush=True)
+        argv = list(DEMO_ARGV)
+    user_errors = _user_errors()
+    dist = None
+    trainer = None
+    try:
+        args = parse_args(argv)
+        if _relaunch_for_gpu_count(args, argv):
+            return 0
+        dist = D.init(args.device)
+        if args.save_prefix is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.save_prefix = D.broadcast_object(f"runs/{args.size or 'model'}-{stamp}", dist)
+        from .trainer import Trainer, run
+
+        log = print if dist.is_main else (lambda *a, **k: None)
+        trainer = Trainer(args, dist, log=log)
+
+        def request_stop(signum, frame):  # preemption: save at the next step boundary, then exit
+            trainer.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        summary = run(trainer, progress=not args.no_progress)
+        log(f"done: step {trainer.step}, {trainer.tokens:,} tokens, checkpoint {summary['checkpoint']}")
+        return 0
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist is not None:
+            D.close(dist)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

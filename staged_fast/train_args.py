@@ -1,0 +1,181 @@
+"""Command line of `python -m staged_fast.train`: every flag, its help, and validation in one place.
+
+The seed's flags (gpt_pretrain.py) parse unchanged; ours extend them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import PRESETS, ConfigError, GPTConfig, initial_lr, preset_config
+from .kernels import BACKENDS
+
+GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "append_copy")
+
+# What `python -m staged_fast.train` with no arguments runs: a tiny model on the bundled corpus that
+# doubles its width halfway, a few minutes on 2 CPU cores.
+DEMO_ARGV = [
+    "--size", "tiny_div2_width", "--train_steps", "300", "--warmup_steps", "30",
+    "--batch_size", "8", "--seqlen", "128", "--val_every", "50", "--val_batches", "4",
+    "--log_rate", "10", "--grow_at", "150", "--grow_ops", "width", "--restart_warmup_steps", "10",
+]
+
+
+class UsageError(ValueError):
+    """Flags that contradict each other or the data; the message says which and how to fix it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m staged_fast.train",
+        description="Pre-train a GPT-2-style model, optionally growing it (staged training). "
+        "With no arguments: a short staged demo run on the bundled corpus.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--save_prefix", default=None, help="run folder for checkpoints and logs (default: runs/<size>-<time>)")
+    g.add_argument("--resume", default=None, help="checkpoint folder, run folder, or 'latest' (in --save_prefix) to continue")
+    g.add_argument("--seed", type=int, default=1234, help="seeds init, data order and dropout")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    g.add_argument("--gpu_count", type=int, default=None, help="seed flag: processes to launch (-1 = all GPUs); "
+                   "without torchrun, >1 re-launches itself with torch.distributed.run")
+    g.add_argument("--stop_at_step", type=int, default=None, help="save and exit at this step (resume later)")
+    g.add_argument("--overwrite", action="store_true", help="allow a --save_prefix that already holds another run")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--size", default=None, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--n_layer", type=int, default=None)
+    g.add_argument("--n_embd", type=int, default=None)
+    g.add_argument("--n_head", type=int, default=None)
+    g.add_argument("--n_positions", type=int, default=1024, help="position-table length (max --seqlen)")
+    g.add_argument("--dropout", type=float, default=0.1, help="embedding/residual dropout (seed: 0.1)")
+    g.add_argument("--attn_dropout", type=float, default=None, help="attention-probability dropout (default: --dropout)")
+    g.add_argument("--model", default="gpt2", help="seed flag: model family 'gpt2' (with --random), or a HF "
+                   "GPT-2 folder/hub name whose weights initialize the run (without --random)")
+    g.add_argument("--random", action="store_true", help="seed flag: random init (our default unless --model is a "
+                   "weights folder)")
+    g.add_argument("--kernels", default="auto", choices=BACKENDS, help="attention/layernorm/loss implementation")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "
+                   "name[:config]; default: the bundled corpus")
+    g.add_argument("--tokenizer", default="gpt2", help="'gpt2' (offline GPT-2 BPE) or a HF tokenizer folder/name")
+    g.add_argument("--text_field", default="text", help="field of jsonl/parquet/HF records holding the text")
+    g.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out")
+    g.add_argument("--cache_dir", default="~/.cache/staged_fast", help="where tokenized data is cached")
+    g.add_argument("--num_workers", type=int, default=1, help="seed flag: processes used to tokenize")
+    g.add_argument("--seqlen", type=int, default=1024, help="tokens per sample")
+    g.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch per process")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=None, help="peak LR (default: the seed's heuristic "
+                   "0.003239 - 0.0001395*log10(12*n_layer*d^2))")
+    g.add_argument("--warmup_steps", type=int, default=3000)
+    g.add_argument("--train_steps", type=int, default=250000, help="LR reaches its minimum here; training stops")
+    g.add_argument("--lr_decay", default="linear", choices=("linear", "cosine"))
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.98)
+    g.add_argument("--adam_eps", type=float, default=1e-6)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    g.add_argument("--fp16", action="store_true", help="fp16 autocast with a GradScaler")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--val_every", type=int, default=500)
+    g.add_argument("--val_batches", type=int, default=50, help="micro-batches per process per validation")
+    g.add_argument("--log_rate", type=int, default=10, help="steps between log records")
+    g.add_argument("--save_every", type=int, default=1000)
+    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (0 = all)")
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("growth (staged training)")
+    g.add_argument("--doubling", choices=("weights", "layers"), default=None, help="seed flag: grow the --resume "
+                   "checkpoint (weights = width, layers = depth), save it, and continue training")
+    g.add_argument("--doubling_layers", default="alternate_id", choices=GROWTH_OP_NAMES[1:],
+                   help="depth operator for --doubling layers (the seed's was alternate_copy, not loss-preserving)")
+    g.add_argument("--width_noise", type=float, default=0.0, help="std of the symmetry-breaking split for width growth")
+    g.add_argument("--restart_steps", default=None, help="step counter after growth: an int, or 'auto' = "
+                   "growth step / constant_op of the operator")
+    g.add_argument("--restart_warmup_steps", type=int, default=0, help="LR ramps from 0 at the restart step to "
+                   "the schedule's value this many steps later")
+    g.add_argument("--reset_lr_scheduler", action="store_true", help="on --resume, rebuild the LR schedule from "
+                   "the flags instead of the checkpoint's")
+    g.add_argument("--grow_at", default=None, help="comma-separated steps at which to grow in memory")
+    g.add_argument("--grow_ops", default="width", help=f"comma-separated operators, one per growth: {', '.join(GROWTH_OP_NAMES)}")
+    g.add_argument("--schedule", default=None, help="plan JSON from `python -m staged_fast.schedule plan`")
+    g.add_argument("--grow_when", default=None, choices=("slope",), help="grow when the validation curve's "
+                   "slope rule fires (operators from --grow_ops)")
+    return p
+
+
+def parse_args(argv: list[str] | None):
+    args = build_parser().parse_args(argv)
+    validate(args)
+    return args
+
+
+def model_config(args, *, vocab_size: int) -> GPTConfig:
+    """The model's config from --size or explicit dimensions (explicit ones override the preset)."""
+    dims = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head") if getattr(args, k) is not None}
+    common = dict(
+        vocab_size=vocab_size,
+        n_positions=args.n_positions,
+        dropout=args.dropout,
+        attn_dropout=args.dropout if args.attn_dropout is None else args.attn_dropout,
+    )
+    if args.size is not None:
+        return preset_config(args.size, **common).replace(**dims)
+    if len(dims) == 3:
+        return GPTConfig(**dims, **common)
+    if dims:
+        raise ConfigError("Give all of --n_layer, --n_embd and --n_head, or --size PRESET.")
+    return preset_config("GPT2_base", **common)
+
+
+def peak_lr(args, config: GPTConfig) -> float:
+    return args.lr if args.lr is not None else initial_lr(config.n_layer, config.n_embd)
+
+
+def growth_ops(args) -> list[str]:
+    ops = [o.strip() for o in args.grow_ops.split(",") if o.strip()]
+    for op in ops:
+        if op not in GROWTH_OP_NAMES:
+            raise UsageError(f"--grow_ops: unknown operator {op!r}; choose from {', '.join(GROWTH_OP_NAMES)}.")
+    return ops
+
+
+def validate(args) -> None:
+    if args.size is not None and args.size not in PRESETS:
+        preset_config(args.size)  # raises the ConfigError that lists the presets
+    if args.fp16 and args.bf16:
+        raise UsageError("--fp16 and --bf16 are exclusive: pick one.")
+    if args.seqlen > args.n_positions:
+        raise ConfigError(
+            f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: learned positions "
+            f"stop there. Lower --seqlen or raise --n_positions."
+        )
+    for name in ("batch_size", "grad_accum", "train_steps", "val_every", "log_rate", "save_every", "seqlen"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.doubling and not args.resume:
+        raise UsageError("--doubling grows a checkpoint: give it with --resume PATH.")
+    sources = [x for x in (args.grow_at, args.schedule, args.grow_when) if x]
+    if len(sources) > 1:
+        raise UsageError("Use one of --grow_at, --schedule and --grow_when, not several.")
+    if args.grow_at:
+        try:
+            steps = [int(s) for s in args.grow_at.split(",")]
+        except ValueError:
+            raise UsageError(f"--grow_at takes comma-separated integers, got {args.grow_at!r}.") from None
+        if len(steps) != len(growth_ops(args)):
+            raise UsageError(f"--grow_at lists {len(steps)} steps but --grow_ops {len(growth_ops(args))} operators; "
+                             f"give one operator per growth.")
+    growth_ops(args)
+    if args.restart_steps not in (None, "auto"):
+        try:
+            args.restart_steps = int(args.restart_steps)
+        except ValueError:
+            raise UsageError(f"--restart_steps takes an integer or 'auto', got {args.restart_steps!r}.") from None

@@ -1,0 +1,463 @@
+"""The training loop's state and steps: build, train_step, validate, grow, save, resume.
+
+Two counters: `step` is the schedule's optimizer-step counter (the LR is a function of it; a growth with
+--restart_steps R sets it to R, possibly backwards), `iteration` counts updates actually taken and only
+grows (checkpoint folders, --save_every, --val_every, --log_rate and --grow_at use it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import ConfigError, GPTConfig, initial_lr
+from .kernels import resolve_backend
+from .lr_schedule import LRSchedule
+from .metrics import MetricsLogger, device_peak_flops, flops_per_token
+from .model import GPT
+from .train_args import UsageError, growth_ops, model_config, peak_lr
+
+
+@dataclass
+class GrowthEvent:
+    iteration: int
+    op: str
+
+
+class Trainer:
+    def __init__(self, args, dist: D.DistInfo, *, log=print):
+        self.args, self.dist, self.log = args, dist, log
+        self.device = dist.device
+        self.run_dir = Path(args.save_prefix)
+        self.step = 0
+        self.iteration = 0
+        self.tokens = 0
+        self.last_val_loss = None
+        self.growth_log: list[dict] = []
+        self.stop_requested = False
+        self.last_saved_iteration, self.last_saved_path = None, None
+
+        ckpt = self._load_resume_checkpoint()
+        self._check_run_dir(ckpt)
+        self._build_data()
+        self.config = self._decide_config(ckpt)
+        self.backend = resolve_backend(args.kernels, self.device)
+        self._build_model_and_optimizer(ckpt)
+        self._build_schedule_and_state(ckpt)
+        self.pending_growths = self._growth_events()
+        self.next_growth = 0 if ckpt is None else ckpt.trainer_state.get("next_growth", 0)
+        self.slope_trigger = self._make_slope_trigger(ckpt)
+
+        amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
+        if ckpt is not None and "scaler" in ckpt.trainer_state and args.fp16:
+            self.scaler.load_state_dict(ckpt.trainer_state["scaler"])
+        self.peak_flops = device_peak_flops(self.device)
+        self.metrics = MetricsLogger(self.run_dir if dist.is_main else None, tensorboard=args.tensorboard)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        if ckpt is not None:
+            self._restore_rng(ckpt)
+        if args.doubling:
+            op = "width" if args.doubling == "weights" else args.doubling_layers
+            self.grow(op)
+            path = self.save()
+            self.log(f"grown checkpoint written to {path}; training continues from it")
+
+    # ---------------------------------------------------------------- set-up
+    def _load_resume_checkpoint(self):
+        if not self.args.resume:
+            return None
+        path = resolve_checkpoint(self.args.resume, self.args.save_prefix)
+        ckpt = load_checkpoint(path)
+        self.resume_path = path
+        self.log(f"resuming from {path}")
+        return ckpt
+
+    def _check_run_dir(self, ckpt) -> None:
+        """Refuse to write into a folder that holds another run (nothing gets overwritten)."""
+        existing = list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()
+        if not existing:
+            return
+        continuing = ckpt is not None and Path(self.resume_path).resolve().parent == self.run_dir.resolve()
+        if continuing:
+            return
+        if self.args.overwrite:
+            if self.dist.is_main:
+                for p in list_checkpoints(self.run_dir):
+                    shutil.rmtree(p)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            D.barrier(self.dist)
+            return
+        raise UsageError(
+            f"--save_prefix {self.run_dir} already holds another run (checkpoints or metrics.jsonl). "
+            f"Continue it with --resume latest, choose another --save_prefix, or pass --overwrite to replace it."
+        )
+
+    def _build_data(self) -> None:
+        from .data import TokenSampler, prepare_data
+        from .tokenizer import load_tokenizer
+
+        a = self.args
+        self.tokenizer = load_tokenizer(a.tokenizer)
+        self.data = prepare_data(
+            a.data, self.tokenizer, tokenizer_name=a.tokenizer, cache_dir=a.cache_dir,
+            val_fraction=a.val_fraction, num_proc=a.num_workers, text_field=a.text_field, seed=a.seed,
+        )
+        self.sampler = TokenSampler(
+            self.data.train, seqlen=a.seqlen, batch_size=a.batch_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
+        )
+
+    def _decide_config(self, ckpt) -> GPTConfig:
+        a = self.args
+        dropouts = dict(dropout=a.dropout, attn_dropout=a.dropout if a.attn_dropout is None else a.attn_dropout)
+        if ckpt is None:
+            config = model_config(a, vocab_size=self.data.vocab_size)
+        else:
+            config = ckpt.config.replace(**dropouts)
+            asked = None if (a.size is None and a.n_layer is None) else model_config(a, vocab_size=config.vocab_size)
+            if asked is not None and not asked.same_shape(config) and not a.doubling:
+                raise ConfigError(
+                    f"The checkpoint {self.resume_path} holds a {config.shape_str()} model but the flags ask for "
+                    f"{asked.shape_str()}. To grow it, add --doubling weights (width) or --doubling layers "
+                    f"(depth); to continue it as it is, drop --size/--n_layer/--n_embd/--n_head."
+                )
+        if config.vocab_size < self.data.vocab_size:
+            raise ConfigError(
+                f"The model's vocab_size {config.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}; "
+                f"use a matching --tokenizer."
+            )
+        if a.seqlen > config.n_positions:
+            raise ConfigError(f"--seqlen {a.seqlen} exceeds the model's n_positions={config.n_positions}.")
+        return config
+
+    def _build_model_and_optimizer(self, ckpt) -> None:
+        a = self.args
+        torch.manual_seed(a.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+        if ckpt is None and not a.random and a.model not in ("gpt2", None):
+            from .hf import load_pretrained
+
+            pretrained = load_pretrained(a.model)  # a HF GPT-2 folder/name initializes the weights
+            self.config = pretrained.config.replace(dropout=self.config.dropout, attn_dropout=self.config.attn_dropout)
+            model = GPT(self.config, kernels_backend=self.backend)
+            model.load_state_dict(pretrained.state_dict())
+        else:
+            model = GPT(self.config, kernels_backend=self.backend)
+        if ckpt is not None:
+            model.load_state_dict(ckpt.model_state)
+        self.model = model.to(self.device).train()
+        self.optimizer = self._new_optimizer(self.model, lr=peak_lr(a, self.config))
+        if ckpt is not None:
+            if ckpt.optimizer_state is None:
+                self.log("warning: the checkpoint has no optimizer state; AdamW starts fresh")
+            else:
+                names = [n for n, _ in self.model.named_parameters()]
+                if ckpt.param_names != names:
+                    raise CheckpointError(
+                        f"the optimizer state in {self.resume_path} belongs to different parameters than this "
+                        f"model; it cannot be resumed as is."
+                    )
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.ddp_model = D.wrap(self.model, self.dist)
+
+    def _new_optimizer(self, model, lr: float) -> torch.optim.AdamW:
+        a = self.args
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps, weight_decay=a.weight_decay
+        )
+
+    def _build_schedule_and_state(self, ckpt) -> None:
+        a = self.args
+        fresh = LRSchedule(
+            base_lr=peak_lr(a, self.config), warmup_steps=a.warmup_steps, train_steps=a.train_steps,
+            decay=a.lr_decay, min_lr=a.min_lr,
+        )
+        if ckpt is None:
+            self.schedule = fresh
+            return
+        st = ckpt.trainer_state
+        self.schedule = fresh if a.reset_lr_scheduler else LRSchedule.from_state_dict(st["schedule"])
+        self.step, self.iteration, self.tokens = st["step"], st["iteration"], st["tokens"]
+        self.last_val_loss = st.get("last_val_loss")
+        self.growth_log = list(st.get("growth_log", []))
+        self.sampler.load_state_dict(st["sampler"])
+        just_grown = st.get("grown_at_iteration") == self.iteration
+        if a.restart_steps is not None and not a.doubling and not (a.grow_at or a.schedule or a.grow_when):
+            if not just_grown:
+                raise UsageError(
+                    "--restart_steps on a resume moves the step counter back; that is only meant for the first "
+                    "resume of a freshly grown checkpoint, and this one was not just grown. Drop --restart_steps."
+                )
+            r = self._restart_value(st.get("grown_with_op", "width"), self.step)
+            self.step = r
+            self.schedule.restart(r, a.restart_warmup_steps)
+            self.log(f"step counter restarted at {r}, LR ramp over {a.restart_warmup_steps} steps")
+
+    def _growth_events(self) -> list[GrowthEvent]:
+        a = self.args
+        if a.grow_at:
+            return [GrowthEvent(int(s), op) for s, op in zip(a.grow_at.split(","), growth_ops(a))]
+        if a.schedule:
+            from .schedule import load_plan_growths
+
+            return [GrowthEvent(it, op) for it, op in load_plan_growths(a.schedule)]
+        return []
+
+    def _make_slope_trigger(self, ckpt):
+        if self.args.grow_when != "slope":
+            return None
+        from .schedule import SlopeTrigger, THRESHOLDS
+
+        ops = growth_ops(self.args)
+        op = ops[min(self.next_growth, len(ops) - 1)]
+        trigger = SlopeTrigger(
+            threshold=THRESHOLDS[_threshold_key(op)], n_params=self.config.n_params_non_embedding,
+            batch_tokens=self.tokens_per_step,
+        )
+        if ckpt is not None and "slope_points" in ckpt.trainer_state:
+            for step, loss in ckpt.trainer_state["slope_points"]:
+                trigger.update(step, loss)
+        self.slope_points = [] if ckpt is None else list(ckpt.trainer_state.get("slope_points", []))
+        return trigger
+
+    def _restore_rng(self, ckpt) -> None:
+        states = ckpt.trainer_state.get("rng", [])
+        if len(states) == self.dist.world_size:
+            mine = states[self.dist.rank]
+            torch.set_rng_state(mine["cpu"])
+            if self.device.type == "cuda" and mine.get("cuda") is not None:
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            self.log(f"note: checkpoint RNG states are for {len(states)} ranks, this run has "
+                     f"{self.dist.world_size}; dropout RNG is reseeded")
+            torch.manual_seed(self.args.seed + 7919 * self.dist.rank + self.iteration)
+
+    # ---------------------------------------------------------------- training
+    @property
+    def tokens_per_step(self) -> int:
+        a = self.args
+        return a.batch_size * a.seqlen * a.grad_accum * self.dist.world_size
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) on device."""
+        a, model, opt = self.args, self.ddp_model, self.optimizer
+        lr = self.schedule(self.step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(a.grad_accum):
+            x, y = self.sampler.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == a.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = model(x, y)
+                self.scaler.scale(loss / a.grad_accum).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(opt)
+        max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if a.fp16:
+            self.scaler.step(opt)  # skips the step itself on inf/nan
+            self.scaler.update()
+        elif torch.isfinite(grad_norm):
+            opt.step()
+        else:
+            self.log(f"warning: non-finite grad norm at step {self.step}; update skipped")
+        opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.iteration += 1
+        self.tokens += self.tokens_per_step
+        return loss_sum / a.grad_accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int | None = None) -> float:
+        """Mean validation loss over --val_batches micro-batches per rank, averaged across ranks."""
+        from .data import val_batches
+
+        a = self.args
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        n = 0
+        for x, y in val_batches(
+            self.data.val, seqlen=a.seqlen, batch_size=a.batch_size, num_batches=num_batches or a.val_batches,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        ):
+            with self.autocast():
+                total += self.model(x.to(self.device), y.to(self.device)).float()
+            n += 1
+        self.model.train()
+        return D.all_reduce_mean(total / max(n, 1), self.dist).item()
+
+    def _restart_value(self, op: str, step: int) -> int | None:
+        r = self.args.restart_steps
+        if r == "auto":
+            from .schedule import constant_op
+
+            return int(round(step / constant_op(op)))
+        return r
+
+    def grow(self, op: str) -> dict:
+        """Grow model and optimizer in memory (every rank identically), rebuild DDP, move the schedule."""
+        from .growth import grow_model
+
+        a = self.args
+        before = self.evaluate(num_batches=1)
+        old_shape = self.config.shape_str()
+        restart = self._restart_value(op, self.step)
+        generator = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iteration)
+        model, optimizer = grow_model(
+            self.model, self.optimizer, op, width_noise=a.width_noise, generator=generator, optimizer_step=restart
+        )
+        self.model, self.config = model.train(), model.config
+        self.optimizer = optimizer
+        self.ddp_model = D.wrap(self.model, self.dist)
+        if a.lr is None:  # the seed's heuristic follows the model size
+            self.schedule.base_lr = initial_lr(self.config.n_layer, self.config.n_embd)
+        step_before = self.step
+        if restart is not None:
+            self.step = restart
+        if restart is not None or a.restart_warmup_steps:
+            self.schedule.restart(self.step, a.restart_warmup_steps)
+        after = self.evaluate(num_batches=1)
+        event = dict(
+            event="growth", op=op, iteration=self.iteration, step_before=step_before, step_after=self.step,
+            loss_before=before, loss_after=after, old_size=old_shape, new_size=self.config.shape_str(),
+            n_params=self.config.n_params_non_embedding, base_lr=self.schedule.base_lr,
+        )
+        self.growth_log.append(event)
+        self.metrics.log(event)
+        self.grown_at_iteration, self.grown_with_op = self.iteration, op
+        if self.slope_trigger is not None:
+            self.slope_trigger.reset(self.config.n_params_non_embedding)
+            self.slope_points = []
+        self.log(
+            f"grew {old_shape} -> {self.config.shape_str()} ({op}) at update {self.iteration}: "
+            f"val-batch loss {before:.4f} -> {after:.4f}, step counter {step_before} -> {self.step}"
+        )
+        return event
+
+    def maybe_grow(self) -> None:
+        a = self.args
+        if self.next_growth < len(self.pending_growths):
+            event = self.pending_growths[self.next_growth]
+            if self.iteration >= event.iteration:
+                self.next_growth += 1
+                self.grow(event.op)
+        elif self.slope_trigger is not None and self._slope_fired:
+            ops = growth_ops(a)
+            if self.next_growth < len(ops):
+                op = ops[self.next_growth]
+                self.next_growth += 1
+                self._slope_fired = False
+                self.grow(op)
+                if self.next_growth < len(ops):
+                    from .schedule import THRESHOLDS
+
+                    self.slope_trigger.threshold = THRESHOLDS[_threshold_key(ops[self.next_growth])]
+
+    _slope_fired = False
+
+    def on_validation(self, val_loss: float) -> None:
+        self.last_val_loss = val_loss
+        if self.slope_trigger is not None and self.next_growth < len(growth_ops(self.args)):
+            self.slope_points.append((self.step, val_loss))
+            if self.slope_trigger.update(self.step, val_loss):
+                self._slope_fired = True
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        state = dict(
+            step=self.step, iteration=self.iteration, tokens=self.tokens, sampler=self.sampler.state_dict(),
+            schedule=self.schedule.state_dict(), rng=D.gather_objects(rng, self.dist), scaler=self.scaler.state_dict(),
+            last_val_loss=self.last_val_loss, growth_log=self.growth_log, next_growth=self.next_growth,
+            args=vars(self.args), world_size=self.dist.world_size,
+        )
+        if getattr(self, "grown_at_iteration", None) is not None:
+            state.update(grown_at_iteration=self.grown_at_iteration, grown_with_op=self.grown_with_op)
+        if self.slope_trigger is not None:
+            state["slope_points"] = self.slope_points
+        return state
+
+    def save(self) -> Path | None:
+        state = self.trainer_state()  # collective (RNG gather): every rank calls it
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.run_dir, step=self.iteration, model=self.model, config=self.config, optimizer=self.optimizer,
+                trainer_state=state, keep_last=self.args.keep_last or None,
+            )
+        D.barrier(self.dist)
+        self.last_saved_iteration, self.last_saved_path = self.iteration, path
+        return path
+
+    def log_record(self, loss: torch.Tensor, grad_norm: torch.Tensor, elapsed: float, tokens_done: int) -> dict:
+        loss = D.all_reduce_mean(loss.detach().float(), self.dist).item()
+        tps = tokens_done / max(elapsed, 1e-9)
+        rec = dict(
+            step=self.step, iteration=self.iteration, loss=loss, lr=self.schedule(max(self.step - 1, 0)),
+            tokens=self.tokens, tokens_per_s=tps, grad_norm=float(grad_norm), val_loss=self.last_val_loss,
+            n_layer=self.config.n_layer, n_embd=self.config.n_embd,
+        )
+        if self.peak_flops:
+            fpt = flops_per_token(self.config.n_params_non_embedding, self.config.n_layer, self.config.n_embd, self.args.seqlen)
+            rec["mfu"] = fpt * tps / (self.peak_flops * self.dist.world_size)
+        if not math.isfinite(loss):
+            self.log(f"warning: loss is {loss} at step {self.step}")
+        self.metrics.log(rec)
+        return rec
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _threshold_key(op: str) -> str:
+    return "width" if op == "width" else "depth"
+
+
+def run(trainer: Trainer, *, progress: bool = True) -> dict:
+    """Train until the schedule's step counter reaches --train_steps (or --stop_at_step)."""
+    from tqdm.auto import tqdm
+
+    a = trainer.args
+    bar = tqdm(total=a.train_steps, initial=trainer.step, disable=not (progress and trainer.dist.is_main),
+               desc="train", dynamic_ncols=True)
+    t0, tokens0 = time.perf_counter(), trainer.tokens
+    last = {}
+    while trainer.step < a.train_steps and not trainer.stop_requested:
+        loss, grad_norm = trainer.train_step()
+        it = trainer.iteration
+        if it % a.val_every == 0 or trainer.step >= a.train_steps:
+            trainer.on_validation(trainer.evaluate())
+        if it % a.log_rate == 0 or trainer.step >= a.train_steps:
+            last = trainer.log_record(loss, grad_norm, time.perf_counter() - t0, trainer.tokens - tokens0)
+            t0, tokens0 = time.perf_counter(), trainer.tokens
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", size=trainer.config.shape_str())
+        trainer.maybe_grow()
+        bar.n = min(trainer.step, a.train_steps)
+        bar.refresh()
+        if a.stop_at_step is not None and it >= a.stop_at_step:
+            trainer.stop_requested = True
+        if it % a.save_every == 0 or trainer.stop_requested:
+            path = trainer.save()
+    bar.close()
+    if trainer.last_saved_iteration != trainer.iteration:
+        path = trainer.save()
+    else:
+        path = trainer.last_saved_path
+    return dict(last, checkpoint=str(path) if path else None, growths=trainer.growth_log)
