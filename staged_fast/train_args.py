@@ -16,7 +16,8 @@ GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "appe
 DEMO_ARGV = [
     "--size", "tiny_div2_width", "--train_steps", "300", "--warmup_steps", "30",
     "--batch_size", "8", "--seqlen", "128", "--val_every", "50", "--val_batches", "4",
-    "--log_rate", "10", "--grow_at", "150", "--grow_ops", "width", "--restart_warmup_steps", "10",
+    "--log_rate", "10", "--grow_at", "150", "--grow_ops", "width", "--restart_steps", "auto",
+    "--restart_warmup_steps", "10",
 ]
 
 
@@ -174,6 +175,8 @@ def validate(args) -> None:
             raise UsageError(f"--grow_at lists {len(steps)} steps but --grow_ops {len(growth_ops(args))} operators; "
                              f"give one operator per growth.")
     growth_ops(args)
+    if args.grow_when == "slope" and args.restart_steps is None:
+        args.restart_steps = "auto"  # R = growth step / constant_op, as the slope rule assumes
     if args.restart_steps not in (None, "auto"):
         try:
             args.restart_steps = int(args.restart_steps)

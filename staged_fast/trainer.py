@@ -28,8 +28,10 @@ from .train_args import UsageError, growth_ops, model_config, peak_lr
 
 @dataclass
 class GrowthEvent:
-    iteration: int
+    iteration: int  # grow once this many updates are done
     op: str
+    restart_step: int | str | None = None  # None: take --restart_steps
+    restart_warmup_steps: int | None = None  # None: take --restart_warmup_steps
 
 
 class Trainer:
@@ -43,6 +45,7 @@ class Trainer:
         self.last_val_loss = None
         self.growth_log: list[dict] = []
         self.stop_requested = False
+        self.plan = self._load_plan()
         self.last_saved_iteration, self.last_saved_path = None, None
 
         ckpt = self._load_resume_checkpoint()
@@ -210,22 +213,53 @@ class Trainer:
         a = self.args
         if a.grow_at:
             return [GrowthEvent(int(s), op) for s, op in zip(a.grow_at.split(","), growth_ops(a))]
-        if a.schedule:
-            from .schedule import load_plan_growths
-
-            return [GrowthEvent(it, op) for it, op in load_plan_growths(a.schedule)]
+        if self.plan is not None:
+            return [
+                GrowthEvent(g["at_run_step"], g["op"], g["restart_step"], g["restart_warmup_steps"])
+                for g in self.plan.growths()
+            ]
         return []
+
+    def _load_plan(self):
+        """--schedule plan.json fixes the start size, the growths and the schedule's length."""
+        if not self.args.schedule:
+            return None
+        from .schedule import Plan
+
+        try:
+            plan = Plan.from_json(self.args.schedule)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(
+                f"--schedule {self.args.schedule}: not a readable plan ({e}). Make one with "
+                f"`python -m staged_fast.schedule plan --target SIZE --ops width --out plan.json`."
+            ) from e
+        first = plan.stages[0]
+        a = self.args
+        if a.size is not None and not a.resume:
+            asked = model_config(a, vocab_size=50257)
+            if (asked.n_layer, asked.n_embd, asked.n_head) != (first.n_layer, first.n_embd, first.n_head):
+                raise UsageError(
+                    f"--size {a.size} contradicts the plan, which starts at {first.n_layer}L/{first.n_embd}d/"
+                    f"{first.n_head}H; drop --size (the plan sets it)."
+                )
+        a.size, a.n_layer, a.n_embd, a.n_head = None, first.n_layer, first.n_embd, first.n_head
+        final = plan.to_dict()["final_schedule_step"]
+        self.log(f"plan {a.schedule}: {len(plan.growths())} growth(s); --train_steps set to the plan's final "
+                 f"schedule step {final}")
+        a.train_steps = final
+        return plan
 
     def _make_slope_trigger(self, ckpt):
         if self.args.grow_when != "slope":
             return None
-        from .schedule import SlopeTrigger, THRESHOLDS
+        from .schedule import SlopeTrigger, threshold_for
 
         ops = growth_ops(self.args)
         op = ops[min(self.next_growth, len(ops) - 1)]
+        # smooth_x: an evaluation dropped as a spike must not make the rule fire early (docs/schedule.md)
         trigger = SlopeTrigger(
-            threshold=THRESHOLDS[_threshold_key(op)], n_params=self.config.n_params_non_embedding,
-            batch_tokens=self.tokens_per_step,
+            threshold_for(op), n_params=self.config.n_params_non_embedding,
+            batch_tokens=self.tokens_per_step, smooth_x=True,
         )
         if ckpt is not None and "slope_points" in ckpt.trainer_state:
             for step, loss in ckpt.trainer_state["slope_points"]:
@@ -303,22 +337,23 @@ class Trainer:
         self.model.train()
         return D.all_reduce_mean(total / max(n, 1), self.dist).item()
 
-    def _restart_value(self, op: str, step: int) -> int | None:
-        r = self.args.restart_steps
+    def _restart_value(self, op: str, step: int, override=None) -> int | None:
+        r = self.args.restart_steps if override is None else override
         if r == "auto":
             from .schedule import constant_op
 
             return int(round(step / constant_op(op)))
         return r
 
-    def grow(self, op: str) -> dict:
+    def grow(self, op: str, restart_step=None, restart_warmup_steps: int | None = None) -> dict:
         """Grow model and optimizer in memory (every rank identically), rebuild DDP, move the schedule."""
         from .growth import grow_model
 
         a = self.args
         before = self.evaluate(num_batches=1)
         old_shape = self.config.shape_str()
-        restart = self._restart_value(op, self.step)
+        restart = self._restart_value(op, self.step, restart_step)
+        warmup = a.restart_warmup_steps if restart_warmup_steps is None else restart_warmup_steps
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iteration)
         model, optimizer = grow_model(
             self.model, self.optimizer, op, width_noise=a.width_noise, generator=generator, optimizer_step=restart
@@ -331,8 +366,8 @@ class Trainer:
         step_before = self.step
         if restart is not None:
             self.step = restart
-        if restart is not None or a.restart_warmup_steps:
-            self.schedule.restart(self.step, a.restart_warmup_steps)
+        if restart is not None or warmup:
+            self.schedule.restart(self.step, warmup)
         after = self.evaluate(num_batches=1)
         event = dict(
             event="growth", op=op, iteration=self.iteration, step_before=step_before, step_after=self.step,
@@ -357,7 +392,7 @@ class Trainer:
             event = self.pending_growths[self.next_growth]
             if self.iteration >= event.iteration:
                 self.next_growth += 1
-                self.grow(event.op)
+                self.grow(event.op, event.restart_step, event.restart_warmup_steps)
         elif self.slope_trigger is not None and self._slope_fired:
             ops = growth_ops(a)
             if self.next_growth < len(ops):
@@ -366,9 +401,9 @@ class Trainer:
                 self._slope_fired = False
                 self.grow(op)
                 if self.next_growth < len(ops):
-                    from .schedule import THRESHOLDS
+                    from .schedule import threshold_for
 
-                    self.slope_trigger.threshold = THRESHOLDS[_threshold_key(ops[self.next_growth])]
+                    self.slope_trigger.threshold = threshold_for(ops[self.next_growth])
 
     _slope_fired = False
 
@@ -424,10 +459,6 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-
-
-def _threshold_key(op: str) -> str:
-    return "width" if op == "width" else "depth"
 
 
 def run(trainer: Trainer, *, progress: bool = True) -> dict:

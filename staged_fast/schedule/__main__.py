@@ -1,0 +1,166 @@
+"""python -m staged_fast.schedule {analyze,plan,law}: when to grow, and what staged training saves."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..config import ConfigError, GPTConfig, PRESETS, preset_config
+from .planner import DEFAULT_RESTART_WARMUP_FRAC, plan_for_run, plot_plan
+from .scaling_law import DEFAULT_BATCH_TOKENS, law_summary, optimality_step
+from .slope import DEFAULT_DEPTH_OP, DEPTH_OPS, SMOOTH_WINDOW, PairResult, analyze_logs, analyze_pair, read_curve
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_pairs(results: list[PairResult]) -> str:
+    """A Markdown table (also readable in a terminal) of pair analyses."""
+    rows = ["| small -> target | op | S_grow | L_grow | R | S_grow/R | constant_op | S_opt | L_opt | "
+            "saving (R measured) | saving (R = S_grow/constant_op) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        rows.append(
+            f"| {r.small} -> {r.target} | {r.op} | {_fmt(r.grow_step, '.0f')} | {_fmt(r.grow_loss, '.3f')} | "
+            f"{_fmt(r.restart_step, '.0f')} | {_fmt(r.measured_constant, '.3f')} | {r.design_constant} | "
+            f"{_fmt(r.opt_step, '.0f')} | {_fmt(r.opt_loss, '.3f')} | "
+            f"{'n/a' if r.saving is None else f'{100 * r.saving:.1f}%'} | "
+            f"{'n/a' if r.saving_design_constant is None else f'{100 * r.saving_design_constant:.1f}%'} |")
+    notes = [f"- {r.small} -> {r.target}: {r.note}" for r in results if r.note]
+    return "\n".join(rows + notes)
+
+
+def _n_params_for(path: str, preset: str | None, n_params: int | None, which: str) -> int:
+    if n_params is not None:
+        return n_params
+    name = preset or os.path.splitext(os.path.basename(path))[0]
+    if name not in PRESETS:
+        raise ConfigError(f"cannot tell the {which} model's size from {path!r}: pass --{which}_preset "
+                          f"(one of {', '.join(PRESETS)}) or --{which}_params N.")
+    return preset_config(name).n_params_non_embedding
+
+
+def cmd_analyze(args) -> int:
+    if args.logs:
+        results = analyze_logs(args.logs, args.batch_tokens, args.window, args.smooth_x)
+    else:
+        if not (args.small and args.target and args.op):
+            raise ConfigError("analyze needs SMALL.csv TARGET.csv --op OP, or --logs DIR.")
+        small, target = read_curve(args.small), read_curve(args.target)
+        results = [analyze_pair(small, target, args.op,
+                                _n_params_for(args.small, args.small_preset, args.small_params, "small"),
+                                _n_params_for(args.target, args.target_preset, args.target_params, "target"),
+                                args.batch_tokens, args.window, args.smooth_x)]
+    print(format_pairs(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in results], f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _target_from_args(args):
+    shape = (args.n_layer, args.n_embd, args.n_head)
+    if any(v is not None for v in shape):
+        if any(v is None for v in shape):
+            raise ConfigError("give all of --n_layer, --n_embd, --n_head (or --target PRESET).")
+        return GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
+    preset_config(args.target)  # validates the name
+    return args.target
+
+
+def cmd_plan(args) -> int:
+    plan = plan_for_run(_target_from_args(args), args.ops, args.train_steps, batch_tokens=args.batch_tokens,
+                        depth_op=args.depth_op, restart_warmup_frac=args.restart_warmup_frac)
+    print(plan.table())
+    if args.out:
+        plan.to_json(args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        plot_plan(plan, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_law(args) -> int:
+    if args.n_params is not None:
+        n_params = args.n_params
+    else:
+        n_params = _target_from_args(args)
+        n_params = (n_params if isinstance(n_params, GPTConfig) else preset_config(n_params)).n_params_non_embedding
+    steps = args.steps if args.steps is not None else optimality_step(n_params)
+    s = law_summary(n_params, steps, args.batch_tokens)
+    print(f"N = {s['n_params']:.4g} non-embedding params, S = {s['steps']:.0f} steps, B = {s['batch_tokens']} tokens")
+    print(f"L(N, S)      = {s['loss']:.4f} nats/token (asymptote (Nc/N)^aN = {s['asymptote']:.4f})")
+    print(f"Bcrit(L)     = {s['critical_batch_tokens']:.4g} tokens")
+    print(f"C = 6NBS     = {s['compute_flops']:.4g} FLOPs ({s['compute_flops'] / 8.64e19:.4g} PF-days)")
+    print(f"dlogL/dlogC  = {s['slope']:.4f}")
+    print(f"optimality   : S = {s['optimality_step']:.0f} steps, L = {s['optimality_loss']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m staged_fast.schedule", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="slope rule on a small and a target validation-loss curve (CSV)",
+                       description="Growth step, restart step, constant_op, optimality and compute saving "
+                                   "from real curves (TensorBoard CSV exports with Step and Value columns).")
+    a.add_argument("small", nargs="?", help="CSV of the small model's validation loss")
+    a.add_argument("target", nargs="?", help="CSV of the target model's validation loss")
+    a.add_argument("--op", choices=["width", "depth", "depth+width", *DEPTH_OPS],
+                   help="growth operator between them (selects the slope threshold)")
+    a.add_argument("--logs", help="directory with the authors' six <preset>.csv curves: analyze all four pairs")
+    a.add_argument("--small_preset", help="preset of the small model (default: the CSV's file name)")
+    a.add_argument("--target_preset", help="preset of the target model (default: the CSV's file name)")
+    a.add_argument("--small_params", type=int, help="non-embedding parameter count of the small model")
+    a.add_argument("--target_params", type=int, help="non-embedding parameter count of the target model")
+    a.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
+    a.add_argument("--window", type=int, default=SMOOTH_WINDOW, help="running-mean window (points)")
+    a.add_argument("--smooth_x", action="store_true",
+                   help="also smooth log10(C) with the same window (fixes the gap artefact; not the authors' rule)")
+    a.add_argument("--json", help="write the results to this JSON file")
+    a.set_defaults(func=cmd_analyze)
+
+    def add_model_args(q):
+        q.add_argument("--target", default="GPT2_large", help=f"target preset: {', '.join(PRESETS)}")
+        q.add_argument("--n_layer", type=int, help="explicit target shape (with --n_embd, --n_head)")
+        q.add_argument("--n_embd", type=int)
+        q.add_argument("--n_head", type=int)
+        q.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
+
+    q = sub.add_parser("plan", help="plan the stages of a staged run under the scaling law",
+                       description="Minimize compute to reach the target's loss at its optimality point.")
+    add_model_args(q)
+    q.add_argument("--ops", nargs="+", default=["width"],
+                   help=f"growths in order: width, depth, or a depth op ({', '.join(DEPTH_OPS)})")
+    q.add_argument("--depth_op", default=DEFAULT_DEPTH_OP, choices=DEPTH_OPS, help="trainer op used for 'depth'")
+    q.add_argument("--train_steps", type=int,
+                   help="scale the stage lengths so the run takes exactly this many optimizer steps")
+    q.add_argument("--restart_warmup_frac", type=float, default=DEFAULT_RESTART_WARMUP_FRAC,
+                   help="LR re-warmup after a growth, as a fraction of the next stage's steps")
+    q.add_argument("--out", help="write the plan JSON here (for `staged_fast.train --schedule`)")
+    q.add_argument("--plot", help="write a PNG of predicted loss against compute, staged and direct")
+    q.set_defaults(func=cmd_plan)
+
+    w = sub.add_parser("law", help="print L(N,S), Bcrit and C = 6NBS for a model and a step count")
+    add_model_args(w)
+    w.add_argument("--n_params", type=float, help="non-embedding parameter count (instead of a preset)")
+    w.add_argument("--steps", type=float, help="optimizer steps (default: the law's optimality point)")
+    w.set_defaults(func=cmd_law)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
