@@ -27,10 +27,11 @@ class GPTConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         if self.n_embd % self.n_head != 0:
+            divisors = [h for h in range(1, 65) if self.n_embd % h == 0][-4:]
             raise ConfigError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head needs the "
-                f"same head_dim. Pick n_head that divides n_embd (e.g. n_head={max(1, self.n_embd // 96)} "
-                f"for head_dim 96 like the paper's presets)."
+                f"same head_dim. Pick an n_head that divides n_embd, e.g. one of {divisors} (the paper's "
+                f"presets use head_dim 96)."
             )
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)

@@ -151,6 +151,8 @@ def growth_ops(args) -> list[str]:
 def validate(args) -> None:
     if args.size is not None and args.size not in PRESETS:
         preset_config(args.size)  # raises the ConfigError that lists the presets
+    if not args.resume:  # fail before any data work; a resumed run takes its shape from the checkpoint
+        model_config(args, vocab_size=50257)
     if args.fp16 and args.bf16:
         raise UsageError("--fp16 and --bf16 are exclusive: pick one.")
     if args.seqlen > args.n_positions:
