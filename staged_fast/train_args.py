@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "name[:config]; default: the bundled corpus")
     g.add_argument("--tokenizer", default="gpt2", help="'gpt2' (offline GPT-2 BPE) or a HF tokenizer folder/name")
     g.add_argument("--text_field", default="text", help="field of jsonl/parquet/HF records holding the text")
-    g.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out")
+    g.add_argument("--val_fraction", type=float, default=0.01, help="share of tokens held out for validation (whole documents)")
     g.add_argument("--cache_dir", default="~/.cache/staged_fast", help="where tokenized data is cached")
     g.add_argument("--num_workers", type=int, default=1, help="seed flag: processes used to tokenize")
     g.add_argument("--seqlen", type=int, default=1024, help="tokens per sample")

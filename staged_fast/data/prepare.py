@@ -1,0 +1,259 @@
+"""Tokenize, split, pack and cache a corpus: `prepare_data` -> `PreparedData` (two token memmaps).
+
+Pipeline: resolve the input (sources.py) -> fingerprint -> cache hit? open the memmaps : load documents
+with `datasets`, tokenize with `Dataset.map(batched=True, num_proc=...)`, split whole documents into
+train/val (seeded), write `cache_dir/<fingerprint>/{train,val}.bin` (+ `meta.json`) atomically.
+
+Packing: every document is followed by the tokenizer's EOS, so a stream reads `doc0 EOS doc1 EOS ...`.
+Token ids are stored as uint16 when the vocabulary fits (<= 65536 ids, e.g. GPT-2's 50257), else uint32.
+
+Train/val split (deterministic from `seed`): documents are shuffled and taken into val until it holds
+at least `max(val_fraction * total_tokens, min_val_tokens)` tokens; a document that would overshoot
+twice that target is skipped, and at least one document always stays in train. Only when whole documents
+cannot reach the target (one document, or a few huge ones) is the tail of the largest train document cut
+off into val (its head gets an EOS). Val text is never in train either way.
+
+Caching is atomic: the files are written to a temporary folder that is renamed to `<fingerprint>/` only
+when complete (meta.json last), so a crash never leaves a cache that would be used. Under
+torch.distributed with `rank0_only_build`, the local rank 0 of each node builds (several nodes sharing one
+cache folder race harmlessly: the first rename wins) while the other ranks wait, then everyone opens the
+memmaps; a build error on any rank is raised on every rank instead of hanging the others.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..tokenizer import tokenizer_fingerprint
+from .sources import DataError, Source, load_texts, resolve_source
+
+FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: np.ndarray    # packed train tokens, read-only np.memmap (uint16 or uint32)
+    val: np.ndarray      # packed validation tokens, same dtype
+    vocab_size: int      # len(tokenizer), added tokens included
+    eos_id: int          # the document separator
+    fingerprint: str     # cache key: input + tokenizer + split settings + format version
+    source: str          # human-readable description of the input
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids 0..65535, so vocabularies up to 65536 entries; larger ones need uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2 ** 16 else np.uint32)
+
+
+def _fingerprint(source: Source, tokenizer, tokenizer_name: str, val_fraction: float,
+                 min_val_tokens: int, seed: int) -> str:
+    key = {"format": FORMAT_VERSION, "input": source.key, "tokenizer": tokenizer_name,
+           "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+           "val_fraction": val_fraction, "min_val_tokens": min_val_tokens, "seed": seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def split_documents(lengths: np.ndarray, *, val_fraction: float, min_val_tokens: int,
+                    seed: int) -> tuple[np.ndarray, int, int]:
+    """Choose the validation documents (rule in the module docstring).
+
+    lengths: tokens per document, EOS included. Returns (val_mask per document, cut_doc, cut_at):
+    when cut_doc >= 0, tokens [cut_at:] of that train document go to val as well.
+    """
+    n_docs, total = len(lengths), int(lengths.sum())
+    target = max(math.ceil(val_fraction * total), min_val_tokens, 1)
+    val_mask = np.zeros(n_docs, dtype=bool)
+    val_tokens, budget = 0, 2 * target
+    rng = np.random.default_rng([seed, 0x5A11])
+    for i in rng.permutation(n_docs):
+        if val_tokens >= target or val_mask.sum() == n_docs - 1:
+            break
+        if val_tokens + lengths[i] <= budget:
+            val_mask[i] = True
+            val_tokens += int(lengths[i])
+    cut_doc, cut_at = -1, 0
+    if val_tokens < target:
+        train_idx = np.flatnonzero(~val_mask)
+        cut_doc = int(train_idx[np.argmax(lengths[train_idx])])
+        take = min(target - val_tokens, int(lengths[cut_doc]) - 2)  # head keeps >= 1 token (+ its EOS)
+        if take < 1:
+            raise DataError(f"Too little data to hold out a validation set: {total} tokens in {n_docs} "
+                            "document(s). Fix: pass more text.")
+        cut_at = int(lengths[cut_doc]) - take
+    return val_mask, cut_doc, cut_at
+
+
+def _tokenize(ds, tokenizer, eos_id: int, num_proc: int, fingerprint: str):
+    """Dataset.map: text -> ids (+ EOS) and their count; empty documents are dropped."""
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = [x + [eos_id] if x else [] for x in ids]
+        return {"ids": ids, "n": [len(x) for x in ids]}
+
+    ds = ds.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=ds.column_names, new_fingerprint=f"staged_fast-{fingerprint}",
+                desc="tokenizing")
+    return ds.filter(lambda n: [k > 0 for k in n], input_columns="n", batched=True,
+                     new_fingerprint=f"staged_fast-{fingerprint}-nonempty")
+
+
+def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokenizer_name: str,
+           text_field: str, val_fraction: float, min_val_tokens: int, seed: int, num_proc: int,
+           cache_dir: Path) -> None:
+    t0 = time.perf_counter()
+    vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
+    dtype = token_dtype(vocab_size)
+    ds = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets", num_proc=num_proc)
+    ds = _tokenize(ds, tokenizer, eos_id, num_proc, fingerprint)
+    lengths = np.asarray(ds["n"], dtype=np.int64)
+    if len(lengths) == 0:
+        raise DataError(f"No text in {source.description}: every document is empty (0 tokens). Fix: pass "
+                        "data that contains text (and for jsonl/parquet, check --text_field).")
+    val_mask, cut_doc, cut_at = split_documents(lengths, val_fraction=val_fraction,
+                                                min_val_tokens=min_val_tokens, seed=seed)
+    n_val = int(lengths[val_mask].sum()) + (int(lengths[cut_doc]) - cut_at if cut_doc >= 0 else 0)
+    n_train = int(lengths.sum()) - n_val + (1 if cut_doc >= 0 else 0)  # +1: the EOS after the cut head
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.tmp-", dir=cache_dir))
+    try:
+        train = np.memmap(tmp / "train.bin", dtype=dtype, mode="w+", shape=(n_train,))
+        val = np.memmap(tmp / "val.bin", dtype=dtype, mode="w+", shape=(n_val,))
+        ti = vi = doc = 0
+        for batch in ds.iter(batch_size=4096):  # streams: memory stays bounded on large corpora
+            for ids in batch["ids"]:
+                a = np.asarray(ids, dtype=dtype)
+                if val_mask[doc]:
+                    val[vi:vi + len(a)] = a
+                    vi += len(a)
+                elif doc == cut_doc:
+                    train[ti:ti + cut_at] = a[:cut_at]
+                    train[ti + cut_at] = eos_id
+                    ti += cut_at + 1
+                    val[vi:vi + len(a) - cut_at] = a[cut_at:]
+                    vi += len(a) - cut_at
+                else:
+                    train[ti:ti + len(a)] = a
+                    ti += len(a)
+                doc += 1
+        assert (ti, vi) == (n_train, n_val), (ti, vi, n_train, n_val)
+        train.flush()
+        val.flush()
+        del train, val
+        meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "source": source.description,
+                "input": source.key, "tokenizer": tokenizer_name, "vocab_size": vocab_size, "eos_id": eos_id,
+                "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val, "documents": len(lengths),
+                "val_documents": int(val_mask.sum()), "val_cut_document": cut_doc >= 0,
+                "val_fraction": val_fraction, "min_val_tokens": min_val_tokens, "seed": seed,
+                "build_seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, out_dir)  # atomic; fails if another process finished first
+        except OSError:
+            if not _valid(out_dir):
+                raise
+        logger.info("data: %s -> %d train + %d val tokens (%s) in %.1f s, cached at %s", source.description,
+                    n_train, n_val, dtype.name, meta["build_seconds"], out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _valid(out_dir: Path) -> dict | None:
+    """The meta of a complete cache entry, or None (missing, other format, or truncated files)."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        ok = (meta["format"] == FORMAT_VERSION
+              and (out_dir / "train.bin").stat().st_size == meta["train_tokens"] * itemsize
+              and (out_dir / "val.bin").stat().st_size == meta["val_tokens"] * itemsize)
+        return meta if ok else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _dist_info() -> tuple[bool, int, int]:
+    """(distributed?, rank, local rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, 0, 0
+    rank = dist.get_rank()
+    return True, rank, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str,
+                 cache_dir: str | Path = "~/.cache/staged_fast", val_fraction: float = 0.01,
+                 min_val_tokens: int = 0, num_proc: int = 1, text_field: str = "text", seed: int = 0,
+                 rank0_only_build: bool = True) -> PreparedData:
+    """Tokenized, packed, cached train/val token arrays for `data`.
+
+    data: local files/folders (.txt = one document per file; .jsonl/.json/.parquet = one per record, text in
+      `text_field`), or one hub dataset `name[:config]` (split train), or None for the bundled corpus.
+    tokenizer: a transformers tokenizer with an EOS token; `tokenizer_name` is recorded and keys the cache
+      (together with a hash of the tokenizer's full definition).
+    val_fraction / min_val_tokens: the validation share in tokens (whole documents, at least one).
+    num_proc: tokenization processes for `Dataset.map`. The seed's `--num_workers` meant DataLoader workers;
+      here batches are memmap slices that need no workers, so that flag maps to this.
+    seed: decides which documents are held out (part of the cache key).
+    rank0_only_build: under torch.distributed, only local rank 0 builds; the others wait and open the cache.
+
+    The cache key of a hub dataset is its name and config (no revision): delete `cache_dir/<fingerprint>`
+    to pick up a newer version. Local files are keyed by path, size and mtime; the bundled corpus by its hash.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}. Fix: pass e.g. --val_fraction 0.01.")
+    if tokenizer.eos_token_id is None:
+        raise DataError("The tokenizer has no EOS token, which separates documents. Fix: use a tokenizer "
+                        "with one (e.g. 'gpt2') or set tokenizer.eos_token before preparing data.")
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source = resolve_source(data, text_field=text_field)
+    fp = _fingerprint(source, tokenizer, tokenizer_name, val_fraction, min_val_tokens, seed)
+    out_dir = cache_dir / fp
+
+    distributed, rank, local_rank = _dist_info()
+    builder = not (distributed and rank0_only_build) or local_rank == 0
+    error = None
+    if builder and _valid(out_dir) is None:
+        if out_dir.exists():  # a stale or foreign entry under our key: replace it
+            shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            _build(source, tokenizer, out_dir, fingerprint=fp, tokenizer_name=tokenizer_name,
+                   text_field=text_field, val_fraction=val_fraction, min_val_tokens=min_val_tokens,
+                   seed=seed, num_proc=num_proc, cache_dir=cache_dir)
+        except Exception as e:
+            if not distributed:
+                raise
+            error = e
+    elif builder:
+        logger.info("data: cache hit %s (%s)", out_dir, source.description)
+    if distributed:  # doubles as the barrier: nobody opens the files before the builders are done
+        import torch.distributed as dist
+
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else f"rank {rank}: {type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [m for m in errors if m is not None]
+        if failed:
+            raise DataError(f"Data preparation failed on another rank: {failed[0]}")
+    meta = _valid(out_dir)
+    if meta is None:
+        raise DataError(f"The data cache {out_dir} is missing or incomplete after preparation. Fix: with "
+                        "several nodes, put --cache_dir on a filesystem every node can read, or pass "
+                        "rank0_only_build=False; else delete the folder and retry.")
+    dtype = np.dtype(meta["dtype"])
+    return PreparedData(
+        train=np.memmap(out_dir / "train.bin", dtype=dtype, mode="r", shape=(meta["train_tokens"],)),
+        val=np.memmap(out_dir / "val.bin", dtype=dtype, mode="r", shape=(meta["val_tokens"],)),
+        vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], fingerprint=fp, source=meta["source"])

@@ -1,0 +1,157 @@
+"""Where the text comes from: local files and folders, a hub dataset, or the bundled corpus.
+
+`resolve_source` turns the user's `--data` list into a `Source` (cheap: stats files, loads nothing), whose
+`key` feeds the cache fingerprint; `load_texts` loads it as a `datasets.Dataset` with one column `text`,
+one row per document. Local files: `.txt` (one file = one document), `.jsonl`/`.json` and `.parquet`
+(one record = one document, text in `text_field`); folders are walked for those extensions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BUNDLED_CORPUS = Path(__file__).parent / "corpus.jsonl.xz"
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the problem and the fix."""
+
+
+@dataclass
+class Source:
+    kind: str                      # "files", "hub" or "bundled"
+    description: str               # for logs and PreparedData.source
+    key: dict                      # what identifies the input for the cache (stats / name / hash)
+    files: list[Path] = field(default_factory=list)
+    hub_name: str = ""
+    hub_config: str | None = None
+
+
+def _file_key(p: Path) -> list:
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def _walk(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / n for n in sorted(names)
+                  if not n.startswith(".") and Path(n).suffix.lower() in SUPPORTED]
+    return found
+
+
+def _looks_like_path(entry: str) -> bool:
+    """A hub name is `name` or `org/name`, optionally `:config`; anything else that is missing is a bad path."""
+    return (entry.startswith((".", "/", "~")) or entry.count("/") > 1 or "\\" in entry
+            or Path(entry.partition(":")[0]).suffix.lower() in SUPPORTED)
+
+
+def resolve_source(data: list[str] | str | None, *, text_field: str = "text") -> Source:
+    """Classify `data` and stat it; raises DataError for missing paths, empty folders, unknown extensions."""
+    if data is None:
+        digest = hashlib.sha256(BUNDLED_CORPUS.read_bytes()).hexdigest()[:16]
+        return Source("bundled", "bundled corpus (Debian fortunes + Python 3.11 docs)",
+                      {"bundled": digest})
+    if isinstance(data, (str, os.PathLike)):
+        data = [str(data)]
+    if not data:
+        raise DataError("No data given (an empty list). Fix: pass files/folders or a hub dataset name to "
+                        "--data, or leave --data out to train on the bundled corpus.")
+    entries = [str(d) for d in data]
+    missing = [e for e in entries if not Path(e).expanduser().exists()]
+    if len(entries) == 1 and missing and not _looks_like_path(entries[0]):
+        name, _, config = entries[0].partition(":")
+        return Source("hub", f"hub dataset {entries[0]} (split train)",
+                      {"hub": name, "config": config or None, "text_field": text_field},
+                      hub_name=name, hub_config=config or None)
+    if missing:
+        raise DataError(
+            f"Data path {missing[0]!r} does not exist. Fix: check the path passed to --data (files or folders "
+            f"of {', '.join(SUPPORTED)}); a hub dataset is given alone as name[:config], e.g. "
+            "'wikitext:wikitext-103-raw-v1'.")
+    files: list[Path] = []
+    for e in entries:
+        p = Path(e).expanduser().resolve()
+        if p.is_dir():
+            found = _walk(p)
+            if not found:
+                raise DataError(f"Folder {e!r} holds no {'/'.join(SUPPORTED)} files. Fix: point --data at a "
+                                "folder with text data, or at the files themselves.")
+            files += found
+        elif p.suffix.lower() in SUPPORTED:
+            files.append(p)
+        else:
+            raise DataError(f"Unsupported data file {e!r} (extension {p.suffix or 'none'!r}). Fix: use "
+                            f"{', '.join(SUPPORTED)} files (decompress first), or a hub dataset name.")
+    desc = f"{len(files)} local file{'s' * (len(files) != 1)}" + (f" ({files[0].name})" if len(files) == 1 else "")
+    return Source("files", desc, {"files": [_file_key(f) for f in files], "text_field": text_field}, files=files)
+
+
+def _select_text(ds, text_field: str, where: str):
+    """Keep only the text column, renamed to 'text'; DataError when the field is absent."""
+    if text_field not in ds.column_names:
+        raise DataError(
+            f"{where} has no field {text_field!r} (its fields: {', '.join(ds.column_names) or 'none'}). "
+            f"Fix: pass the field that holds the text with --text_field (text_field=...).")
+    ds = ds.select_columns([text_field])
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc: int = 1):
+    """The documents of `source` as a `datasets.Dataset` with one string column 'text'."""
+    import datasets
+
+    if source.kind == "bundled":
+        with lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        return datasets.Dataset.from_dict({"text": texts})
+    if source.kind == "hub":
+        try:
+            ds = datasets.load_dataset(source.hub_name, source.hub_config, split="train",
+                                       num_proc=num_proc if num_proc > 1 else None)
+        except Exception as e:  # network, unknown name, missing config: many exception types
+            raise DataError(
+                f"Could not load the hub dataset {source.hub_name!r} (config {source.hub_config!r}, split "
+                f"train): {type(e).__name__}: {e}. Fix: check the name[:config] (e.g. "
+                "'wikitext:wikitext-103-raw-v1'), that huggingface.co is reachable, or pass local files; "
+                "if you meant a local path, it does not exist.") from e
+        return _select_text(ds, text_field, f"Hub dataset {source.hub_name!r}")
+
+    parts = []
+    by_builder: dict[str, list[Path]] = {}
+    for f in source.files:  # one load_dataset call per run of same-type files keeps the user's order
+        builder = SUPPORTED[f.suffix.lower()]
+        if by_builder and builder not in by_builder:
+            parts.append(by_builder)
+            by_builder = {}
+        by_builder.setdefault(builder, []).append(f)
+    parts.append(by_builder)
+
+    loaded = []
+    for group in parts:
+        ((builder, files),) = group.items()
+        nonempty = [f for f in files if f.stat().st_size > 0]  # an empty file is zero documents
+        if not nonempty:
+            continue
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in nonempty], split="train",
+                                       cache_dir=str(hf_cache_dir), **kwargs)
+        except Exception as e:
+            raise DataError(f"Could not read {builder} file(s) {[f.name for f in nonempty][:3]}: "
+                            f"{type(e).__name__}: {e}. Fix: check the files are valid {builder} "
+                            "(UTF-8 text, one JSON object per line, or parquet).") from e
+        if builder != "text":
+            ds = _select_text(ds, text_field, f"File {nonempty[0].name!r}" if len(nonempty) == 1
+                              else f"The {builder} files ({nonempty[0].name}, ...)")
+        loaded.append(ds)
+    if not loaded:
+        raise DataError(f"No text in {source.description}: every file is empty. Fix: pass files that "
+                        "contain text.")
+    return datasets.concatenate_datasets(loaded) if len(loaded) > 1 else loaded[0]
