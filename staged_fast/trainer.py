@@ -360,6 +360,7 @@ class Trainer:
         )
         self.model, self.config = model.train(), model.config
         self.optimizer = optimizer
+        self._check_ranks_agree()
         self.ddp_model = D.wrap(self.model, self.dist)
         if a.lr is None:  # the seed's heuristic follows the model size
             self.schedule.base_lr = initial_lr(self.config.n_layer, self.config.n_embd)
@@ -385,6 +386,19 @@ class Trainer:
             f"val-batch loss {before:.4f} -> {after:.4f}, step counter {step_before} -> {self.step}"
         )
         return event
+
+    @torch.no_grad()
+    def _check_ranks_agree(self) -> None:
+        """Every rank must hold the same grown weights and AdamW state (DDP would only re-sync weights)."""
+        if not self.dist.enabled:
+            return
+        tensors = list(self.model.parameters())
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        fingerprint = sum(float(t.double().abs().sum()) + float(t.double().sum()) for t in tensors)
+        prints = D.gather_objects(fingerprint, self.dist)
+        if any(p != prints[0] for p in prints):
+            raise RuntimeError(f"ranks disagree after growth (weight/state checksums {prints}); this is a bug.")
 
     def maybe_grow(self) -> None:
         a = self.args

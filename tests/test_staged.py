@@ -1,0 +1,143 @@
+"""Staged training end to end: growth inside a run, offline growth of a checkpoint, plans, the slope
+trigger's wiring, and growth under torchrun."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from staged_fast.checkpoint import list_checkpoints, load_checkpoint, load_model
+from staged_fast.lr_schedule import LRSchedule
+from staged_fast.metrics import read_metrics
+from train_utils import train
+
+START = ["--size", "tiny_div2_width", "--dropout", "0"]
+
+
+def _records(run):
+    return read_metrics(run / "metrics.jsonl")
+
+
+def _growths(run):
+    return [r for r in _records(run) if r.get("event") == "growth"]
+
+
+def _updates(run):
+    return [r for r in _records(run) if "loss" in r and "event" not in r]
+
+
+def test_growth_mid_run_preserves_loss_and_restarts_schedule(tmp_path, data_cache):
+    run = tmp_path / "run"
+    assert train(run, data_cache, *START, "--train_steps", "8", "--grow_at", "4", "--grow_ops", "width",
+                 "--restart_steps", "2", "--restart_warmup_steps", "2") == 0
+    (event,) = _growths(run)
+    assert event["old_size"] == "2L/64d/1H" and event["new_size"] == "2L/128d/2H"
+    assert event["iteration"] == 4 and event["step_before"] == 4 and event["step_after"] == 2
+    assert abs(event["loss_after"] - event["loss_before"]) < 1e-5 * event["loss_before"]
+    ups = _updates(run)
+    assert [u["iteration"] for u in ups] == list(range(1, 11))  # 4 before, 8 - 2 after
+    assert [u["step"] for u in ups] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]
+    after = {u["iteration"]: u for u in ups}
+    sched = LRSchedule(base_lr=after[6]["lr"] * 0 + event["base_lr"], warmup_steps=5, train_steps=8)
+    sched.restart(2, 2)
+    assert after[5]["lr"] == 0.0  # ramp starts from 0 at R
+    assert after[6]["lr"] == pytest.approx(sched(3)) and after[7]["lr"] == pytest.approx(sched.base(4))
+    ck = load_checkpoint(list_checkpoints(run)[-1])
+    assert ck.config.n_embd == 128 and ck.trainer_state["step"] == 8 and ck.trainer_state["iteration"] == 10
+
+
+def test_offline_doubling_writes_grown_checkpoint_and_continues(tmp_path, data_cache):
+    small = tmp_path / "small"
+    assert train(small, data_cache, *START, "--train_steps", "4") == 0
+    grown = tmp_path / "grown"
+    assert train(grown, data_cache, *START, "--train_steps", "8", "--resume", str(small), "--doubling", "weights",
+                 "--restart_steps", "3", "--restart_warmup_steps", "2") == 0
+    first = load_checkpoint(list_checkpoints(grown)[0])
+    assert first.config.n_embd == 128 and first.trainer_state["step"] == 3
+    assert first.trainer_state["grown_at_iteration"] == first.trainer_state["iteration"] == 4
+    # the grown checkpoint computes what the small one did, and exports to HF
+    from staged_fast.hf import to_hf
+
+    a, b = load_model(list_checkpoints(small)[-1]).eval(), load_model(first.path).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        la, lb = a(idx), b(idx)
+        assert ((la - lb).abs().max() / la.abs().max()) < 1e-5
+        assert ((to_hf(b).eval()(idx).logits - lb).abs().max() / lb.abs().max()) < 1e-5
+    assert [u["step"] for u in _updates(grown)] == [4, 5, 6, 7, 8]
+
+
+def test_seed_workflow_grow_cli_then_resume_with_restart(tmp_path, data_cache):
+    small = tmp_path / "small"
+    assert train(small, data_cache, *START, "--train_steps", "4") == 0
+    out = tmp_path / "grown_ckpt"
+    from staged_fast.grow import main as grow_main
+
+    assert grow_main([str(list_checkpoints(small)[-1]), "--op", "width", "--out", str(out)]) == 0
+    cont = tmp_path / "cont"
+    assert train(cont, data_cache, "--size", "tiny", "--dropout", "0", "--train_steps", "8", "--resume", str(out),
+                 "--restart_steps", "3", "--restart_warmup_steps", "2", "--reset_lr_scheduler") == 0
+    ups = _updates(cont)
+    assert [u["step"] for u in ups] == [4, 5, 6, 7, 8]
+    assert ups[0]["lr"] == 0.0 and ups[0]["n_embd"] == 128
+
+
+def test_plan_drives_growth(tmp_path, data_cache):
+    from staged_fast.schedule import plan_for_run
+
+    plan = plan_for_run("tiny", ["width"], train_steps=12)
+    path = tmp_path / "plan.json"
+    plan.to_json(str(path))
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--dropout", "0", "--schedule", str(path)) == 0
+    (event,) = _growths(run)
+    (g,) = plan.growths()
+    assert event["iteration"] == g["at_run_step"] and event["op"] == g["op"] == "width"
+    assert event["step_after"] == g["restart_step"]
+    assert event["new_size"] == "2L/128d/2H"
+    assert _updates(run)[-1]["step"] == plan.to_dict()["final_schedule_step"]
+
+
+def test_slope_trigger_wiring_grows_when_rule_fires(tmp_path, data_cache):
+    """The trainer grows on the update after its SlopeTrigger fires (the rule itself: test_schedule.py)."""
+    from staged_fast import distributed as D
+    from staged_fast.train_args import parse_args
+    from staged_fast.trainer import Trainer
+
+    args = parse_args([*START, "--seqlen", "32", "--batch_size", "2", "--train_steps", "50", "--grow_when", "slope",
+                       "--grow_ops", "width", "--save_prefix", str(tmp_path / "run"), "--cache_dir", data_cache,
+                       "--device", "cpu", "--no_progress"])
+    trainer = Trainer(args, D.DistInfo())
+    assert trainer.slope_trigger is not None and args.restart_steps == "auto"
+    fired_at = None
+    # a synthetic curve: power law that flattens; feed it until the trigger fires
+    for i, step in enumerate(range(10, 2000, 10)):
+        trainer.step = step
+        trainer.on_validation(10.0 * step ** -0.5 + 3.0)
+        if trainer._slope_fired:
+            fired_at = step
+            break
+    assert fired_at is not None
+    trainer.maybe_grow()
+    assert trainer.config.n_embd == 128 and trainer.growth_log[-1]["op"] == "width"
+    assert trainer.step == round(fired_at / 1.776)
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_growth_under_torchrun_keeps_ranks_identical(tmp_path, data_cache):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "staged_fast.train", *START, "--seqlen", "32", "--batch_size", "2", "--train_steps", "6", "--grow_at", "3",
+           "--grow_ops", "width", "--log_rate", "1", "--val_every", "100", "--val_batches", "1", "--no_progress",
+           "--cache_dir", data_cache, "--device", "cpu", "--save_prefix", str(run)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (event,) = _growths(run)  # the trainer checks weight+state checksums across ranks and raises if they differ
+    assert abs(event["loss_after"] - event["loss_before"]) < 1e-5 * event["loss_before"]
+    ups = _updates(run)
+    assert len(ups) == 6 and ups[-1]["n_embd"] == 128
+    # training goes on smoothly: the first loss after growth is close to the last before
+    assert abs(ups[3]["loss"] - ups[2]["loss"]) < 0.5
