@@ -1,6 +1,22 @@
-"""staged_fast: staged training of GPT-2-style language models (Shen et al. 2022), made fast."""
-from .config import GPTConfig, PRESETS, initial_lr, preset_config
-from .model import GPT
+"""staged_fast: staged training of GPT-2-style language models (Shen et al. 2022), made fast.
+
+Top-level names load lazily, so `python -m staged_fast.schedule` starts without importing torch.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "PRESETS", "initial_lr", "preset_config", "__version__"]
+
+_LAZY = {
+    "GPTConfig": ".config",
+    "PRESETS": ".config",
+    "initial_lr": ".config",
+    "preset_config": ".config",
+    "GPT": ".model",
+}
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'staged_fast' has no attribute {name!r}")

@@ -40,7 +40,7 @@ def test_growth_mid_run_preserves_loss_and_restarts_schedule(tmp_path, data_cach
     assert [u["iteration"] for u in ups] == list(range(1, 11))  # 4 before, 8 - 2 after
     assert [u["step"] for u in ups] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]
     after = {u["iteration"]: u for u in ups}
-    sched = LRSchedule(base_lr=after[6]["lr"] * 0 + event["base_lr"], warmup_steps=5, train_steps=8)
+    sched = LRSchedule(base_lr=event["base_lr"], warmup_steps=5, train_steps=8)
     sched.restart(2, 2)
     assert after[5]["lr"] == 0.0  # ramp starts from 0 at R
     assert after[6]["lr"] == pytest.approx(sched(3)) and after[7]["lr"] == pytest.approx(sched.base(4))
