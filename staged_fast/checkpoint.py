@@ -212,19 +212,19 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True, ver
 
 
 def load_model(path: str | os.PathLike, *, kernels_backend: str = "torch", device="cpu"):
-    """A GPT from a staged_fast checkpoint (folder or run folder) or a HF GPT2LMHeadModel folder/name."""
+    """A GPT in eval mode from a staged_fast checkpoint (folder or run folder) or a HF GPT2LMHeadModel folder/name."""
     from .model import GPT
 
     p = Path(path)
     if (p / "config.json").exists() and not (p / "meta.json").exists():
         from .hf import load_pretrained
 
-        return load_pretrained(p, kernels_backend).to(device)
+        return load_pretrained(p, kernels_backend).to(device).eval()
     if not p.exists() and str(path).count("/") <= 1:  # a hub name like "gpt2"
         from .hf import load_pretrained
 
-        return load_pretrained(str(path), kernels_backend).to(device)
+        return load_pretrained(str(path), kernels_backend).to(device).eval()
     ckpt = load_checkpoint(resolve_checkpoint(p), load_optimizer=False)
     model = GPT(ckpt.config, kernels_backend=kernels_backend)
     model.load_state_dict(ckpt.model_state)
-    return model.to(device)
+    return model.to(device).eval()

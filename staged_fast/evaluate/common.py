@@ -1,0 +1,169 @@
+"""What the evaluation, sampling and export CLIs share: loading a model and its tokenizer from any
+checkpoint we accept, the compute dtype, the result table / JSON, and turning bad input into one clear
+error message and a non-zero exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` of an exception on one line, without a trailing period (for use inside a sentence)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split()).rstrip('.')}"
+
+
+class InputError(ValueError):
+    """Bad input to a CLI (a missing file, a malformed dataset, an unusable checkpoint).
+
+    The message is one paragraph: what is wrong, then how to fix it. The CLIs print it and exit 1.
+    """
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"--device {device!r} is not a device torch knows ({e}). Fix: use cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but torch sees no CUDA device. Fix: use --device cpu.")
+    return dev
+
+
+def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: str = "torch"):
+    """Our GPT, in eval mode, from a staged_fast checkpoint / run folder, a HF GPT-2 folder or a hub name."""
+    from ..kernels import resolve_backend
+
+    backend = resolve_backend(kernels, device)
+    p = Path(path).expanduser()
+    if not p.exists() and (str(path).count("/") > 1 or str(path).startswith((".", "/", "~"))):
+        raise InputError(
+            f"--checkpoint {path}: no such folder. Fix: check the path; give a step_XXXXXXXX folder or run folder "
+            f"written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
+        )
+    if p.is_file():
+        raise InputError(
+            f"--checkpoint {path} is a file; checkpoints are folders. Fix: pass the step_XXXXXXXX folder (or its "
+            f"run folder) written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
+        )
+    try:
+        model = load_model(p if p.exists() else str(path), kernels_backend=backend, device=device)
+    except CheckpointError as e:
+        raise InputError(
+            f"{e} A Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin, e.g. one "
+            f"written by `python -m staged_fast.export`) works too."
+        ) from e
+    except Exception as e:  # hub / transformers errors come in many types
+        where = "a local folder" if p.exists() else "not a local path, and loading it as a hub model name failed"
+        raise InputError(
+            f"could not load --checkpoint {path} ({where}): {describe(e)}. Fix: pass a staged_fast "
+            f"checkpoint (step_XXXXXXXX folder or run folder), or a Hugging Face GPT2LMHeadModel folder; hub "
+            f"names such as 'gpt2' need network access to huggingface.co or a filled HF cache."
+        ) from e
+    return model.eval()
+
+
+def load_eval_tokenizer(name: str | None, checkpoint: str):
+    """`name` if given; else the tokenizer saved beside the checkpoint (an exported HF folder); else GPT-2 BPE."""
+    from ..tokenizer import load_tokenizer
+
+    if name is None:
+        folder = Path(checkpoint).expanduser()
+        name = str(folder) if any((folder / f).exists() for f in _TOKENIZER_FILES) else "gpt2"
+    try:
+        return load_tokenizer(name)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def read_jsonl_texts(path: str | Path, *, what: str) -> list[str]:
+    """The `text` field of every line of a jsonl file (blank lines skipped)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"--data_file {path}: no such file. Fix: check the path to the {what} file.")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(
+                    f"{path} line {lineno} is not valid JSON ({e.msg}). Fix: the {what} file must hold one JSON "
+                    f'object per line, like {{"text": "..."}}.'
+                ) from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise InputError(
+                    f"{path} line {lineno} has no string field 'text' (found: {keys}). Fix: the {what} file must "
+                    f'hold one JSON object per line with the passage under "text", like {{"text": "..."}} '
+                    f"(the format of OpenAI's lambada_test.jsonl)."
+                )
+            texts.append(row["text"])
+    if not texts:
+        raise InputError(f"{path} holds no examples. Fix: point --data_file at a non-empty {what} file.")
+    return texts
+
+
+def check_vocab(model, tokenizer) -> None:
+    n = len(tokenizer)
+    if n > model.config.vocab_size:
+        raise InputError(
+            f"the tokenizer has {n} tokens but the model's vocabulary has only {model.config.vocab_size}: token "
+            f"ids would fall outside the embedding table. Fix: pass --tokenizer with the tokenizer the model "
+            f"was trained with."
+        )
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision for bf16/fp16 (weights stay fp32, layer norms and the loss run in fp32)."""
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def format_table(title: str, rows: list[tuple[str, object]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if math.isfinite(v) and abs(v) < 1e6 else f"{v:.4g}"
+        return str(v)
+
+    cells = [(k, fmt(v)) for k, v in rows]
+    w0 = max(len(k) for k, _ in cells)
+    w1 = max(len(v) for _, v in cells)
+    line = "+" + "-" * (w0 + 2) + "+" + "-" * (w1 + 2) + "+"
+    out = [title, line] + [f"| {k:<{w0}} | {v:>{w1}} |" for k, v in cells] + [line]
+    return "\n".join(out)
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path is None:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_cli(main_fn, argv=None) -> int:
+    """Run `main_fn(argv)`; bad input becomes `error: <message>` on stderr and exit code 1."""
+    try:
+        main_fn(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
