@@ -4,8 +4,22 @@
 Triton kernels of this package (on CPU they run under TRITON_INTERPRET=1, slow, for checking);
 `--kernels auto` picks Triton on CUDA and torch elsewhere. The Triton modules are imported lazily so
 the torch path never needs Triton installed.
+
+Routing rules of the triton backend (no silent fallbacks):
+- CPU tensors: Triton decides at import time whether a kernel is compiled or interpreted, so the first
+  triton call on CPU sets TRITON_INTERPRET=1 (with a one-time warning) before importing the kernel
+  modules. If they were already imported compiled for CUDA, a CPU call raises with the fix.
+- Attention dropout (config.attn_dropout, on in training) is done inside the Triton kernel (Philox,
+  seeded from torch's RNG); its mask differs from SDPA's, so the two backends agree only in expectation.
+- Shapes a kernel cannot serve raise ValueError naming the limit (attention head_dim must be one of
+  16/32/64/96/128; layer-norm hidden at most 16384).
 """
 from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +36,35 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+def _triton_module(name: str, device: torch.device):
+    """Import staged_fast.kernels.<name>; on CPU enable the Triton interpreter before the first import."""
+    full = f"{__name__}.{name}"
+    if full not in sys.modules and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        warnings.warn(
+            "--kernels triton on CPU: running the Triton kernels under TRITON_INTERPRET=1 (slow, for checking).",
+            stacklevel=3,
+        )
+        os.environ["TRITON_INTERPRET"] = "1"
+    return importlib.import_module(full)
+
+
 def layer_norm(x, weight, bias, eps: float, backend: str = "torch"):
     if backend == "triton":
-        from .layer_norm import layer_norm as triton_layer_norm
-
-        return triton_layer_norm(x, weight, bias, eps)
+        return _triton_module("layernorm", x.device).layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def causal_attention(q, k, v, dropout_p: float = 0.0, backend: str = "torch"):
     """Causal self-attention on (B, nh, T, hs) tensors, softmax scale 1/sqrt(hs)."""
     if backend == "triton":
-        from .attention import flash_attention
-
-        return flash_attention(q, k, v, dropout_p=dropout_p)
+        return _triton_module("attention", q.device).flash_attention(q, k, v, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 def linear_cross_entropy(hidden, weight, targets, backend: str = "torch", ignore_index: int = -100):
     """Mean cross-entropy of logits = hidden @ weight.T against targets; hidden (N, d), targets (N,)."""
     if backend == "triton":
-        from .linear_cross_entropy import fused_linear_cross_entropy
-
-        return fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+        module = _triton_module("fused_linear_ce", hidden.device)
+        return module.fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
     logits = F.linear(hidden, weight)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)

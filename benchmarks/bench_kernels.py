@@ -1,0 +1,322 @@
+"""Claim: our Triton LayerNorm, causal flash attention and fused linear+CE are fast on GPT-2 shapes.
+
+For each kernel and shape: forward, backward and forward+backward time of our kernel and its baselines
+(PyTorch eager; SDPA's flash backend for attention; Liger-Kernel's LayerNorm and fused linear CE when
+installed), in physical units (GB/s for LayerNorm, TFLOP/s for attention and the LM head) and as a
+fraction of this device's peaks measured in the same run (a large copy; a large bf16 matmul), plus
+the speed ratio to the baseline (baseline ms / our ms: > 1 is faster) and, for the LM-head loss, the
+peak memory of fused vs unfused. Every implementation is validated against a reference before timing.
+
+Goals on H100 (issue 4): LayerNorm fwd+bwd >= 80% of measured bandwidth and faster than torch at hidden
+768-1536; attention fwd+bwd >= 0.9x SDPA flash at head_dim 64/128 (and it serves head_dim 96); fused CE
+peak memory <= 1/4 of unfused at equal or better speed.
+
+    python benchmarks/bench_kernels.py                  # GPU, GPT-2 shapes (~2-4 min on an H100)
+    python benchmarks/bench_kernels.py --quick          # GPU, fewer shapes
+    python benchmarks/bench_kernels.py --quick --device cpu   # toy shapes under the Triton interpreter:
+                                                               # proves the script runs; times mean nothing
+Notes: the fused CE computes its gradients inside the forward (so its "bwd" is a scaling only and its
+fwd includes the gradient matmuls); compare fwd+bwd. Backward alone is timed with retain_graph.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu (interpreter)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype of the kernels (GPU)")
+    p.add_argument("--only", default="all", choices=["all", "layer_norm", "attention", "linear_ce"])
+    p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+import torch  # noqa: E402
+
+DEVICE = torch.device(ARGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+if DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, write_json  # noqa: E402
+from staged_fast.kernels._common import assert_within_torch_error  # noqa: E402
+from staged_fast.kernels.attention import flash_attention, flash_attention_reference  # noqa: E402
+from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference  # noqa: E402
+from staged_fast.kernels.fused_linear_ce import (  # noqa: E402
+    fused_linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+
+CPU = DEVICE.type == "cpu"
+# On CPU the interpreter computes bf16 dots wrongly and is slow: fp32, toy shapes.
+DTYPE = torch.float32 if CPU else {"bf16": torch.bfloat16, "fp16": torch.float16}[ARGS.dtype]
+WARMUP, REPS = (1, 2) if CPU else (5, 10 if ARGS.quick else 30)
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerLayerNorm
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+        print(f"note: Liger-Kernel not importable ({type(e).__name__}: {e}); its rows are skipped.")
+        return None, None
+    if CPU:
+        print("note: Liger-Kernel needs CUDA; its rows are skipped on CPU.")
+        return None, None
+    return LigerLayerNorm, LigerFusedLinearCrossEntropyLoss
+
+
+LIGER_LN, LIGER_FLCE = _liger()
+
+
+# ---- peaks measured in this run ----
+
+
+def measure_peaks() -> dict:
+    """Memory bandwidth of a large device copy (read + write bytes) and bf16 matmul throughput."""
+    n_bytes = (64 << 20) if CPU else ((256 << 20) if ARGS.quick else (1 << 30))
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=DEVICE, warmup=WARMUP, reps=REPS)
+    bandwidth = 2 * n_bytes / (t.median_ms * 1e-3)
+    n = 512 if CPU else (4096 if ARGS.quick else 8192)
+    mm_dtype = torch.float32 if CPU else torch.bfloat16
+    a = torch.randn(n, n, device=DEVICE, dtype=mm_dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=mm_dtype)
+    t = time_fn(lambda: a @ b, device=DEVICE, warmup=WARMUP, reps=REPS)
+    flops = 2 * n**3 / (t.median_ms * 1e-3)
+    del src, dst, a, b
+    return {"bandwidth_Bps": bandwidth, "matmul_flops": flops, "matmul_dtype": str(mm_dtype)}
+
+
+# ---- timing ----
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def time_modes(fn, inputs, grads_out) -> dict:
+    """Median ms of fwd (grad enabled, as in training), bwd alone (retain_graph) and fwd+bwd."""
+    outs = _as_tuple(fn())
+    fwd = time_fn(fn, device=DEVICE, warmup=WARMUP, reps=REPS)
+    bwd = time_fn(lambda: torch.autograd.grad(outs, inputs, grads_out, retain_graph=True),
+                  device=DEVICE, warmup=WARMUP, reps=REPS)
+    del outs
+    both = time_fn(lambda: torch.autograd.grad(_as_tuple(fn()), inputs, grads_out),
+                   device=DEVICE, warmup=WARMUP, reps=REPS)
+    return {"fwd": fwd.median_ms, "bwd": bwd.median_ms, "fwd+bwd": both.median_ms}
+
+
+def validate(name, fn, torch_fn, ref_fn, inputs, grads_out) -> None:
+    """Our outputs and gradients within 2x torch's error (same dtype) of an fp32 reference, + atol."""
+    outs = _as_tuple(fn())
+    gr = torch.autograd.grad(outs, inputs, grads_out)
+    touts = _as_tuple(torch_fn())
+    tgr = torch.autograd.grad(touts, inputs, grads_out)
+    inputs32 = [x.detach().float().requires_grad_() for x in inputs]
+    routs = _as_tuple(ref_fn(*inputs32))
+    rgr = torch.autograd.grad(routs, inputs32, [g.float() for g in grads_out])
+    for i, (o, t, r) in enumerate(zip(outs + gr, touts + tgr, routs + rgr)):
+        atol = ATOL[DTYPE] * r.abs().max().item()  # relative to the tensor's scale (CE grads are ~1/N)
+        assert_within_torch_error(o, t, r, name=f"{name} tensor {i}", atol=atol)
+
+
+def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, extra=None):
+    """One row per mode; `work(mode)` is bytes (GB/s) or FLOPs (TFLOP/s) of that mode;
+    baseline: (name, its times) for the speedup column."""
+    scale = 1e9 if unit == "GB/s" else 1e12
+    for mode, ms in times.items():
+        rate = work(mode) / (ms * 1e-3)
+        row = {"kernel": kernel, "shape": shape, "impl": impl, "mode": mode, "ms": ms,
+               unit: rate / scale, "frac_peak": rate / peak}
+        if baseline is not None:
+            row["vs"], row["speedup"] = baseline[0], baseline[1][mode] / ms
+        row.update(extra or {})
+        rows.append(row)
+
+
+# ---- LayerNorm ----
+
+
+def bench_layer_norm(rows, peaks):
+    shapes = [(2, 32, 384), (2, 32, 768)] if CPU else (
+        [(8, 1024, 768), (8, 1024, 1536)] if ARGS.quick
+        else [(16, 1024, 768), (16, 1024, 1024), (16, 1024, 1536), (8, 4096, 1536)]
+    )
+    eps = 1e-5
+    for B, T, C in shapes:
+        shape = f"{B}x{T}x{C}"
+        x = torch.randn(B, T, C, device=DEVICE, dtype=DTYPE).requires_grad_()
+        w = (1 + 0.1 * torch.randn(C, device=DEVICE)).to(DTYPE).requires_grad_()
+        b = (0.1 * torch.randn(C, device=DEVICE)).to(DTYPE).requires_grad_()
+        dy = torch.randn_like(x)
+        e = x.element_size()
+        # Ideal traffic: fwd reads x, writes y; bwd reads x, dy, writes dx (weights and stats ~ 0).
+        traffic = {"fwd": 2 * x.numel() * e, "bwd": 3 * x.numel() * e, "fwd+bwd": 5 * x.numel() * e}
+        impls = {  # name: (fn, the tensors it differentiates)
+            "triton": (lambda: layer_norm(x, w, b, eps), [x, w, b]),
+            "torch": (lambda: F.layer_norm(x, (C,), w, b, eps), [x, w, b]),
+        }
+        if LIGER_LN is not None:
+            liger = LIGER_LN(C, eps=eps).to(DEVICE, DTYPE)
+            with torch.no_grad():
+                liger.weight.copy_(w)
+                liger.bias.copy_(b)
+            impls["liger"] = (lambda: liger(x), [x, liger.weight, liger.bias])
+        ref = lambda x_, w_, b_: layer_norm_reference(x_, w_, b_, eps)  # noqa: E731
+        results = {}
+        for impl, (fn, params) in impls.items():
+            if impl != "torch":  # torch is the baseline the others are held to
+                torch_fn = lambda p=params: F.layer_norm(x, (C,), p[1], p[2], eps)  # noqa: E731
+                validate(f"layer_norm {impl} {shape}", fn, torch_fn, ref, params, [dy])
+            results[impl] = time_modes(fn, params, [dy])
+        for impl, times in results.items():
+            add_rows(rows, "layer_norm", shape, impl, times, traffic.get, "GB/s", peaks["bandwidth_Bps"],
+                     baseline=None if impl == "torch" else ("torch", results["torch"]))
+
+        # Fused residual add: s = x + r, y = LN(s) in one pass vs torch's two ops.
+        r = torch.randn_like(x).requires_grad_()
+        ds = torch.randn_like(x)
+        traffic_res = {"fwd": 4 * x.numel() * e, "bwd": 5 * x.numel() * e, "fwd+bwd": 9 * x.numel() * e}
+        fused = lambda: layer_norm(x, w, b, eps, residual=r)  # noqa: E731
+        unfused = lambda: layer_norm_reference(x, w, b, eps, residual=r)  # noqa: E731
+        ref_res = lambda x_, w_, b_, r_: layer_norm_reference(x_, w_, b_, eps, residual=r_)  # noqa: E731
+        validate(f"layer_norm_residual {shape}", fused, unfused, ref_res, [x, w, b, r], [dy, ds])
+        base = time_modes(unfused, [x, w, b, r], [dy, ds])
+        add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(fused, [x, w, b, r], [dy, ds]),
+                 traffic_res.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base))
+        add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
+
+
+# ---- attention ----
+
+
+def _sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def bench_attention(rows, peaks):
+    if CPU:
+        shapes = [(1, 2, 64, 64), (1, 2, 64, 96)]
+    elif ARGS.quick:
+        shapes = [(8, 12, 1024, 64), (8, 8, 1024, 96), (8, 12, 1024, 128)]
+    else:  # GPT-2 head counts: 768 = 12 x 64 = 8 x 96; 1536 = 12 x 128
+        shapes = [(B, H, T, D) for D, H in ((64, 12), (96, 8), (128, 12)) for B, T in ((16, 1024), (8, 2048), (8, 4096))]
+    for B, H, T, D in shapes:
+        shape = f"{B}x{H}x{T}x{D}"
+        q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE).requires_grad_() for _ in range(3))
+        do = torch.randn_like(q)
+        fwd_flops = 4 * B * H * T * T * D / 2  # QK^T and PV, causal half
+        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+
+        # Validate on one batch element and two heads: same kernel and T, a T x T reference that fits.
+        qs, ks, vs = (t[:1, :2].detach().contiguous().requires_grad_() for t in (q, k, v))
+        impls = {"triton": lambda: flash_attention(q, k, v)}
+        checks = {"triton": lambda: flash_attention(qs, ks, vs)}
+        try:
+            _sdpa_flash(qs, ks, vs).sum().backward()
+            impls["sdpa_flash"] = lambda: _sdpa_flash(q, k, v)
+            checks["sdpa_flash"] = lambda: _sdpa_flash(qs, ks, vs)
+        except RuntimeError as e:
+            print(f"note: SDPA flash backend unavailable at {shape} {DTYPE}: {str(e).splitlines()[0][:160]}")
+        scores_bytes = B * H * T * T * 4 * 3  # eager keeps scores, probabilities and their grads
+        if scores_bytes < (4 << 30):
+            impls["torch_eager"] = lambda: flash_attention_reference(q, k, v)
+            checks["torch_eager"] = lambda: flash_attention_reference(qs, ks, vs)
+        else:
+            print(f"note: torch eager attention skipped at {shape} (T x T scores ~{scores_bytes / 2**30:.0f} GiB).")
+        torch_check = lambda: flash_attention_reference(qs, ks, vs)  # noqa: E731
+        results = {}
+        for impl, fn in impls.items():
+            validate(f"attention {impl} {shape}", checks[impl], torch_check, flash_attention_reference,
+                     [qs, ks, vs], [do[:1, :2].contiguous()])
+            results[impl] = time_modes(fn, [q, k, v], [do])
+        base_name = "sdpa_flash" if "sdpa_flash" in results else "torch_eager" if "torch_eager" in results else None
+        for impl, times in results.items():
+            base = (base_name, results[base_name]) if impl == "triton" and base_name else None
+            add_rows(rows, "attention", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"], baseline=base)
+        del q, k, v, do
+
+
+# ---- fused linear + cross-entropy ----
+
+
+def bench_linear_ce(rows, peaks):
+    V = 1000 if CPU else 50257
+    shapes = [(64, 64)] if CPU else ([(8 * 1024, 768)] if ARGS.quick else [(8 * 1024, 768), (16 * 1024, 768), (8 * 1024, 1536), (16 * 1024, 1536)])
+    for N, d in shapes:
+        shape = f"{N}x{d}x{V}"
+        h = torch.randn(N, d, device=DEVICE, dtype=DTYPE).requires_grad_()
+        w = (torch.randn(V, d, device=DEVICE) / math.sqrt(d)).to(DTYPE).requires_grad_()
+        t = torch.randint(0, V, (N,), device=DEVICE)
+        g = torch.ones((), device=DEVICE)
+        flops = {"fwd": 2 * N * V * d, "bwd": 4 * N * V * d, "fwd+bwd": 6 * N * V * d}  # nominal, per the unfused split
+        impls = {
+            "triton": lambda: fused_linear_cross_entropy(h, w, t),
+            "torch": lambda: linear_cross_entropy_reference(h, w, t),
+        }
+        if LIGER_FLCE is not None:
+            liger = LIGER_FLCE()
+            impls["liger"] = lambda: _as_tuple(liger(w, h, t))[0]
+        n_val = min(N, 2048)  # validate on the first tokens: the fp32 reference logits stay small
+        hs, ts = h[:n_val].detach().requires_grad_(), t[:n_val]
+        ws = w.detach().requires_grad_()
+        checks = {
+            "triton": lambda: fused_linear_cross_entropy(hs, ws, ts),
+            "liger": lambda: _as_tuple(liger(ws, hs, ts))[0],
+        }
+        ref = lambda h_, w_: linear_cross_entropy_reference(h_, w_, ts)  # noqa: E731
+        results, peak_mb = {}, {}
+        for impl, fn in impls.items():
+            if impl != "torch":
+                validate(f"linear_ce {impl} {shape}", checks[impl], lambda: linear_cross_entropy_reference(hs, ws, ts),
+                         ref, [hs, ws], [g])
+            results[impl] = time_modes(fn, [h, w], [g])
+            if not CPU:
+                peak_mb[impl] = peak_memory_cuda(lambda: torch.autograd.grad(fn(), [h, w], [g]), DEVICE) / 2**20
+        for impl, times in results.items():
+            extra = {}
+            if impl in peak_mb:
+                extra = {"peak_MiB": peak_mb[impl], "mem_vs_torch": peak_mb[impl] / peak_mb["torch"]}
+            add_rows(rows, "linear_ce", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"],
+                     baseline=None if impl == "torch" else ("torch", results["torch"]), extra=extra)
+        del h, w
+
+
+def main():
+    prov = provenance()
+    print(f"bench_kernels on {DEVICE} ({prov.get('gpu', prov['cpu'])}), dtype {DTYPE}, torch {prov['torch']}, "
+          f"triton {prov.get('triton')}, {prov['date']}")
+    if CPU:
+        print("note: CPU run under TRITON_INTERPRET=1 at toy shapes: proves the script runs; times are meaningless.")
+    peaks = measure_peaks()
+    print(f"measured peaks: copy bandwidth {peaks['bandwidth_Bps'] / 1e9:.0f} GB/s, "
+          f"matmul ({peaks['matmul_dtype']}) {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    rows = []
+    for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce)):
+        if ARGS.only in ("all", name):
+            fn(rows, peaks)
+    columns = ["kernel", "shape", "impl", "mode", "ms", "GB/s", "TFLOP/s", "frac_peak", "vs", "speedup", "peak_MiB", "mem_vs_torch"]
+    print_table(rows, columns)
+    print("speedup = ms of the baseline named in 'vs' / this ms (> 1 is faster); frac_peak = rate / measured peak "
+          "(copy bandwidth for GB/s, bf16 matmul for TFLOP/s).")
+    if ARGS.json:
+        write_json(ARGS.json, {"device": str(DEVICE), "dtype": str(DTYPE), "peaks": peaks, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

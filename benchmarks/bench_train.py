@@ -1,0 +1,177 @@
+"""Claim: a training step of our GPT (fused kernels) is faster than transformers' GPT-2 with SDPA.
+
+Same shapes, same weights, same dropout: one step = forward + backward + AdamW, in bf16 autocast
+(fp32 master weights) on CUDA. Reported: tokens/s, ratio to HF, peak memory, and MFU =
+6 * N * tokens/s / device peak, N = the matmul weights (non-embedding parameters plus the tied LM
+head; attention's T^2 term is not counted, as in Kaplan et al.'s 6N). Before timing, both models'
+losses are compared on one batch in eval mode (same function, so the baseline is the same model).
+
+Goal on H100 (issue 4): ours (kernels triton) >= 1.3x HF's tokens/s at GPT2_base, MFU reported.
+
+    python benchmarks/bench_train.py                                       # GPU: GPT2_base, batch 16 x 1024
+    python benchmarks/bench_train.py --quick                               # fewer steps
+    python benchmarks/bench_train.py --size tiny --device cpu --kernels torch   # proves it runs on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, write_json  # noqa: E402
+from staged_fast.config import PRESETS, preset_config  # noqa: E402
+from staged_fast.hf import hf_config, to_hf_state_dict  # noqa: E402
+from staged_fast.kernels import BACKENDS, resolve_backend  # noqa: E402
+from staged_fast.model import GPT  # noqa: E402
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' datasheets. Matched in order
+# against torch.cuda.get_device_name(), so the specific names come before the generic ones.
+DEVICE_PEAKS_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def device_peak(device: torch.device) -> tuple[float | None, str]:
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in DEVICE_PEAKS_BF16:
+        if key in name:
+            return peak, name
+    return None, name
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="GPT2_base", choices=list(PRESETS), help="model preset")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--kernels", default="auto", choices=BACKENDS, help="our model's kernels (auto: triton on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 16 on CUDA, 2 on CPU)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 1024 on CUDA, 64 on CPU)")
+    p.add_argument("--dropout", type=float, default=0.1, help="embedding/residual/attention dropout of both models")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (after 3 warm-up steps)")
+    p.add_argument("--quick", action="store_true", help="fewer timed steps")
+    p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
+    return p.parse_args(argv)
+
+
+def build_models(args, device):
+    """Our GPT and an HF GPT2LMHeadModel (SDPA attention) holding the same initial weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = preset_config(args.size, n_positions=max(1024, args.seqlen), dropout=args.dropout, attn_dropout=args.dropout)
+    torch.manual_seed(0)
+    ours = GPT(config)
+    hf = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"HF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return config, ours.to(device), hf.to(device)
+
+
+def loss_fns(ours, hf):
+    """x: (B, T + 1) tokens. Both models read the same T tokens x[:, :-1]. Ours predicts all T next
+    tokens; HF with labels (its standard training call) shifts internally and scores T - 1 of them.
+    "hf_logits" scores HF's logits against the same T targets as ours, for validation."""
+    return {
+        "ours": lambda x: ours(x[:, :-1], x[:, 1:]),
+        "hf": lambda x: hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss,
+        "hf_logits": lambda x: torch.nn.functional.cross_entropy(
+            hf(input_ids=x[:, :-1]).logits.float().flatten(0, 1), x[:, 1:].flatten()
+        ),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    batch = args.batch or (16 if cuda else 2)
+    seqlen = args.seqlen or (1024 if cuda else 64)
+    args.seqlen = seqlen
+    steps = args.steps or (3 if not cuda else 10 if args.quick else 30)
+    amp = cuda  # bf16 autocast on CUDA; fp32 on CPU (CPU bf16 is slow and not what we claim)
+    backend = resolve_backend(args.kernels, device)
+    peak, device_name = device_peak(device)
+    prov = provenance()
+    print(f"bench_train: {args.size} on {device_name}, batch {batch} x {seqlen}, "
+          f"{'bf16 autocast' if amp else 'fp32'}, dropout {args.dropout}, kernels {backend}, "
+          f"torch {prov['torch']}, {prov['date']}")
+
+    config, ours, hf = build_models(args, device)
+    n_matmul = ours.num_params(non_embedding=True) + ours.transformer.wte.weight.numel()
+    g = torch.Generator(device="cpu").manual_seed(1)
+    data = torch.randint(0, config.vocab_size, (batch, seqlen + 1), generator=g).to(device)
+    fns = loss_fns(ours, hf)
+
+    # Same function before timing: eval mode (no dropout), same batch.
+    ours.set_kernels(backend)
+    ours.eval()
+    hf.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        l_ours, l_hf = fns["ours"](data).float().item(), fns["hf_logits"](data).float().item()
+    tol = 0.05 if amp else 1e-4
+    if abs(l_ours - l_hf) > tol:
+        raise SystemExit(f"validation failed: our loss {l_ours:.5f} vs HF {l_hf:.5f} (tolerance {tol})")
+    print(f"validated: initial loss ours {l_ours:.4f}, HF {l_hf:.4f}")
+
+    runs = [("hf_sdpa", hf, "hf", None), ("ours_torch", ours, "ours", "torch")]
+    if backend != "torch":
+        runs.append((f"ours_{backend}", ours, "ours", backend))
+    rows = []
+    for name, model, fn_key, kernels in runs:
+        if kernels is not None:
+            model.set_kernels(kernels)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=cuda)
+        loss_fn = fns[fn_key]
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(data)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = time_fn(step, name=name, device=device, warmup=3, reps=steps)
+        tokens_per_s = batch * seqlen / (t.median_ms * 1e-3)
+        row = {"model": name, "ms/step": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms, "tokens/s": tokens_per_s,
+               "MFU": 6 * n_matmul * tokens_per_s / peak if peak else None}
+        if cuda:
+            row["peak_GiB"] = peak_memory_cuda(step, device) / 2**30
+        rows.append(row)
+        del opt
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    base = rows[0]["tokens/s"]
+    for row in rows:
+        row["vs_hf"] = row["tokens/s"] / base
+    print_table(rows, ["model", "ms/step", "p20", "p80", "tokens/s", "vs_hf", "MFU", "peak_GiB"])
+    if peak is None:
+        print(f"note: no bf16 peak known for {device_name}: MFU not reported (add it to DEVICE_PEAKS_BF16).")
+    print(f"MFU = 6 x {n_matmul / 1e6:.1f}M matmul params x tokens/s / {peak or 0:.3g} FLOP/s; "
+          f"vs_hf = tokens/s / HF's (same run).")
+    if args.json:
+        write_json(args.json, {"size": args.size, "batch": batch, "seqlen": seqlen, "device": device_name,
+                               "kernels": backend, "amp_bf16": amp, "peak_flops": peak, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Helpers shared by the Triton kernel files: interpreter detection, output allocation, checks.
+
+Output poisoning: launchers allocate every output and scratch buffer through `new_empty`, which
+returns `torch.empty` normally and a NaN-filled tensor inside `poisoned_outputs()`. Tests run the
+kernels in that context, so an output element a kernel forgets to write shows up as NaN instead of
+passing by luck with whatever memory held.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_POISON = False
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET is set now (Triton reads it when a kernel is decorated)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Whether the kernels of this package were decorated (imported) under the interpreter. Triton decides
+# per kernel at import time, so a later change of the environment variable does not affect them.
+INTERPRETED = interpreting()
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within this context launchers fill fresh outputs with NaN before the kernels write them."""
+    global _POISON
+    old, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_device(op: str, *tensors: torch.Tensor) -> None:
+    """Triton needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; all on one device."""
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"{op}: all inputs must be on one device, got {device} and {t.device}.")
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            f"{op}: the Triton kernels were compiled for the GPU but got CPU tensors; for CPU set "
+            f"TRITON_INTERPRET=1 before the first import of staged_fast.kernels' Triton modules (slow, "
+            f"for checking), or use --kernels torch."
+        )
+    if device.type == "cuda" and INTERPRETED:
+        raise RuntimeError(
+            f"{op}: the Triton kernels were imported under TRITON_INTERPRET=1 (CPU interpreter) but got "
+            f"CUDA tensors; unset TRITON_INTERPRET to compile them for the GPU."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{op}: unsupported device {device}; the Triton kernels run on CUDA.")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(op: str, t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}.")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact fp32 ("ieee") for fp32 inputs, the tensor-core default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs, each looping over many rows, keeps it fast
+
+
+def assert_within_torch_error(out, torch_out, ref, *, name: str, factor: float = 2.0, atol: float = 0.0) -> None:
+    """FlashAttention's test rule: max|out - ref| <= factor * max|torch_out - ref| + atol.
+
+    `ref` is the op computed in float64; `torch_out` the same op done by PyTorch in the kernel's dtype,
+    so the bound scales with what that dtype can deliver. Also fails on any NaN/inf in `out`.
+    """
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        raise AssertionError(f"{name}: {int((~torch.isfinite(out64)).sum())} non-finite elements (unwritten or overflow).")
+    err = (out64 - ref64).abs().max().item()
+    torch_err = (torch_out.detach().double() - ref64).abs().max().item()
+    bound = factor * torch_err + atol
+    if not err <= bound:
+        raise AssertionError(f"{name}: max error {err:.3e} > {factor} x torch's {torch_err:.3e} + {atol:.1e} = {bound:.3e}.")

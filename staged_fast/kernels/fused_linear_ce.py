@@ -1,0 +1,219 @@
+"""Fused LM head + cross-entropy: mean CE of logits = hidden @ weight.T without the (N, V) logits.
+
+    loss = sum_{i: t_i != ignore} (logsumexp(z_i) - z_i[t_i]) / n_valid,     z = hidden @ weight.T
+
+The tokens are processed in chunks of C rows. Per chunk: z = h_c @ W^T (torch matmul, cuBLAS); one
+Triton program per row computes logsumexp over V in BLOCK_V slices (online max/sum in fp32), the row
+loss, and overwrites z in place with dL/dz = (softmax(z) - onehot(t)) / n_valid; then
+grad_h_c = dz @ W and grad_W += dz^T @ h_c (torch matmuls). So the gradients are computed during the
+forward (as Liger-Kernel does) and the backward only scales them by the incoming grad_output.
+
+Memory (N tokens, V vocab, d hidden, e bytes per element of the inputs' dtype):
+  chunk logits C x V x e with C ~ N / 8 (see TARGET_CHUNKS; GPT-2, 16k tokens, bf16: 2048 x 50257 x 2 B
+  = 206 MB); grad_hidden N x d x e; grad_weight V x d fp32 accumulator (154 MB at d=768), cast to W's dtype.
+  Unfused: N x V logits in e bytes, plus an fp32 copy and its fp32 gradient (16k tokens: ~8 GB).
+Out-of-range targets (not in [0, V) and not ignore_index) make the loss NaN instead of raising,
+because checking them on the host would synchronize the GPU every step.
+When nothing needs a gradient (eval), only the loss is computed (no gradient buffers).
+With all targets ignored the loss is NaN (0/0), as F.cross_entropy's mean.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, check_device, check_dtype, new_empty
+
+
+@triton.jit
+def _ce_row_kernel(
+    Z, stride_z, Targets, Loss, InvN,
+    V, ignore_index,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Row loss, and (WRITE_GRAD) dL/dz written over the logits row Z in place."""
+    row = tl.program_id(0).to(tl.int64)
+    z_ptr = Z + row * stride_z
+    t = tl.load(Targets + row)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    cols = tl.arange(0, BLOCK_V)
+    # Pass 1: running max m and rescaled sum s of exp(z - m), in fp32.
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        z = tl.load(z_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_t = tl.load(z_ptr + tl.where(in_range, t, 0)).to(tl.float32)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, lse - z_t, float("nan")))
+    tl.store(Loss + row, loss)
+    if WRITE_GRAD:
+        # Pass 2: dz = (softmax - onehot) / n_valid; zero for ignored rows.
+        scale = tl.where(ignored, 0.0, tl.load(InvN))
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            z = tl.load(z_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse) - tl.where(offs == t, 1.0, 0.0)
+            tl.store(z_ptr + offs, (g * scale).to(Z.dtype.element_ty), mask=offs < V)
+
+
+# Chunking. Every chunk adds its dz^T @ h_c into the (V, d) fp32 grad_weight, a read-modify-write of
+# V x d x 4 bytes (154 MB at GPT-2 base), so the chunk count, not the chunk size, costs time: 8 chunks
+# keep that traffic well under the matmuls' time while the chunk logits stay at N x V / 8 elements,
+# a small fraction of the unfused path's N x V logits + fp32 copy + fp32 gradient. Rows are rounded up
+# to a multiple of 128 for the matmuls (16 under the interpreter, so CPU tests cross chunk borders).
+TARGET_CHUNKS = 8
+ROW_MULTIPLE = 16 if INTERPRETED else 128
+
+
+def _chunk_rows(n: int) -> int:
+    rows = triton.cdiv(triton.cdiv(n, TARGET_CHUNKS), ROW_MULTIPLE) * ROW_MULTIPLE
+    return max(1, min(n, rows))
+
+
+_OUT_DTYPE_MM: dict[torch.device, bool] = {}
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for 16-bit a, b. Uses cuBLAS's fp32 output (torch.addmm out_dtype, CUDA,
+    torch >= 2.8) when this device supports it (probed once and checked against fp32); otherwise the
+    product is formed in a's dtype and added (an extra V x d temporary and its traffic)."""
+    ok = _OUT_DTYPE_MM.get(acc.device)
+    if ok is None:
+        ok = False
+        if acc.device.type == "cuda":
+            try:
+                # Small integers: exact in 16 bits, and no draw from torch's RNG.
+                x = (torch.arange(64 * 32, device=acc.device) % 7 - 3).reshape(64, 32).to(a.dtype)
+                y = (torch.arange(32 * 48, device=acc.device) % 5 - 2).reshape(32, 48).to(a.dtype)
+                z = torch.ones(64, 48, device=acc.device)
+                torch.addmm(z, x, y, out_dtype=torch.float32, out=z)
+                ok = torch.allclose(z, 1 + x.float() @ y.float(), rtol=1e-3, atol=1e-3)
+            except (RuntimeError, TypeError):
+                ok = False
+        _OUT_DTYPE_MM[acc.device] = ok
+    if ok:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
+
+
+def _check(hidden, weight, targets):
+    op = "fused_linear_cross_entropy"
+    check_device(op, hidden, weight, targets)
+    check_dtype(op, hidden, "hidden")
+    check_dtype(op, weight, "weight")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: hidden must be (N, d) and weight (V, d), got {tuple(hidden.shape)} and {tuple(weight.shape)}."
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{op}: hidden and weight dtypes differ ({hidden.dtype} vs {weight.dtype}); cast one.")
+    if targets.shape != (hidden.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"{op}: targets must be an integer tensor of shape ({hidden.shape[0]},), "
+            f"got {tuple(targets.shape)} {targets.dtype}."
+        )
+
+
+def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -100, compute_grad: bool = True,
+                                 chunk_rows: int | None = None):
+    """Returns (loss, grad_hidden, grad_weight): loss a 0-dim fp32 tensor; the gradients of the loss
+    (for grad_output = 1) in hidden's and weight's dtypes, or None when compute_grad is False."""
+    _check(hidden, weight, targets)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    device = hidden.device
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    targets = targets.contiguous()
+    losses = new_empty((n,), dtype=torch.float32, device=device)
+    n_valid = (targets != ignore_index).sum().to(torch.float32)
+    inv_n = (1.0 / n_valid).reshape(1)  # a device scalar: no host sync
+    grad_h = new_empty((n, d), dtype=hidden.dtype, device=device) if compute_grad else None
+    grad_w = torch.zeros((v, d), dtype=torch.float32, device=device) if compute_grad else None
+    block_v = min(1024 if INTERPRETED else 8192, triton.next_power_of_2(v))
+    warps = 4 if INTERPRETED else 16 if block_v >= 8192 else 8
+    c = chunk_rows or _chunk_rows(n)
+    for start in range(0, n, c):
+        h_c = hidden[start:start + c]
+        z = h_c @ weight.t()  # (C, V) in the inputs' dtype, fp32 accumulation in cuBLAS
+        _ce_row_kernel[(h_c.shape[0],)](
+            z, z.stride(0), targets[start:start + c], losses[start:start + c], inv_n,
+            v, ignore_index,
+            WRITE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=warps,
+        )
+        if compute_grad:
+            torch.mm(z, weight, out=grad_h[start:start + c])
+            if grad_w.dtype == z.dtype:
+                grad_w.addmm_(z.t(), h_c)
+            else:  # 16-bit inputs: the sum over chunks is kept in fp32
+                _accumulate_fp32(grad_w, z.t(), h_c)
+    loss = losses.sum() * inv_n[0]
+    return loss, grad_h, (grad_w.to(weight.dtype) if compute_grad else None)
+
+
+# ---- torch.library ops (opaque for torch.compile) and autograd ----
+
+
+@torch.library.custom_op("staged_fast::linear_cross_entropy_loss", mutates_args=())
+def _loss_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return linear_cross_entropy_forward(hidden, weight, targets, ignore_index, compute_grad=False)[0]
+
+
+@torch.library.custom_op("staged_fast::linear_cross_entropy", mutates_args=())
+def _loss_grad_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_forward(hidden, weight, targets, ignore_index, compute_grad=True)
+
+
+@_loss_op.register_fake
+def _(hidden, weight, targets, ignore_index):
+    return hidden.new_empty((), dtype=torch.float32)
+
+
+@_loss_grad_op.register_fake
+def _(hidden, weight, targets, ignore_index):
+    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
+
+
+def _setup(ctx, inputs, output):
+    _, grad_h, grad_w = output
+    ctx.mark_non_differentiable(grad_h, grad_w)
+    ctx.save_for_backward(grad_h, grad_w)
+
+
+def _backward(ctx, grad_loss, _gh, _gw):
+    grad_h, grad_w = ctx.saved_tensors
+    g = grad_loss.to(torch.float32)
+    return (grad_h * g).to(grad_h.dtype), (grad_w * g).to(grad_w.dtype), None, None
+
+
+_loss_grad_op.register_autograd(_backward, setup_context=_setup)
+
+
+def fused_linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
+    """Mean cross-entropy of hidden (N, d) @ weight (V, d).T against targets (N,), as a 0-dim fp32 tensor.
+
+    Under autocast, hidden and weight are cast to the autocast dtype first (as F.linear would be), so
+    the matmuls run on tensor cores; the softmax statistics stay fp32.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    _check(hidden, weight, targets)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _loss_grad_op(hidden, weight, targets, int(ignore_index))[0]
+    return _loss_op(hidden, weight, targets, int(ignore_index))
+
+
+def linear_cross_entropy_reference(hidden, weight, targets, ignore_index: int = -100):
+    """Plain PyTorch: full logits, then F.cross_entropy in fp32 (the torch backend's path; fp64 stays fp64)."""
+    logits = hidden @ weight.t()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)

@@ -1,0 +1,126 @@
+"""Fused linear + cross-entropy against a float64 reference, under the rule of tests/README.md.
+
+Runs on CUDA when available (kernels compiled, GPT-2 vocab), else on CPU under TRITON_INTERPRET=1.
+"""
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+
+from staged_fast.kernels import linear_cross_entropy  # noqa: E402
+from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs  # noqa: E402
+from staged_fast.kernels.fused_linear_ce import (  # noqa: E402
+    fused_linear_cross_entropy,
+    linear_cross_entropy_forward,
+    linear_cross_entropy_reference,
+)
+
+DEVICE = "cuda" if CUDA else "cpu"
+# (N tokens, d hidden, V vocab): V not a power of two; several chunks (C x V ~ N x d).
+SHAPES = [(1000, 768, 50257), (333, 384, 1000)] if CUDA else [(70, 64, 1000), (37, 96, 2053)]
+# atol relative to each gradient's max |ref| (grads are O(1/N)). The loss is computed in fp32 from the
+# same logits torch uses, so its atol is 1e-5 x |loss| in every dtype.
+RTOL_OF_MAX = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if CUDA else [])
+
+
+def _inputs(n, d, v, dtype, seed=0, ignore_every=7):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) / d**0.5 * 2  # logits ~ N(0, 4): a peaked softmax
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::ignore_every] = -100
+    return hidden.to(DEVICE, dtype).requires_grad_(), weight.to(DEVICE, dtype).requires_grad_(), targets.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_linear_ce_matches_float64(shape, dtype):
+    h, w, t = _inputs(*shape, dtype)
+    scale = 1.7  # a grad_output != 1 checks the backward's scaling
+    with poisoned_outputs():
+        loss = fused_linear_cross_entropy(h, w, t)
+        gh, gw = torch.autograd.grad(loss * scale, (h, w))
+    loss_torch = linear_cross_entropy_reference(h, w, t)
+    gh_torch, gw_torch = torch.autograd.grad(loss_torch * scale, (h, w))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+    loss_ref = linear_cross_entropy_reference(h64, w64, t)
+    gh_ref, gw_ref = torch.autograd.grad(loss_ref * scale, (h64, w64))
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert gh.dtype == dtype and gw.dtype == dtype
+    for name, out, tor, ref in (("loss", loss, loss_torch, loss_ref), ("grad_hidden", gh, gh_torch, gh_ref),
+                                ("grad_weight", gw, gw_torch, gw_ref)):
+        atol = (1e-5 if name == "loss" else RTOL_OF_MAX[dtype]) * ref.abs().max().item()
+        assert_within_torch_error(out, tor, ref, name=name, atol=atol)
+
+
+def test_fused_linear_ce_gpt2_vocab():
+    """The real vocabulary (50257, not a power of two: a masked last slice)."""
+    n, d = (512, 768) if CUDA else (6, 32)
+    h, w, t = _inputs(n, d, 50257, torch.float32, ignore_every=5)
+    with poisoned_outputs():
+        loss = fused_linear_cross_entropy(h, w, t)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+    ref = linear_cross_entropy_reference(h64, w64, t)
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h64, w64))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 16, 10_000])
+def test_chunking_does_not_change_the_result(chunk_rows):
+    h, w, t = _inputs(37, 64, 300, torch.float32)
+    with torch.no_grad(), poisoned_outputs():
+        loss, gh, gw = linear_cross_entropy_forward(h, w, t, chunk_rows=chunk_rows)
+        loss0, gh0, gw0 = linear_cross_entropy_forward(h, w, t)
+    torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, gh0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, gw0, rtol=1e-5, atol=1e-7)
+
+
+def test_no_grad_path_and_dispatch():
+    h, w, t = _inputs(37, 64, 300, torch.float32)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(h, w, t)
+    ref = linear_cross_entropy_reference(h.detach(), w.detach(), t)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        linear_cross_entropy(h, w, t, backend="triton"), linear_cross_entropy(h, w, t, backend="torch"),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_ignore_index_and_out_of_range_targets():
+    h, w, t = _inputs(20, 32, 100, torch.float32)
+    t_all = torch.full_like(t, -100)
+    assert torch.isnan(fused_linear_cross_entropy(h, w, t_all))  # 0/0, as F.cross_entropy
+    t_custom = t.clamp(min=0)
+    t_custom[::3] = 5000  # a custom ignore_index outside [0, V)
+    ref = linear_cross_entropy_reference(h, w, t_custom, ignore_index=5000)
+    torch.testing.assert_close(fused_linear_cross_entropy(h, w, t_custom, ignore_index=5000), ref, rtol=1e-5, atol=1e-5)
+    t_bad = t.clone()
+    t_bad[4] = 100  # == V: out of range -> NaN loss instead of a host-synchronizing check
+    assert torch.isnan(fused_linear_cross_entropy(h, w, t_bad))
+
+
+def test_rejects_bad_inputs():
+    h, w, t = _inputs(20, 32, 100, torch.float32)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        fused_linear_cross_entropy(h, w.bfloat16(), t)
+    with pytest.raises(ValueError, match=r"hidden must be \(N, d\)"):
+        fused_linear_cross_entropy(h[:, :16], w, t)
+    with pytest.raises(ValueError, match="targets must be an integer tensor"):
+        fused_linear_cross_entropy(h, w, t[:5])
+
+
+def test_opcheck():
+    h, w, t = _inputs(20, 32, 100, torch.float32)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.staged_fast.linear_cross_entropy.default, (h, w, t, -100), test_utils=utils)
+    torch.library.opcheck(torch.ops.staged_fast.linear_cross_entropy_loss.default, (h, w, t, -100), test_utils=utils)
