@@ -27,6 +27,10 @@ class LayerNorm(nn.Module):
     def forward(self, x):
         return kernels.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
 
+    def forward_residual(self, x, residual):
+        """(norm(x + residual), x + residual), one memory pass on the Triton path."""
+        return kernels.layer_norm_residual(x, residual, self.weight, self.bias, self.eps, self.backend)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -69,8 +73,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        h, x = self.ln_2.forward_residual(self.attn(self.ln_1(x)), x)  # x += attn(...); h = ln_2(x)
+        return x + self.mlp(h)
 
 
 class GPT(nn.Module):

@@ -54,6 +54,14 @@ def layer_norm(x, weight, bias, eps: float, backend: str = "torch"):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def layer_norm_residual(x, residual, weight, bias, eps: float, backend: str = "torch"):
+    """(LayerNorm(x + residual), x + residual): the residual add fused into the norm on the Triton path."""
+    if backend == "triton":
+        return _triton_module("layernorm", x.device).layer_norm_residual(x, residual, weight, bias, eps)
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
 def causal_attention(q, k, v, dropout_p: float = 0.0, backend: str = "torch"):
     """Causal self-attention on (B, nh, T, hs) tensors, softmax scale 1/sqrt(hs)."""
     if backend == "triton":
