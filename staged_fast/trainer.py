@@ -197,14 +197,17 @@ class Trainer:
         self.last_val_loss = st.get("last_val_loss")
         self.growth_log = list(st.get("growth_log", []))
         self.sampler.load_state_dict(st["sampler"])
-        just_grown = st.get("grown_at_iteration") == self.iteration
+        # grown by train --doubling (grown_at_iteration) or by `python -m staged_fast.grow` (grown_from;
+        # the trainer does not carry that key into later checkpoints, so its presence means "not trained since")
+        just_grown = st.get("grown_at_iteration") == self.iteration or "grown_from" in st
+        grown_op = st.get("grown_with_op") or st.get("grown_from", {}).get("op", "width")
         if a.restart_steps is not None and not a.doubling and not (a.grow_at or a.schedule or a.grow_when):
             if not just_grown:
                 raise UsageError(
                     "--restart_steps on a resume moves the step counter back; that is only meant for the first "
                     "resume of a freshly grown checkpoint, and this one was not just grown. Drop --restart_steps."
                 )
-            r = self._restart_value(st.get("grown_with_op", "width"), self.step)
+            r = self._restart_value(grown_op, self.step)
             self.step = r
             self.schedule.restart(r, a.restart_warmup_steps)
             self.log(f"step counter restarted at {r}, LR ramp over {a.restart_warmup_steps} steps")

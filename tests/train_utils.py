@@ -13,7 +13,8 @@ TINY = [
 
 
 def train(run_dir: Path, cache: str, *extra: str) -> int:
-    return main([*TINY, "--save_prefix", str(run_dir), "--cache_dir", cache, *extra])
+    base = TINY[2:] if "--schedule" in extra else TINY  # a plan sets the size itself
+    return main([*base, "--save_prefix", str(run_dir), "--cache_dir", cache, *extra])
 
 
 def losses(run_dir: Path) -> list[float]:
