@@ -14,9 +14,9 @@ GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "appe
 # What `python -m staged_fast.train` with no arguments runs: a tiny model on the bundled corpus that
 # doubles its width halfway, a few minutes on 2 CPU cores.
 DEMO_ARGV = [
-    "--size", "tiny_div2_width", "--train_steps", "300", "--warmup_steps", "30",
-    "--batch_size", "8", "--seqlen", "128", "--val_every", "50", "--val_batches", "4",
-    "--log_rate", "10", "--grow_at", "150", "--grow_ops", "width", "--restart_steps", "auto",
+    "--size", "tiny_div2_width", "--train_steps", "240", "--warmup_steps", "24",
+    "--batch_size", "8", "--seqlen", "64", "--val_every", "40", "--val_batches", "4",
+    "--log_rate", "10", "--grow_at", "120", "--grow_ops", "width", "--restart_steps", "auto",
     "--restart_warmup_steps", "10",
 ]
 

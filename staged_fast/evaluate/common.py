@@ -30,6 +30,19 @@ class InputError(ValueError):
     """
 
 
+def load_hub_texts(hub: tuple[str, str], *, what: str, fix: str) -> list[str]:
+    """The `text` column of a hub dataset's test split, or an InputError that says how to work offline."""
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(*hub, split="test")["text"])
+    except Exception as e:  # offline, hub errors, missing cache: many exception types
+        raise InputError(
+            f"could not load {what} from the Hugging Face hub ({describe(e)}). Fix: go online once (the "
+            f"dataset is cached afterwards), or {fix}"
+        ) from e
+
+
 def pick_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

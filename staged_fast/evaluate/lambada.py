@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .common import InputError, autocast, describe, read_jsonl_texts
+from .common import InputError, autocast, load_hub_texts, read_jsonl_texts
 
 HUB_DATASET = ("EleutherAI/lambada_openai", "default")  # load_dataset(*HUB_DATASET, split="test")
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -36,16 +36,8 @@ def load_lambada(data_file: str | None = None) -> tuple[list[str], str]:
     """The passages of LAMBADA's OpenAI test set (or of `data_file`, a jsonl of {"text": ...})."""
     if data_file is not None:
         return read_jsonl_texts(data_file, what="LAMBADA"), str(Path(data_file).expanduser())
-    try:
-        from datasets import load_dataset
-
-        rows = load_dataset(*HUB_DATASET, split="test")["text"]
-    except Exception as e:  # offline, hub errors, missing cache: many exception types
-        raise InputError(
-            f"could not load LAMBADA (OpenAI) from the Hugging Face hub ({describe(e)}). Fix: go "
-            f"online once (the dataset is cached afterwards), or download {OPENAI_URL} and pass it with "
-            f"--data_file lambada_test.jsonl."
-        ) from e
+    rows = load_hub_texts(HUB_DATASET, what="LAMBADA (OpenAI)",
+                          fix=f"download {OPENAI_URL} and pass it with --data_file lambada_test.jsonl.")
     return list(rows), f"hub:{HUB_DATASET[0]}:test"
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .common import InputError, autocast, describe, read_jsonl_texts
+from .common import InputError, autocast, load_hub_texts, read_jsonl_texts
 
 HUB_DATASET = ("wikitext", "wikitext-103-raw-v1")  # load_dataset(*HUB_DATASET, split="test")
 
@@ -33,16 +33,8 @@ def load_wikitext(data_file: str | None = None) -> tuple[list[str], str]:
     `.parquet` file with a `text` column (the HF hub's own files).
     """
     if data_file is None:
-        try:
-            from datasets import load_dataset
-
-            rows = load_dataset(*HUB_DATASET, split="test")["text"]
-        except Exception as e:  # offline, hub errors, missing cache: many exception types
-            raise InputError(
-                f"could not load WikiText-103 test from the Hugging Face hub ({describe(e)}). Fix: "
-                f"go online once (the dataset is cached afterwards), or pass --data_file with a local copy: "
-                f"wiki.test.raw from the WikiText-103 raw zip, or the hub's test parquet file."
-            ) from e
+        rows = load_hub_texts(HUB_DATASET, what="WikiText-103 test", fix="pass --data_file with a local copy: "
+                              "wiki.test.raw from the WikiText-103 raw zip, or the hub's test parquet file.")
         return list(rows), f"hub:{'/'.join(HUB_DATASET)}:test"
     path = Path(data_file).expanduser()
     if not path.is_file():
