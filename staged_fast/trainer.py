@@ -48,11 +48,11 @@ class Trainer:
         self.plan = self._load_plan()
         self.last_saved_iteration, self.last_saved_path = None, None
 
+        self.backend = resolve_backend(args.kernels, self.device)  # first: may switch on Triton's interpreter
         ckpt = self._load_resume_checkpoint()
         self._check_run_dir(ckpt)
         self._build_data()
         self.config = self._decide_config(ckpt)
-        self.backend = resolve_backend(args.kernels, self.device)
         self._build_model_and_optimizer(ckpt)
         self._build_schedule_and_state(ckpt)
         self.pending_growths = self._growth_events()
@@ -359,6 +359,10 @@ class Trainer:
         old_shape = self.config.shape_str()
         restart = self._restart_value(op, self.step, restart_step)
         warmup = a.restart_warmup_steps if restart_warmup_steps is None else restart_warmup_steps
+        if op == "width" and a.width_noise == 0 and self.config.dropout == 0 and self.config.attn_dropout == 0:
+            self.log("warning: width growth with dropout 0 and --width_noise 0: the two halves get identical "
+                     "gradients and stay identical, so the grown model keeps the small one's capacity; pass "
+                     "--width_noise (e.g. 0.01, still function-preserving) or keep dropout on")
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iteration)
         model, optimizer = grow_model(
             self.model, self.optimizer, op, width_noise=a.width_noise, generator=generator, optimizer_step=restart

@@ -61,3 +61,19 @@ def test_torchrun_two_ranks_match_single_process_with_double_accumulation(tmp_pa
     assert v1 and len(v1) == len(v2)
     ck = load_checkpoint(list_checkpoints(tmp_path / "two")[-1])
     assert ck.trainer_state["world_size"] == 2 and len(ck.trainer_state["rng"]) == 2
+
+
+def test_cli_kernels_triton_on_cpu_tracks_torch(tmp_path, data_cache):
+    """`--kernels triton` from a fresh process (no TRITON_INTERPRET set) switches on the interpreter before
+    anything imports Triton, and its losses track the torch path's."""
+    common = ["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--warmup_steps", "1", "--log_rate", "1",
+              "--train_steps", "3", "--dropout", "0", "--val_every", "100", "--val_batches", "1", "--no_progress",
+              "--cache_dir", data_cache, "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for backend in ("torch", "triton"):
+        proc = subprocess.run([sys.executable, "-m", "staged_fast.train", *common, "--kernels", backend,
+                               "--save_prefix", str(tmp_path / backend)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TRITON_INTERPRET=1" in proc.stderr  # said once, not silent
+    for a, b in zip(losses(tmp_path / "torch"), losses(tmp_path / "triton")):
+        assert abs(a - b) < 1e-4, (losses(tmp_path / "torch"), losses(tmp_path / "triton"))

@@ -33,18 +33,30 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         raise ValueError(f"Unknown --kernels {name!r}; choose one of {', '.join(BACKENDS)}.")
     if name == "auto":
         return "triton" if torch.device(device).type == "cuda" else "torch"
+    if name == "triton" and torch.device(device).type == "cpu":
+        _enable_interpreter()
     return name
+
+
+def _enable_interpreter() -> None:
+    """Triton fixes interpreted vs compiled when `triton.language` is imported (its own tl.sum etc. are
+    jit functions), so the switch must come before anything imports triton (torch's fused AdamW does)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    if "triton.language" in sys.modules:
+        raise RuntimeError(
+            "--kernels triton on CPU needs Triton's interpreter, but Triton was already imported in compiled "
+            "mode by this process. Set TRITON_INTERPRET=1 in the environment before starting it."
+        )
+    warnings.warn("--kernels triton on CPU: running the Triton kernels under TRITON_INTERPRET=1 (slow, for checking).")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _triton_module(name: str, device: torch.device):
     """Import staged_fast.kernels.<name>; on CPU enable the Triton interpreter before the first import."""
     full = f"{__name__}.{name}"
-    if full not in sys.modules and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        warnings.warn(
-            "--kernels triton on CPU: running the Triton kernels under TRITON_INTERPRET=1 (slow, for checking).",
-            stacklevel=3,
-        )
-        os.environ["TRITON_INTERPRET"] = "1"
+    if full not in sys.modules and device.type == "cpu":
+        _enable_interpreter()
     return importlib.import_module(full)
 
 
