@@ -1,5 +1,7 @@
 """The index maps drive everything: the torch.cat reference and the fused C++ kernels must equal the
 element-by-element definition (index_maps.apply_gather) bit for bit, on every parameter kind."""
+import os
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ CASES = [
     ("transformer.h.1.mlp.c_proj.weight", (13, 52), 13),
     ("transformer.h.1.mlp.c_proj.weight", (1, 1), 1),
 ]
-needs_ext = pytest.mark.skipif(not ops.extension_available("cpu"), reason="staged_fast._C not built")
+needs_ext = pytest.mark.skipif(os.environ.get("STAGED_FAST_NO_EXT") == "1",
+                               reason="installed with STAGED_FAST_NO_EXT=1 (no C++ extension); CI builds it and runs these")
 
 
 def _rand(shape, dtype, seed):

@@ -25,7 +25,7 @@ def test_flops_per_token_formula():
 
 
 def test_non_embedding_params_match_model():
-    torch = pytest.importorskip("torch")
+    import torch
     from staged_fast.config import GPTConfig
     from staged_fast.model import GPT
 
@@ -105,7 +105,6 @@ def test_compare_growth_constant_op():
 
 
 def test_table_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     direct = _curve(1e6, [5.0, 4.0, 3.5, 3.2, 3.0])
     staged = _curve(5e5, [5.2, 4.5, 3.6, 3.1, 2.95])
     ev = [dict(event="growth", op="width", iteration=20, step_before=20, step_after=11, loss_before=4.5,
@@ -120,7 +119,6 @@ def test_table_and_plot(tmp_path):
 
 
 def test_plan_ends_at_direct_horizon(tmp_path):
-    pytest.importorskip("scipy")
     plan = svd.make_plan("tiny", 300, tmp_path / "plan.json")
     assert abs(plan["final_schedule_step"] - 300) <= 1
     assert plan["growths"][0]["op"] == "width" and plan["stages"][0]["n_embd"] == 64
