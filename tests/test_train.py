@@ -14,8 +14,9 @@ from train_utils import losses, train
 
 def test_tiny_model_learns(tmp_path, data_cache):
     assert train(tmp_path / "run", data_cache, "--train_steps", "100", "--warmup_steps", "10",
-                 "--dropout", "0", "--lr", "3e-3") == 0
+                 "--dropout", "0", "--lr", "3e-3", "--tensorboard") == 0
     curve = losses(tmp_path / "run")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(curve) == 100
     first, last = sum(curve[:5]) / 5, sum(curve[-10:]) / 10
     assert first > 10.0  # ~ln(50257) at init
