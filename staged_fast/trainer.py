@@ -212,6 +212,9 @@ class Trainer:
             r = self._restart_value(grown_op, self.step)
             self.step = r
             self.schedule.restart(r, a.restart_warmup_steps)
+            for state in self.optimizer.state.values():  # Adam's bias correction follows the counter, as in-memory
+                if "step" in state:
+                    state["step"] = torch.full_like(state["step"], float(r)) if torch.is_tensor(state["step"]) else r
             self.log(f"step counter restarted at {r}, LR ramp over {a.restart_warmup_steps} steps")
 
     def _growth_events(self) -> list[GrowthEvent]:

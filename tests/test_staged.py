@@ -82,6 +82,8 @@ def test_seed_workflow_grow_cli_then_resume_with_restart(tmp_path, data_cache):
     ups = _updates(cont)
     assert [u["step"] for u in ups] == [4, 5, 6, 7, 8]
     assert ups[0]["lr"] == 0.0 and ups[0]["n_embd"] == 128
+    ck = load_checkpoint(list_checkpoints(cont)[-1])
+    assert {float(s["step"]) for s in ck.optimizer_state["state"].values()} == {8.0}  # Adam's count = R + 5
 
 
 def test_plan_drives_growth(tmp_path, data_cache):
