@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,15 +22,8 @@ from .kernels import resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, device_peak_flops, flops_per_token
 from .model import GPT
-from .train_args import UsageError, growth_ops, model_config, peak_lr
-
-
-@dataclass
-class GrowthEvent:
-    iteration: int  # grow once this many updates are done
-    op: str
-    restart_step: int | str | None = None  # None: take --restart_steps
-    restart_warmup_steps: int | None = None  # None: take --restart_warmup_steps
+from .growth_schedule import GrowthSchedule, load_plan
+from .train_args import UsageError, model_config, peak_lr
 
 
 class Trainer:
@@ -45,7 +37,7 @@ class Trainer:
         self.last_val_loss = None
         self.growth_log: list[dict] = []
         self.stop_requested = False
-        self.plan = self._load_plan()
+        self.plan = load_plan(args, log)
         self.last_saved_iteration, self.last_saved_path = None, None
 
         self.backend = resolve_backend(args.kernels, self.device)  # first: may switch on Triton's interpreter
@@ -55,9 +47,10 @@ class Trainer:
         self.config = self._decide_config(ckpt)
         self._build_model_and_optimizer(ckpt)
         self._build_schedule_and_state(ckpt)
-        self.pending_growths = self._growth_events()
-        self.next_growth = 0 if ckpt is None else ckpt.trainer_state.get("next_growth", 0)
-        self.slope_trigger = self._make_slope_trigger(ckpt)
+        self.growths = GrowthSchedule(
+            args, self.plan, n_params=self.config.n_params_non_embedding, batch_tokens=self.tokens_per_step,
+            state=None if ckpt is None else ckpt.trainer_state,
+        )
 
         amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.autocast = (
@@ -217,64 +210,6 @@ class Trainer:
                     state["step"] = torch.full_like(state["step"], float(r)) if torch.is_tensor(state["step"]) else r
             self.log(f"step counter restarted at {r}, LR ramp over {a.restart_warmup_steps} steps")
 
-    def _growth_events(self) -> list[GrowthEvent]:
-        a = self.args
-        if a.grow_at:
-            return [GrowthEvent(int(s), op) for s, op in zip(a.grow_at.split(","), growth_ops(a))]
-        if self.plan is not None:
-            return [
-                GrowthEvent(g["at_run_step"], g["op"], g["restart_step"], g["restart_warmup_steps"])
-                for g in self.plan.growths()
-            ]
-        return []
-
-    def _load_plan(self):
-        """--schedule plan.json fixes the start size, the growths and the schedule's length."""
-        if not self.args.schedule:
-            return None
-        from .schedule import Plan
-
-        try:
-            plan = Plan.from_json(self.args.schedule)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(
-                f"--schedule {self.args.schedule}: not a readable plan ({e}). Make one with "
-                f"`python -m staged_fast.schedule plan --target SIZE --ops width --out plan.json`."
-            ) from e
-        first = plan.stages[0]
-        a = self.args
-        if a.size is not None and not a.resume:
-            asked = model_config(a, vocab_size=50257)
-            if (asked.n_layer, asked.n_embd, asked.n_head) != (first.n_layer, first.n_embd, first.n_head):
-                raise UsageError(
-                    f"--size {a.size} contradicts the plan, which starts at {first.n_layer}L/{first.n_embd}d/"
-                    f"{first.n_head}H; drop --size (the plan sets it)."
-                )
-        a.size, a.n_layer, a.n_embd, a.n_head = None, first.n_layer, first.n_embd, first.n_head
-        final = plan.to_dict()["final_schedule_step"]
-        self.log(f"plan {a.schedule}: {len(plan.growths())} growth(s); --train_steps set to the plan's final "
-                 f"schedule step {final}")
-        a.train_steps = final
-        return plan
-
-    def _make_slope_trigger(self, ckpt):
-        if self.args.grow_when != "slope":
-            return None
-        from .schedule import SlopeTrigger, threshold_for
-
-        ops = growth_ops(self.args)
-        op = ops[min(self.next_growth, len(ops) - 1)]
-        # smooth_x: an evaluation dropped as a spike must not make the rule fire early (docs/schedule.md)
-        trigger = SlopeTrigger(
-            threshold_for(op), n_params=self.config.n_params_non_embedding,
-            batch_tokens=self.tokens_per_step, smooth_x=True,
-        )
-        if ckpt is not None and "slope_points" in ckpt.trainer_state:
-            for step, loss in ckpt.trainer_state["slope_points"]:
-                trigger.update(step, loss)
-        self.slope_points = [] if ckpt is None else list(ckpt.trainer_state.get("slope_points", []))
-        return trigger
-
     def _restore_rng(self, ckpt) -> None:
         states = ckpt.trainer_state.get("rng", [])
         if len(states) == self.dist.world_size:
@@ -390,9 +325,7 @@ class Trainer:
         self.growth_log.append(event)
         self.metrics.log(event)
         self.grown_at_iteration, self.grown_with_op = self.iteration, op
-        if self.slope_trigger is not None:
-            self.slope_trigger.reset(self.config.n_params_non_embedding)
-            self.slope_points = []
+        self.growths.grown(self.config.n_params_non_embedding)
         self.log(
             f"grew {old_shape} -> {self.config.shape_str()} ({op}) at update {self.iteration}: "
             f"val-batch loss {before:.4f} -> {after:.4f}, step counter {step_before} -> {self.step}"
@@ -413,32 +346,13 @@ class Trainer:
             raise RuntimeError(f"ranks disagree after growth (weight/state checksums {prints}); this is a bug.")
 
     def maybe_grow(self) -> None:
-        a = self.args
-        if self.next_growth < len(self.pending_growths):
-            event = self.pending_growths[self.next_growth]
-            if self.iteration >= event.iteration:
-                self.next_growth += 1
-                self.grow(event.op, event.restart_step, event.restart_warmup_steps)
-        elif self.slope_trigger is not None and self._slope_fired:
-            ops = growth_ops(a)
-            if self.next_growth < len(ops):
-                op = ops[self.next_growth]
-                self.next_growth += 1
-                self._slope_fired = False
-                self.grow(op)
-                if self.next_growth < len(ops):
-                    from .schedule import threshold_for
-
-                    self.slope_trigger.threshold = threshold_for(ops[self.next_growth])
-
-    _slope_fired = False
+        req = self.growths.due(self.iteration)
+        if req is not None:
+            self.grow(req.op, req.restart_step, req.restart_warmup_steps)
 
     def on_validation(self, val_loss: float) -> None:
         self.last_val_loss = val_loss
-        if self.slope_trigger is not None and self.next_growth < len(growth_ops(self.args)):
-            self.slope_points.append((self.step, val_loss))
-            if self.slope_trigger.update(self.step, val_loss):
-                self._slope_fired = True
+        self.growths.observe(self.step, val_loss)
 
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
@@ -446,13 +360,11 @@ class Trainer:
         state = dict(
             step=self.step, iteration=self.iteration, tokens=self.tokens, sampler=self.sampler.state_dict(),
             schedule=self.schedule.state_dict(), rng=D.gather_objects(rng, self.dist), scaler=self.scaler.state_dict(),
-            last_val_loss=self.last_val_loss, growth_log=self.growth_log, next_growth=self.next_growth,
-            args=vars(self.args), world_size=self.dist.world_size,
+            last_val_loss=self.last_val_loss, growth_log=self.growth_log, args=vars(self.args),
+            world_size=self.dist.world_size, **self.growths.state_dict(),
         )
         if getattr(self, "grown_at_iteration", None) is not None:
             state.update(grown_at_iteration=self.grown_at_iteration, grown_with_op=self.grown_with_op)
-        if self.slope_trigger is not None:
-            state["slope_points"] = self.slope_points
         return state
 
     def save(self) -> Path | None:

@@ -112,13 +112,13 @@ def test_slope_trigger_wiring_grows_when_rule_fires(tmp_path, data_cache):
                        "--grow_ops", "width", "--save_prefix", str(tmp_path / "run"), "--cache_dir", data_cache,
                        "--device", "cpu", "--no_progress"])
     trainer = Trainer(args, D.DistInfo())
-    assert trainer.slope_trigger is not None and args.restart_steps == "auto"
+    assert trainer.growths.trigger is not None and args.restart_steps == "auto"
     fired_at = None
     # a synthetic curve: power law that flattens; feed it until the trigger fires
     for i, step in enumerate(range(10, 2000, 10)):
         trainer.step = step
         trainer.on_validation(10.0 * step ** -0.5 + 3.0)
-        if trainer._slope_fired:
+        if trainer.growths.fired:
             fired_at = step
             break
     assert fired_at is not None
