@@ -268,20 +268,20 @@ def run_main(argv, capsys):
 def test_missing_data_file(random_ckpt, tmp_path, capsys):
     code, err = run_main(["wikitext", "--checkpoint", str(random_ckpt), "--data_file", str(tmp_path / "no.raw")],
                          capsys)
-    assert code == 1 and "no such file" in err and "Fix" in err
+    assert code == 2 and "no such file" in err and "Fix" in err
 
 
 def test_jsonl_without_text_field(random_ckpt, capsys):
     code, err = run_main(["lambada", "--checkpoint", str(random_ckpt),
                           "--data_file", str(FIXTURES / "lambada_no_text.jsonl")], capsys)
-    assert code == 1 and "no string field 'text'" in err and "'passage'" in err
+    assert code == 2 and "no string field 'text'" in err and "'passage'" in err
 
 
 def test_jsonl_not_json(random_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("this is not json\n")
     code, err = run_main(["lambada", "--checkpoint", str(random_ckpt), "--data_file", str(bad)], capsys)
-    assert code == 1 and "line 1 is not valid JSON" in err
+    assert code == 2 and "line 1 is not valid JSON" in err
 
 
 def test_checkpoint_of_unknown_format(tmp_path, capsys):
@@ -289,29 +289,29 @@ def test_checkpoint_of_unknown_format(tmp_path, capsys):
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"\0" * 16)
     code, err = run_main(["lambada", "--checkpoint", str(folder), "--data_file", str(LAMBADA)], capsys)
-    assert code == 1 and "not a staged_fast checkpoint" in err and "Hugging Face" in err
+    assert code == 2 and "not a staged_fast checkpoint" in err and "Hugging Face" in err
     code, err = run_main(["lambada", "--checkpoint", str(folder / "weights.bin"), "--data_file", str(LAMBADA)],
                          capsys)
-    assert code == 1 and "is a file" in err
+    assert code == 2 and "is a file" in err
 
 
 def test_missing_checkpoint(tmp_path, capsys):
     code, err = run_main(["wikitext", "--checkpoint", str(tmp_path / "a" / "b"), "--data_file", str(WIKITEXT)],
                          capsys)
-    assert code == 1 and "no such folder" in err
+    assert code == 2 and "no such folder" in err
 
 
 def test_context_longer_than_model(random_ckpt, capsys):
     code, err = run_main(["wikitext", "--checkpoint", str(random_ckpt), "--data_file", str(WIKITEXT),
                           "--context", "1024"], capsys)
-    assert code == 1 and "n_positions (64)" in err
+    assert code == 2 and "n_positions (64)" in err
 
 
 def test_cli_exit_code_in_a_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "staged_fast.evaluate", "lambada", "--checkpoint",
                            str(tmp_path / "nowhere" / "x"), "--data_file", str(LAMBADA)],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
@@ -332,4 +332,4 @@ def test_wikitext_data_file_formats_agree(tmp_path):
 def test_stride_larger_than_context(random_ckpt, capsys):
     code, err = run_main(["wikitext", "--checkpoint", str(random_ckpt), "--data_file", str(WIKITEXT),
                           "--context", "32", "--stride", "33"], capsys)
-    assert code == 1 and "--stride 33" in err
+    assert code == 2 and "--stride 33" in err

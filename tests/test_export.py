@@ -72,21 +72,21 @@ def test_export_cli_and_bad_input(tmp_path, capsys):
     out = tmp_path / "hf"
     assert run_cli(main, [str(ckpt.parent), "--out", str(out)]) == 0  # a run folder: its newest checkpoint
     assert "lm_eval --model hf" in capsys.readouterr().out
-    assert run_cli(main, [str(ckpt), "--out", str(out)]) == 1  # not empty
+    assert run_cli(main, [str(ckpt), "--out", str(out)]) == 2  # not empty
     assert "--overwrite" in capsys.readouterr().err
     assert run_cli(main, [str(ckpt), "--out", str(out), "--overwrite"]) == 0
-    assert run_cli(main, [str(ckpt), "--out", str(ckpt)]) == 1  # would clobber a checkpoint
-    assert run_cli(main, [str(tmp_path / "missing" / "ckpt"), "--out", str(tmp_path / "o")]) == 1
+    assert run_cli(main, [str(ckpt), "--out", str(ckpt)]) == 2  # would clobber a checkpoint
+    assert run_cli(main, [str(tmp_path / "missing" / "ckpt"), "--out", str(tmp_path / "o")]) == 2
     assert "no such folder" in capsys.readouterr().err
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "model.pt").write_bytes(b"\0")
-    assert run_cli(main, [str(unknown), "--out", str(tmp_path / "o2")]) == 1
+    assert run_cli(main, [str(unknown), "--out", str(tmp_path / "o2")]) == 2
     assert "not a staged_fast checkpoint" in capsys.readouterr().err
 
 
 def test_export_rejects_a_too_small_vocab(tmp_path, capsys):
     _, ckpt = saved(tmp_path, vocab_size=1000)
-    assert run_cli(main, [str(ckpt), "--out", str(tmp_path / "hf")]) == 1
+    assert run_cli(main, [str(ckpt), "--out", str(tmp_path / "hf")]) == 2
     assert "vocabulary has only 1000" in capsys.readouterr().err
     assert run_cli(main, [str(ckpt), "--out", str(tmp_path / "hf2"), "--no_tokenizer"]) == 0

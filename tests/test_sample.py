@@ -135,6 +135,6 @@ def test_sample_cli(tmp_path, capsys):
     assert len(texts) == 2 and all(t.startswith("The lighthouse") for t in texts)
     assert main(argv) == texts  # same seed, same samples
     assert "sample 2/2" in capsys.readouterr().out
-    assert run_cli(main, ["--checkpoint", str(tmp_path / "x" / "y"), "--prompt", "a"]) == 1
-    assert run_cli(main, ["--checkpoint", str(ckpt), "--top_p", "1.5"]) == 1
+    assert run_cli(main, ["--checkpoint", str(tmp_path / "x" / "y"), "--prompt", "a"]) == 2
+    assert run_cli(main, ["--checkpoint", str(ckpt), "--top_p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err

@@ -173,10 +173,10 @@ def write_json(result: dict, path: str | None) -> None:
 
 
 def run_cli(main_fn, argv=None) -> int:
-    """Run `main_fn(argv)`; bad input becomes `error: <message>` on stderr and exit code 1."""
+    """Run `main_fn(argv)`; bad input becomes `error: <message>` on stderr and exit code 2 (as train and grow)."""
     try:
         main_fn(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
