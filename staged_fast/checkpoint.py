@@ -1,6 +1,6 @@
 """Atomic, verifiable training checkpoints.
 
-A checkpoint is a folder `<save_dir>/step_XXXXXXXX/`:
+A checkpoint is a folder `<save_dir>/step_<8-digit update>/`:
   model.safetensors   the model's weights (our names; the tied lm_head is not stored twice)
   optimizer.pt        AdamW state_dict and the parameter names in its order (absent if not saved)
   trainer.pt          step, tokens, sampler position, scheduler and RNG states, run arguments
@@ -164,7 +164,7 @@ def resolve_checkpoint(path: str | os.PathLike, save_dir: str | os.PathLike | No
     if found:
         return found[-1]
     raise CheckpointError(
-        f"{p} is not a staged_fast checkpoint (no meta.json) and holds none. Give a step_XXXXXXXX folder "
+        f"{p} is not a staged_fast checkpoint (no meta.json) and holds none. Give a step_<8-digit update> folder "
         f"written by staged_fast.train, its run folder, or 'latest' with --save_prefix."
     )
 

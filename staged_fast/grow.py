@@ -4,7 +4,7 @@
     python -m staged_fast.grow runs/small --op depth --depth_mode alternate_id --out runs/deep
     python -m staged_fast.grow runs/small --op width --width_noise 1e-3 --seed 1 --target GPT2_large --out runs/big
 
-Writes a checkpoint NEW/step_XXXXXXXX (same step, trainer state carried over, the grown model and
+Writes a checkpoint NEW/step_<8-digit update> (same step, trainer state carried over, the grown model and
 AdamW state) that `python -m staged_fast.train --resume NEW` continues from; --restart_steps and
 --restart_warmup_steps are applied by train on resume. Without optimizer state in CKPT the weights grow
 alone (it says so). The step counter of the Adam state can be overridden with --optimizer_step.
@@ -26,7 +26,7 @@ from .growth.index_maps import DEPTH_MODES
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m staged_fast.grow", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a step_XXXXXXXX folder written by staged_fast.train, or its run folder (newest)")
+    p.add_argument("checkpoint", help="a step_<8-digit update> folder written by staged_fast.train, or its run folder (newest)")
     p.add_argument("--op", choices=("width", "depth"), required=True, help="double the width or the depth")
     p.add_argument("--depth_mode", choices=DEPTH_MODES, default="alternate_id",
                    help="depth growth: where the inserted layers go (alternate/append) and what they hold "

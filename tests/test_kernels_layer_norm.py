@@ -2,17 +2,14 @@
 
 Runs on CUDA when available (kernels compiled), else on CPU under TRITON_INTERPRET=1 (small shapes).
 """
-import os
-
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
 
-from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs  # noqa: E402
-from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference, layer_norm_residual  # noqa: E402
+from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs
+from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference, layer_norm_residual
 
 DEVICE = "cuda" if CUDA else "cpu"
 ROWS = (4, 1023) if CUDA else (2, 37)  # 74 rows on CPU: not a multiple of the backward's row groups

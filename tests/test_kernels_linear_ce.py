@@ -2,18 +2,15 @@
 
 Runs on CUDA when available (kernels compiled, GPT-2 vocab), else on CPU under TRITON_INTERPRET=1.
 """
-import os
-
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
 
-from staged_fast.kernels import linear_cross_entropy  # noqa: E402
-from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs  # noqa: E402
-from staged_fast.kernels.fused_linear_ce import (  # noqa: E402
+from staged_fast.kernels import linear_cross_entropy
+from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs
+from staged_fast.kernels.fused_linear_ce import (
     fused_linear_cross_entropy,
     linear_cross_entropy_forward,
     linear_cross_entropy_reference,

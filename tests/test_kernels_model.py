@@ -4,17 +4,14 @@ Same init, same batches, dropout 0 (with dropout the two backends draw different
 kernels run under TRITON_INTERPRET=1; on CUDA they are compiled and the model is bigger.
 """
 import copy
-import os
-
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
 
-from staged_fast.config import GPTConfig  # noqa: E402
-from staged_fast.model import GPT  # noqa: E402
+from staged_fast.config import GPTConfig
+from staged_fast.model import GPT
 
 DEVICE = "cuda" if CUDA else "cpu"
 STEPS = 30

@@ -1,6 +1,6 @@
 """`python -m staged_fast.evaluate {wikitext,lambada} --checkpoint PATH ...`: score a checkpoint.
 
-PATH: a staged_fast checkpoint (step_XXXXXXXX folder or run folder, grown or not), a Hugging Face GPT-2
+PATH: a staged_fast checkpoint (step_<8-digit update> folder or run folder, grown or not), a Hugging Face GPT-2
 folder (e.g. from `python -m staged_fast.export`), or a hub name such as `gpt2` (needs network).
 Prints a result table; `--out result.json` also writes it as JSON.
 """

@@ -63,12 +63,12 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
     p = Path(path).expanduser()
     if not p.exists() and (str(path).count("/") > 1 or str(path).startswith((".", "/", "~"))):
         raise InputError(
-            f"--checkpoint {path}: no such folder. Fix: check the path; give a step_XXXXXXXX folder or run folder "
+            f"--checkpoint {path}: no such folder. Fix: check the path; give a step_<8-digit update> folder or run folder "
             f"written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
         )
     if p.is_file():
         raise InputError(
-            f"--checkpoint {path} is a file; checkpoints are folders. Fix: pass the step_XXXXXXXX folder (or its "
+            f"--checkpoint {path} is a file; checkpoints are folders. Fix: pass the step_<8-digit update> folder (or its "
             f"run folder) written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
         )
     try:
@@ -82,7 +82,7 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
         where = "a local folder" if p.exists() else "not a local path, and loading it as a hub model name failed"
         raise InputError(
             f"could not load --checkpoint {path} ({where}): {describe(e)}. Fix: pass a staged_fast "
-            f"checkpoint (step_XXXXXXXX folder or run folder), or a Hugging Face GPT2LMHeadModel folder; hub "
+            f"checkpoint (step_<8-digit update> folder or run folder), or a Hugging Face GPT2LMHeadModel folder; hub "
             f"names such as 'gpt2' need network access to huggingface.co or a filled HF cache."
         ) from e
     return model.eval()
