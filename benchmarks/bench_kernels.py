@@ -48,7 +48,7 @@ if DEVICE.type == "cpu":
 
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, write_json  # noqa: E402
+from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, time_kernel, write_json  # noqa: E402
 from staged_fast.kernels._common import assert_within_torch_error  # noqa: E402
 from staged_fast.kernels.attention import flash_attention, flash_attention_reference  # noqa: E402
 from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference  # noqa: E402
@@ -79,7 +79,19 @@ def _liger():
 LIGER_LN, LIGER_FLCE = _liger()
 
 
-# ---- peaks measured in this run ----
+# ---- peaks measured in this run, and the card's specification ----
+
+# HBM bandwidth from the vendors' datasheets, bytes/s; matched in order against the device name.
+SPEC_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("GH200", 4.0e12),
+                  ("H200", 4.8e12), ("A100", 2.0e12))
+
+
+def spec_bandwidth() -> float | None:
+    if CPU:
+        return None
+    name = torch.cuda.get_device_name(DEVICE)
+    return next((bw for key, bw in SPEC_BANDWIDTH if key in name), None)
+
 
 
 def measure_peaks() -> dict:
@@ -109,12 +121,12 @@ def _as_tuple(x):
 def time_modes(fn, inputs, grads_out) -> dict:
     """Median ms of fwd (grad enabled, as in training), bwd alone (retain_graph) and fwd+bwd."""
     outs = _as_tuple(fn())
-    fwd = time_fn(fn, device=DEVICE, warmup=WARMUP, reps=REPS)
-    bwd = time_fn(lambda: torch.autograd.grad(outs, inputs, grads_out, retain_graph=True),
-                  device=DEVICE, warmup=WARMUP, reps=REPS)
+    fwd = time_kernel(fn, device=DEVICE, warmup=WARMUP, reps=REPS)
+    bwd = time_kernel(lambda: torch.autograd.grad(outs, inputs, grads_out, retain_graph=True),
+                      device=DEVICE, warmup=WARMUP, reps=REPS)
     del outs
-    both = time_fn(lambda: torch.autograd.grad(_as_tuple(fn()), inputs, grads_out),
-                   device=DEVICE, warmup=WARMUP, reps=REPS)
+    both = time_kernel(lambda: torch.autograd.grad(_as_tuple(fn()), inputs, grads_out),
+                       device=DEVICE, warmup=WARMUP, reps=REPS)
     return {"fwd": fwd.median_ms, "bwd": bwd.median_ms, "fwd+bwd": both.median_ms}
 
 
@@ -134,12 +146,14 @@ def validate(name, fn, torch_fn, ref_fn, inputs, grads_out) -> None:
 
 def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, extra=None):
     """One row per mode; `work(mode)` is bytes (GB/s) or FLOPs (TFLOP/s) of that mode;
-    baseline: (name, its times) for the speedup column."""
+    baseline: (name, its times) for the speedup column. GB/s rows also get frac_spec (the card's
+    datasheet bandwidth) beside frac_peak (the copy bandwidth measured in this run)."""
     scale = 1e9 if unit == "GB/s" else 1e12
+    spec = spec_bandwidth() if unit == "GB/s" else None
     for mode, ms in times.items():
         rate = work(mode) / (ms * 1e-3)
         row = {"kernel": kernel, "shape": shape, "impl": impl, "mode": mode, "ms": ms,
-               unit: rate / scale, "frac_peak": rate / peak}
+               unit: rate / scale, "frac_peak": rate / peak, "frac_spec": rate / spec if spec else None}
         if baseline is not None:
             row["vs"], row["speedup"] = baseline[0], baseline[1][mode] / ms
         row.update(extra or {})
@@ -185,10 +199,11 @@ def bench_layer_norm(rows, peaks):
             add_rows(rows, "layer_norm", shape, impl, times, traffic.get, "GB/s", peaks["bandwidth_Bps"],
                      baseline=None if impl == "torch" else ("torch", results["torch"]))
 
-        # Fused residual add: s = x + r, y = LN(s) in one pass vs torch's two ops.
+        # Fused residual add: s = x + r, y = LN(s) in one pass vs torch's two ops. Bytes: fwd reads x, r,
+        # writes s, y; bwd reads dy, ds, s and writes dsum (the gradient of both x and r): 4 tensors.
         r = torch.randn_like(x).requires_grad_()
         ds = torch.randn_like(x)
-        traffic_res = {"fwd": 4 * x.numel() * e, "bwd": 5 * x.numel() * e, "fwd+bwd": 9 * x.numel() * e}
+        traffic_res = {"fwd": 4 * x.numel() * e, "bwd": 4 * x.numel() * e, "fwd+bwd": 8 * x.numel() * e}
         fused = lambda: layer_norm(x, w, b, eps, residual=r)  # noqa: E731
         unfused = lambda: layer_norm_reference(x, w, b, eps, residual=r)  # noqa: E731
         ref_res = lambda x_, w_, b_, r_: layer_norm_reference(x_, w_, b_, eps, residual=r_)  # noqa: E731
@@ -197,16 +212,66 @@ def bench_layer_norm(rows, peaks):
         add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(fused, [x, w, b, r], [dy, ds]),
                  traffic_res.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base))
         add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
+        if not CPU:
+            bench_layer_norm_as_trained(rows, peaks, B, T, C, eps)
+
+
+def bench_layer_norm_as_trained(rows, peaks, B, T, C, eps):
+    """What --bf16 training feeds the norms: fp32 parameters, the fp32 residual stream, a bf16 branch
+    output (attention's c_proj under autocast), and y consumed by a bf16 Linear. torch's path: the add
+    in fp32, F.layer_norm in fp32 (autocast's rule), the cast to bf16 that the next Linear does; ours
+    writes y in bf16 directly. Bytes by the tensors' own sizes."""
+    shape = f"{B}x{T}x{C} train"
+    f32, lp = torch.float32, DTYPE
+    w = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    b = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    resid = torch.randn(B, T, C, device=DEVICE, dtype=f32).requires_grad_()
+    branch = torch.randn(B, T, C, device=DEVICE, dtype=lp).requires_grad_()
+    dy = torch.randn(B, T, C, device=DEVICE, dtype=lp)
+    ds = torch.randn(B, T, C, device=DEVICE, dtype=f32)
+    n = resid.numel()
+
+    def ours_ln():
+        with torch.autocast("cuda", dtype=lp):
+            return layer_norm(resid, w, b, eps)
+
+    def torch_ln():
+        with torch.autocast("cuda", dtype=lp):
+            return F.layer_norm(resid, (C,), w, b, eps).to(lp)
+
+    def ours_res():
+        with torch.autocast("cuda", dtype=lp):
+            return layer_norm(branch, w, b, eps, residual=resid)
+
+    def torch_res():
+        with torch.autocast("cuda", dtype=lp):
+            s = branch + resid
+            return F.layer_norm(s, (C,), w, b, eps).to(lp), s
+
+    # ln_1: reads fp32 x, writes 16-bit y; bwd reads x (fp32), dy (16-bit), writes dx (fp32).
+    traffic = {"fwd": n * (4 + 2), "bwd": n * (4 + 2 + 4), "fwd+bwd": n * (4 + 2 + 4 + 2 + 4)}
+    base = time_modes(torch_ln, [resid, w, b], [dy])
+    add_rows(rows, "layer_norm", shape, "triton", time_modes(ours_ln, [resid, w, b], [dy]), traffic.get, "GB/s",
+             peaks["bandwidth_Bps"], baseline=("torch", base))
+    add_rows(rows, "layer_norm", shape, "torch", base, traffic.get, "GB/s", peaks["bandwidth_Bps"])
+    # ln_2 with the residual: fwd reads x (16-bit), r (fp32), writes s (fp32), y (16-bit); bwd reads dy
+    # (16-bit), ds, s (fp32), writes dsum (fp32), and the branch's gradient is dsum in 16 bits (one cast).
+    traffic = {"fwd": n * (2 + 4 + 4 + 2), "bwd": n * (2 + 4 + 4 + 4), "fwd+bwd": n * (12 + 14)}
+    params = [branch, resid, w, b]
+    base = time_modes(torch_res, params, [dy, ds])
+    add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(ours_res, params, [dy, ds]), traffic.get,
+             "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base))
+    add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic.get, "GB/s", peaks["bandwidth_Bps"])
 
 
 # ---- attention ----
 
 
-def _sdpa_flash(q, k, v):
+def _sdpa_flash(q, k, v, dropout_p=0.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 def bench_attention(rows, peaks):
@@ -249,6 +314,19 @@ def bench_attention(rows, peaks):
         for impl, times in results.items():
             base = (base_name, results[base_name]) if impl == "triton" and base_name else None
             add_rows(rows, "attention", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"], baseline=base)
+        if "sdpa_flash" in results:  # what training runs: dropout 0.1 inside both kernels (masks differ)
+            p = 0.1
+            try:
+                drop = {"sdpa_flash": time_modes(lambda: _sdpa_flash(q, k, v, p), [q, k, v], [do])}
+            except RuntimeError as e:
+                print(f"note: SDPA flash with dropout unavailable at {shape}: {str(e).splitlines()[0][:160]}")
+                drop = {}
+            if drop:
+                drop["triton"] = time_modes(lambda: flash_attention(q, k, v, dropout_p=p), [q, k, v], [do])
+            for impl, times in drop.items():
+                base = ("sdpa_flash", drop["sdpa_flash"]) if impl == "triton" else None
+                add_rows(rows, "attention", f"{shape} drop{p}", impl, times, flops.get, "TFLOP/s",
+                         peaks["matmul_flops"], baseline=base)
         del q, k, v, do
 
 
@@ -310,10 +388,12 @@ def main():
     for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce)):
         if ARGS.only in ("all", name):
             fn(rows, peaks)
-    columns = ["kernel", "shape", "impl", "mode", "ms", "GB/s", "TFLOP/s", "frac_peak", "vs", "speedup", "peak_MiB", "mem_vs_torch"]
+    columns = ["kernel", "shape", "impl", "mode", "ms", "GB/s", "TFLOP/s", "frac_peak", "frac_spec", "vs", "speedup",
+               "peak_MiB", "mem_vs_torch"]
     print_table(rows, columns)
     print("speedup = ms of the baseline named in 'vs' / this ms (> 1 is faster); frac_peak = rate / measured peak "
-          "(copy bandwidth for GB/s, bf16 matmul for TFLOP/s).")
+          "(copy bandwidth for GB/s, bf16 matmul for TFLOP/s), both measured in this run; frac_spec = GB/s / the card's "
+          "datasheet bandwidth. Kernel times: triton.testing.do_bench medians, L2 flushed before each call.")
     if ARGS.json:
         write_json(ARGS.json, {"device": str(DEVICE), "dtype": str(DTYPE), "peaks": peaks, "rows": rows})
 

@@ -64,18 +64,20 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1, help="embedding/residual/attention dropout of both models")
     p.add_argument("--steps", type=int, default=None, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
+    p.add_argument("--no_compile", action="store_true",
+                   help="skip the torch.compile rows (HF compiled, ours triton + compile; each compiles ~1 min)")
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
     return p.parse_args(argv)
 
 
-def build_models(args, device):
-    """Our GPT and an HF GPT2LMHeadModel (SDPA attention) holding the same initial weights."""
+def build_models(args, device, attn_implementation="sdpa"):
+    """Our GPT and an HF GPT2LMHeadModel (SDPA or eager attention) holding the same initial weights."""
     from transformers import AutoModelForCausalLM
 
     config = preset_config(args.size, n_positions=max(1024, args.seqlen), dropout=args.dropout, attn_dropout=args.dropout)
     torch.manual_seed(0)
     ours = GPT(config)
-    hf = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation="sdpa")
+    hf = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation=attn_implementation)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))]
     if missing or unexpected:
@@ -130,17 +132,27 @@ def main(argv=None):
         raise SystemExit(f"validation failed: our loss {l_ours:.5f} vs HF {l_hf:.5f} (tolerance {tol})")
     print(f"validated: initial loss ours {l_ours:.4f}, HF {l_hf:.4f}")
 
-    runs = [("hf_sdpa", hf, "hf", None), ("ours_torch", ours, "ours", "torch")]
+    # (row name, model, loss key, our kernels, compiled). HF eager = its plain attention (materialised
+    # scores); HF SDPA is the baseline of vs_hf; compiled rows pay a one-off compile in the warm-up.
+    runs = [("hf_sdpa", hf, "hf", None, False)]
+    if cuda:
+        runs.append(("hf_eager", build_models(args, device, "eager")[2], "hf", None, False))
+        if not args.no_compile:
+            runs.append(("hf_sdpa_compiled", hf, "hf", None, True))
+    runs.append(("ours_torch", ours, "ours", "torch", False))
     if backend != "torch":
-        runs.append((f"ours_{backend}", ours, "ours", backend))
+        runs.append((f"ours_{backend}", ours, "ours", backend, False))
+        if cuda and not args.no_compile:
+            runs.append((f"ours_{backend}_compile", ours, "ours", backend, True))
     rows = []
-    for name, model, fn_key, kernels in runs:
+    for name, model, fn_key, kernels, compiled in runs:
         if kernels is not None:
             model.set_kernels(kernels)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=cuda)
-        loss_fn = fns[fn_key]
+        target = torch.compile(model) if compiled else model
+        loss_fn = loss_fns(target, target)[fn_key]
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -160,6 +172,7 @@ def main(argv=None):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+        print(f"{name}: {t.median_ms:.1f} ms/step, {tokens_per_s:.0f} tokens/s", flush=True)
     base = rows[0]["tokens/s"]
     for row in rows:
         row["vs_hf"] = row["tokens/s"] / base

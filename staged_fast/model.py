@@ -113,6 +113,8 @@ class GPT(nn.Module):
         if backend not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton' (resolve 'auto' first), got {backend!r}")
         self.kernels_backend = backend
+        if backend == "triton":
+            kernels.preload_triton()
         for m in self.modules():
             if isinstance(m, (LayerNorm, CausalSelfAttention)):
                 m.backend = backend

@@ -88,7 +88,7 @@ def test_layer_norm_rejects_bad_inputs():
     with pytest.raises(ValueError, match="weight and bias must have shape"):
         layer_norm(x, w[:64], b, 1e-5)
     with pytest.raises(ValueError, match="residual must match"):
-        layer_norm(x, w, b, 1e-5, residual=r.half())
+        layer_norm(x, w, b, 1e-5, residual=r[:1])
     with pytest.raises(ValueError, match="weight and bias are required"):
         layer_norm(x, None, None, 1e-5)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -98,8 +98,58 @@ def test_layer_norm_rejects_bad_inputs():
 def test_layer_norm_opcheck():
     """The torch.library registration is consistent (schema, fake tensors, autograd) for torch.compile."""
     x, r, w, b = _inputs(128, torch.float32)
-    torch.library.opcheck(torch.ops.staged_fast.layer_norm.default, (x, w, b, 1e-5), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.staged_fast.layer_norm.default, (x, w, b, 1e-5, torch.float32), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(
-        torch.ops.staged_fast.layer_norm_residual.default, (x, r, w, b, 1e-5),
+        torch.ops.staged_fast.layer_norm_residual.default, (x, r, w, b, 1e-5, torch.float32),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_residual_under_autocast_matches_torch(dtype):
+    """What training runs under --bf16/--fp16: a 16-bit branch output (a Linear under autocast) added to
+    the fp32 residual stream, then normalized, y feeding the next Linear. The kernel must accept the
+    mixed dtypes (it once raised), give s in fp32 and y in the autocast dtype, and match torch's
+    autocast path (x + residual in fp32, F.layer_norm in fp32, cast by the next Linear) in value and in
+    every gradient: x's producer weight, the residual, the norm's weight and bias, the next Linear."""
+    hidden = 384
+    g = torch.Generator(device="cpu").manual_seed(7)
+    branch = torch.nn.Linear(hidden, hidden).to(DEVICE)
+    after = torch.nn.Linear(hidden, 64).to(DEVICE)
+    w = (1 + 0.2 * torch.randn(hidden, generator=g)).to(DEVICE).requires_grad_()
+    b = (0.1 * torch.randn(hidden, generator=g)).to(DEVICE).requires_grad_()
+    h = torch.randn(*ROWS, hidden, generator=g).to(DEVICE)
+    resid = (2 * torch.randn(*ROWS, hidden, generator=g)).to(DEVICE).requires_grad_()
+    grad_out = torch.randn(*ROWS, 64, generator=g).to(DEVICE)
+    grad_s = torch.randn(*ROWS, hidden, generator=g).to(DEVICE)
+    params = [resid, w, b, branch.weight, after.weight]
+
+    def run(norm):
+        with torch.autocast(DEVICE, dtype=dtype):
+            x = branch(h)
+            assert x.dtype == dtype
+            y, s = norm(x, resid, w, b, 1e-5)
+            out = after(y)
+        (out.float() * grad_out).sum().backward(inputs=params, retain_graph=True)
+        (s.float() * grad_s).sum().backward(inputs=params)
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out, y, s, grads
+
+    with poisoned_outputs():
+        out, y, s, grads = run(lambda x, r, w, b, eps: layer_norm(x, w, b, eps, residual=r))
+    ref_out, ref_y, ref_s, ref_grads = run(layer_norm_reference_residual)
+    assert s.dtype == torch.float32 and y.dtype == dtype and out.dtype == dtype
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=0)  # one fp32 add of the same operands
+    # one 16-bit ulp: the interpreter's fp32 -> bf16 cast truncates where torch rounds (tests/README.md)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(y.float(), ref_y.to(dtype).float(), rtol=ulp, atol=ATOL[dtype])
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0.02, atol=ATOL[dtype] * 4)
+    for name, a, r in zip(["dresidual", "dweight", "dbias", "dbranch_weight", "dafter_weight"], grads, ref_grads):
+        err = ((a - r).norm() / r.norm()).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), f"{name}: relative error {err:.2e}"
+
+
+def layer_norm_reference_residual(x, r, w, b, eps):
+    return layer_norm_reference(x, w, b, eps, residual=r)

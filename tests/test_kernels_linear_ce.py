@@ -74,8 +74,10 @@ def test_fused_linear_ce_gpt2_vocab():
 def test_chunking_does_not_change_the_result(chunk_rows):
     h, w, t = _inputs(37, 64, 300, torch.float32)
     with torch.no_grad(), poisoned_outputs():
-        loss, gh, gw = linear_cross_entropy_forward(h, w, t, chunk_rows=chunk_rows)
-        loss0, gh0, gw0 = linear_cross_entropy_forward(h, w, t)
+        loss, gh, gw, inv_n = linear_cross_entropy_forward(h, w, t, chunk_rows=chunk_rows)
+        loss0, gh0, gw0, _ = linear_cross_entropy_forward(h, w, t)
+    # the forward's gradients are unnormalised (x n_valid); compare the loss's gradients
+    gh, gw, gh0, gw0 = (g * inv_n for g in (gh, gw, gh0, gw0))
     torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, gh0, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gw, gw0, rtol=1e-5, atol=1e-7)
@@ -121,3 +123,27 @@ def test_opcheck():
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.staged_fast.linear_cross_entropy.default, (h, w, t, -100), test_utils=utils)
     torch.library.opcheck(torch.ops.staged_fast.linear_cross_entropy_loss.default, (h, w, t, -100), test_utils=utils)
+
+
+def _relative_error(a, ref):
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def test_fp16_gradients_survive_the_loss_scale():
+    """GradScaler multiplies the loss by 65536 and the gradient arrives in the backward; a forward that
+    rounds dz / n_valid to fp16 first loses the small softmax entries (they fall below fp16's smallest
+    subnormal, 6e-8, once divided by n). Ours must be as accurate as torch's fp16 path (full fp16
+    logits, F.cross_entropy in fp32, the scaled gradient cast back to fp16)."""
+    n, d, v = (8192, 256, 50257) if CUDA else (4096, 64, 1024)
+    h, w, t = _inputs(n, d, v, torch.float16, ignore_every=11)
+    loss_scale = 65536.0
+    with poisoned_outputs():
+        gh, gw = torch.autograd.grad(fused_linear_cross_entropy(h, w, t) * loss_scale, (h, w))
+    gh_torch, gw_torch = torch.autograd.grad(linear_cross_entropy_reference(h, w, t) * loss_scale, (h, w))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+    gh_ref, gw_ref = torch.autograd.grad(linear_cross_entropy_reference(h64, w64, t) * loss_scale, (h64, w64))
+    for name, ours, theirs, ref in (("grad_hidden", gh, gh_torch, gh_ref), ("grad_weight", gw, gw_torch, gw_ref)):
+        err, torch_err = _relative_error(ours, ref), _relative_error(theirs, ref)
+        print(f"{name}: relative error {err:.2e}, torch's {torch_err:.2e}")
+        assert torch.isfinite(ours).all() and ours.dtype == torch.float16
+        assert err <= 1.5 * torch_err, f"{name}: relative error {err:.2e} vs torch's {torch_err:.2e}"

@@ -100,3 +100,56 @@ def test_kernels_compile_as_single_ops_fullgraph():
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, b, q, wte, t)
     out.backward()
     assert torch.isfinite(out) and all(torch.isfinite(p.grad).all() for p in (x, w, b, q, wte))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_model_forward_backward_under_autocast_matches_torch(dtype):
+    """What --bf16/--fp16 run: the whole model under autocast with the Triton kernels (attention output
+    16-bit, residual stream fp32 into the fused residual layer norm), head_dim 96 and T=37 (not a
+    multiple of any block), ignored targets. Loss and every parameter gradient against the torch backend
+    under the same autocast (and plain fp32 for dtype=float32)."""
+    config = GPTConfig(n_layer=2, n_embd=192, n_head=2, vocab_size=300, n_positions=48, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(0)
+    base = GPT(config).to(DEVICE)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    T = 37
+    x = torch.randint(0, config.vocab_size, (2, T), generator=g).to(DEVICE)
+    y = torch.randint(0, config.vocab_size, (2, T), generator=g)
+    y[:, ::5] = -100
+    y = y.to(DEVICE)
+
+    def loss_and_grads(backend):
+        model = copy.deepcopy(base)
+        model.set_kernels(backend)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_tri, grads_tri = loss_and_grads("triton")
+    loss_ref, grads_ref = loss_and_grads("torch")
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    assert torch.isfinite(loss_tri) and abs(loss_tri - loss_ref) <= tol * loss_ref.abs(), (loss_tri, loss_ref)
+    assert grads_tri.keys() == grads_ref.keys()
+    for name, ref in grads_ref.items():
+        got = grads_tri[name]
+        assert got is not None and got.dtype == ref.dtype, name
+        err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        assert err <= 3 * tol, f"{name}: relative gradient error {err:.2e} under {dtype}"
+
+
+def test_model_compiles_fullgraph_with_the_custom_ops():
+    """torch.compile of the whole model with the Triton kernels: each kernel is one custom op, so
+    fullgraph=True (an error on any graph break) holds for forward and backward, under autocast too."""
+    config = GPTConfig(n_layer=2, n_embd=64, n_head=1, vocab_size=128, n_positions=32, dropout=0.1, attn_dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(config, kernels_backend="triton").to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randint(0, 128, (2, 19), device=DEVICE)
+    for dtype in (None, torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = compiled(x, x)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad(set_to_none=True)

@@ -52,12 +52,28 @@ def _enable_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+TRITON_MODULES = ("layernorm", "attention", "fused_linear_ce")
+_LOADED: dict[str, object] = {}
+
+
 def _triton_module(name: str, device: torch.device):
-    """Import staged_fast.kernels.<name>; on CPU enable the Triton interpreter before the first import."""
-    full = f"{__name__}.{name}"
-    if full not in sys.modules and device.type == "cpu":
-        _enable_interpreter()
-    return importlib.import_module(full)
+    """staged_fast.kernels.<name>; on CPU enable the Triton interpreter before the first import. A plain
+    dict lookup once loaded, so torch.compile traces through it (an import would break the graph)."""
+    module = _LOADED.get(name)
+    if module is None:
+        if device.type == "cpu":
+            _enable_interpreter()
+        module = _LOADED[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
+
+
+def preload_triton() -> None:
+    """Import the Triton kernel modules now (GPT.set_kernels("triton") calls this), so the first forward,
+    which torch.compile may be tracing, finds them loaded. Compiled for the GPU where CUDA is available,
+    else under the interpreter."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in TRITON_MODULES:
+        _triton_module(name, device)
 
 
 def layer_norm(x, weight, bias, eps: float, backend: str = "torch"):

@@ -4,13 +4,17 @@
 
 The tokens are processed in chunks of C rows. Per chunk: z = h_c @ W^T (torch matmul, cuBLAS); one
 Triton program per row computes logsumexp over V in BLOCK_V slices (online max/sum in fp32), the row
-loss, and overwrites z in place with dL/dz = (softmax(z) - onehot(t)) / n_valid; then
-grad_h_c = dz @ W and grad_W += dz^T @ h_c (torch matmuls). So the gradients are computed during the
-forward (as Liger-Kernel does) and the backward only scales them by the incoming grad_output.
+loss, and overwrites z in place with the *unnormalised* dL_i/dz_i = softmax(z_i) - onehot(t_i) (zero for
+ignored rows); then grad_h_c = dz @ W and grad_W += dz^T @ h_c (torch matmuls, fp32 outputs). So the
+gradients are computed during the forward (as Liger-Kernel does); the backward applies the incoming
+grad_output and 1/n_valid together, in fp32, and casts once. Why not scale by 1/n in the forward:
+under fp16 the loss scale (GradScaler's 65536) arrives only in the backward, and dz/n rounded to fp16
+first loses the small softmax entries (below fp16's smallest subnormal at V=50257, N=8192); dz itself
+is in [-1, 1], where fp16 keeps ~3 digits down to 6e-8, as torch's own fp16 logits gradient does.
 
 Memory (N tokens, V vocab, d hidden, e bytes per element of the inputs' dtype):
   chunk logits C x V x e with C ~ N / 8 (see TARGET_CHUNKS; GPT-2, 16k tokens, bf16: 2048 x 50257 x 2 B
-  = 206 MB); grad_hidden N x d x e; grad_weight V x d fp32 accumulator (154 MB at d=768), cast to W's dtype.
+  = 206 MB); grad_hidden N x d fp32 (50 MB at 16k x 768); grad_weight V x d fp32 (154 MB at d=768).
   Unfused: N x V logits in e bytes, plus an fp32 copy and its fp32 gradient (16k tokens: ~8 GB).
 Out-of-range targets (not in [0, V) and not ignore_index) make the loss NaN instead of raising,
 because checking them on the host would synchronize the GPU every step.
@@ -18,6 +22,8 @@ When nothing needs a gradient (eval), only the loss is computed (no gradient buf
 With all targets ignored the loss is NaN (0/0), as F.cross_entropy's mean.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -28,7 +34,7 @@ from ._common import INTERPRETED, check_device, check_dtype, new_empty
 
 @triton.jit
 def _ce_row_kernel(
-    Z, stride_z, Targets, Loss, InvN,
+    Z, stride_z, Targets, Loss,
     V, ignore_index,
     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -52,8 +58,8 @@ def _ce_row_kernel(
     loss = tl.where(ignored, 0.0, tl.where(in_range, lse - z_t, float("nan")))
     tl.store(Loss + row, loss)
     if WRITE_GRAD:
-        # Pass 2: dz = (softmax - onehot) / n_valid; zero for ignored rows.
-        scale = tl.where(ignored, 0.0, tl.load(InvN))
+        # Pass 2: dz = softmax - onehot (1/n_valid is applied in the backward); zero for ignored rows.
+        scale = tl.where(ignored, 0.0, 1.0)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             z = tl.load(z_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
@@ -78,28 +84,46 @@ def _chunk_rows(n: int) -> int:
 _OUT_DTYPE_MM: dict[torch.device, bool] = {}
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b for 16-bit a, b. Uses cuBLAS's fp32 output (torch.addmm out_dtype, CUDA,
-    torch >= 2.8) when this device supports it (probed once and checked against fp32); otherwise the
-    product is formed in a's dtype and added (an extra V x d temporary and its traffic)."""
-    ok = _OUT_DTYPE_MM.get(acc.device)
+def _fp32_output_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether cuBLAS can write a 16-bit product straight into fp32 (torch.addmm out_dtype, CUDA,
+    torch >= 2.8); probed once per device and checked against fp32. When it cannot, say so once: the
+    fallback forms each product in 16 bits, then converts (an extra temporary and its traffic)."""
+    ok = _OUT_DTYPE_MM.get(device)
     if ok is None:
         ok = False
-        if acc.device.type == "cuda":
+        if device.type == "cuda":
             try:
                 # Small integers: exact in 16 bits, and no draw from torch's RNG.
-                x = (torch.arange(64 * 32, device=acc.device) % 7 - 3).reshape(64, 32).to(a.dtype)
-                y = (torch.arange(32 * 48, device=acc.device) % 5 - 2).reshape(32, 48).to(a.dtype)
-                z = torch.ones(64, 48, device=acc.device)
+                x = (torch.arange(64 * 32, device=device) % 7 - 3).reshape(64, 32).to(dtype)
+                y = (torch.arange(32 * 48, device=device) % 5 - 2).reshape(32, 48).to(dtype)
+                z = torch.ones(64, 48, device=device)
                 torch.addmm(z, x, y, out_dtype=torch.float32, out=z)
                 ok = torch.allclose(z, 1 + x.float() @ y.float(), rtol=1e-3, atol=1e-3)
             except (RuntimeError, TypeError):
                 ok = False
-        _OUT_DTYPE_MM[acc.device] = ok
-    if ok:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if not ok:
+                warnings.warn(
+                    f"fused linear+CE: torch {torch.__version__} cannot write 16-bit matmuls into fp32 "
+                    "(torch.addmm(out_dtype=torch.float32)); falling back to a 16-bit product plus a conversion "
+                    "(slower, one extra (V, d) temporary). Use torch >= 2.8 for the fast path."
+                )
+        _OUT_DTYPE_MM[device] = ok
+    return ok
+
+
+def _matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (fp32) = a @ b, or out += a @ b, for a, b of any one float dtype."""
+    if a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif _fp32_output_supported(out.device, a.dtype):
+        torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out += (a @ b).float()
     else:
-        acc += (a @ b).float()
+        out.copy_(a @ b)
 
 
 def _check(hidden, weight, targets):
@@ -122,8 +146,9 @@ def _check(hidden, weight, targets):
 
 def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -100, compute_grad: bool = True,
                                  chunk_rows: int | None = None):
-    """Returns (loss, grad_hidden, grad_weight): loss a 0-dim fp32 tensor; the gradients of the loss
-    (for grad_output = 1) in hidden's and weight's dtypes, or None when compute_grad is False."""
+    """Returns (loss, grad_hidden, grad_weight, inv_n): loss a 0-dim fp32 tensor; the gradients of
+    n_valid * loss (unnormalised: multiply by inv_n = 1 / n_valid, a (1,) fp32 tensor, for the
+    gradient of the loss), both fp32, or None when compute_grad is False."""
     _check(hidden, weight, targets)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -133,8 +158,8 @@ def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -1
     losses = new_empty((n,), dtype=torch.float32, device=device)
     n_valid = (targets != ignore_index).sum().to(torch.float32)
     inv_n = (1.0 / n_valid).reshape(1)  # a device scalar: no host sync
-    grad_h = new_empty((n, d), dtype=hidden.dtype, device=device) if compute_grad else None
-    grad_w = torch.zeros((v, d), dtype=torch.float32, device=device) if compute_grad else None
+    grad_h = new_empty((n, d), dtype=torch.float32, device=device) if compute_grad else None
+    grad_w = new_empty((v, d), dtype=torch.float32, device=device) if compute_grad else None
     block_v = min(1024 if INTERPRETED else 8192, triton.next_power_of_2(v))
     warps = 4 if INTERPRETED else 16 if block_v >= 8192 else 8
     c = chunk_rows or _chunk_rows(n)
@@ -142,18 +167,15 @@ def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -1
         h_c = hidden[start:start + c]
         z = h_c @ weight.t()  # (C, V) in the inputs' dtype, fp32 accumulation in cuBLAS
         _ce_row_kernel[(h_c.shape[0],)](
-            z, z.stride(0), targets[start:start + c], losses[start:start + c], inv_n,
+            z, z.stride(0), targets[start:start + c], losses[start:start + c],
             v, ignore_index,
             WRITE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=warps,
         )
         if compute_grad:
-            torch.mm(z, weight, out=grad_h[start:start + c])
-            if grad_w.dtype == z.dtype:
-                grad_w.addmm_(z.t(), h_c)
-            else:  # 16-bit inputs: the sum over chunks is kept in fp32
-                _accumulate_fp32(grad_w, z.t(), h_c)
+            _matmul_fp32(grad_h[start:start + c], z, weight, accumulate=False)
+            _matmul_fp32(grad_w, z.t(), h_c, accumulate=start > 0)  # the first chunk initialises it
     loss = losses.sum() * inv_n[0]
-    return loss, grad_h, (grad_w.to(weight.dtype) if compute_grad else None)
+    return loss, grad_h, grad_w, inv_n
 
 
 # ---- torch.library ops (opaque for torch.compile) and autograd ----
@@ -167,7 +189,7 @@ def _loss_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 @torch.library.custom_op("staged_fast::linear_cross_entropy", mutates_args=())
 def _loss_grad_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return linear_cross_entropy_forward(hidden, weight, targets, ignore_index, compute_grad=True)
 
 
@@ -178,19 +200,24 @@ def _(hidden, weight, targets, ignore_index):
 
 @_loss_grad_op.register_fake
 def _(hidden, weight, targets, ignore_index):
-    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
+    f32 = torch.float32
+    return (hidden.new_empty((), dtype=f32), hidden.new_empty(hidden.shape, dtype=f32),
+            weight.new_empty(weight.shape, dtype=f32), hidden.new_empty((1,), dtype=f32))
 
 
 def _setup(ctx, inputs, output):
-    _, grad_h, grad_w = output
-    ctx.mark_non_differentiable(grad_h, grad_w)
-    ctx.save_for_backward(grad_h, grad_w)
+    hidden, weight, _, _ = inputs
+    _, grad_h, grad_w, inv_n = output
+    ctx.mark_non_differentiable(grad_h, grad_w, inv_n)
+    ctx.save_for_backward(grad_h, grad_w, inv_n)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
 
 
-def _backward(ctx, grad_loss, _gh, _gw):
-    grad_h, grad_w = ctx.saved_tensors
-    g = grad_loss.to(torch.float32)
-    return (grad_h * g).to(grad_h.dtype), (grad_w * g).to(grad_w.dtype), None, None
+def _backward(ctx, grad_loss, _gh, _gw, _inv_n):
+    grad_h, grad_w, inv_n = ctx.saved_tensors
+    scale = grad_loss.to(torch.float32) * inv_n[0]  # loss scale and 1/n_valid meet in fp32
+    h_dtype, w_dtype = ctx.dtypes
+    return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None
 
 
 _loss_grad_op.register_autograd(_backward, setup_context=_setup)

@@ -2,16 +2,19 @@
 
     y = (s - mean(s)) * rstd * weight + bias,   s = x (+ residual),   rstd = 1 / sqrt(var(s) + eps)
 
-Forward: one program per row; the whole row sits in registers (BLOCK_N = next power of two >= N,
-so hidden 384/768/1536 run at 512/1024/2048 lanes with a mask). Fast up to hidden 16384; larger
-hidden sizes raise. Statistics (mean, rstd) are computed and saved in fp32 whatever the input dtype.
-With a residual, the sum s is rounded to the input dtype, stored (it is the next residual stream),
-and normalized as stored, exactly as `F.layer_norm(x + residual)` does in that dtype.
+Forward: each program normalizes a tile of BLOCK_M rows x BLOCK_N lanes (BLOCK_N = next power of two
+>= N, so hidden 384/768/1536 run at 512/1024/2048 lanes with a mask; BLOCK_M rows so a tile holds about
+4096 elements: 4 rows at hidden 768, 2 at 1536). Fast up to hidden 16384; larger hidden sizes raise.
+Statistics (mean, rstd) are computed and saved in fp32 whatever the input dtype. With a residual, the
+sum s is rounded to the promoted dtype of x and residual (fp32 under autocast, where the branch output
+is bf16/fp16 and the residual stream fp32), stored (it is the next residual stream), and normalized as
+stored, exactly as `F.layer_norm(x + residual)`. Under autocast y is written in the autocast dtype.
 
-Backward: dx needs only its own row; dweight/dbias need a sum over rows. Each of G programs (G ~ 4
-per SM) walks a contiguous range of rows, accumulates its partial dweight/dbias in fp32 registers
-and writes one row of a (G, N) fp32 buffer; torch sums the G partials (G x N x 4 bytes, tiny).
-With a residual, the gradient arriving at s from later layers is added to dx in the same pass.
+Backward: dx needs only its own row; dweight/dbias need a sum over rows. A grid of G programs (G = 4
+per SM: one wave) strides over the row tiles; each accumulates its partial dweight/dbias in fp32
+registers and writes one row of a (G, N) fp32 buffer; one small kernel sums the partials and casts
+both to the parameter dtype. With a residual, the gradient arriving at s from later layers is added
+to dx in the same pass. Bytes of the residual backward: reads dy, ds, s, writes dsum (4 tensors).
 
 Layers: @triton.jit kernels; launchers `layer_norm_forward` / `layer_norm_backward`; torch.library
 custom ops (`staged_fast::layer_norm`, `staged_fast::layer_norm_residual`, `staged_fast::layer_norm_bwd`)
@@ -33,80 +36,106 @@ MAX_HIDDEN = 16384  # a row must fit in one program's registers
 def _layer_norm_fwd_kernel(
     X, R, W, B, Y, S, Mean, Rstd,  # pointers; R and S only used when HAS_RESIDUAL
     stride_x, stride_r, stride_y, stride_s,  # row strides (columns are contiguous)
-    N, eps,
+    M, N, eps,
     HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols[None, :] < N)
+    rows64 = rows.to(tl.int64)[:, None]  # int64 offsets: M * N may exceed 2**31
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(S.dtype.element_ty)  # rounded like torch's x + residual in this dtype
-        tl.store(S + row * stride_s + cols, s, mask=mask)
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)  # rounded like torch's x + residual in the promoted dtype
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(
     DY, X, W, Mean, Rstd, DS, DX, DW_partial, DB_partial,  # DS: grad of the residual sum, if HAS_DS
     stride_dy, stride_x, stride_ds, stride_dx,
-    M, N, rows_per_program,
+    M, N, n_tiles,
     HAS_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """Program p handles row tiles p, p + G, p + 2G, ... (G = the grid, sized to fill the GPU once),
+    so consecutive programs read neighbouring tiles at the same time."""
     pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
-    # Row pointers advance by their strides; int64 offsets so M * N > 2**31 elements cannot overflow.
-    first = row_start.to(tl.int64)
-    dy_ptr, x_ptr, dx_ptr = DY + first * stride_dy, X + first * stride_x, DX + first * stride_dx
-    ds_ptr = DS + first * stride_ds
-    for row in range(row_start, row_end):
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        wdy = w * dy
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, n_tiles, n_programs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
         dw += dy * xhat
         db += dy
         # dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat))
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        dx = (wdy - (xhat * c1 + c2)) * rstd
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
-            dx += tl.load(ds_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            ds_ptr += stride_ds
-        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        x_ptr += stride_x
-        dy_ptr += stride_dy
-        dx_ptr += stride_dx
-    tl.store(DW_partial + pid * N + cols, dw, mask=mask)
-    tl.store(DB_partial + pid * N + cols, db, mask=mask)
+            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+    tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
-def _block_and_warps(n: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(n)
-    # ~8-16 elements per thread: 4 warps up to 1024 lanes, 8 up to 4096, 16 beyond.
-    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, warps
+@triton.jit
+def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dweight, dbias = column sums of the (G, N) fp32 partials, cast to the parameter dtype: one launch
+    for both instead of two sums and two casts."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        mask = (g[:, None] < G) & col_ok[None, :]
+        offs = g[:, None] * N + cols[None, :]
+        dw += tl.sum(tl.load(DW_partial + offs, mask=mask, other=0.0), axis=0)
+        db += tl.sum(tl.load(DB_partial + offs, mask=mask, other=0.0), axis=0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_ok)
+    tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
+
+
+# Tiles: about TILE_ELEMENTS elements per program (several rows when the hidden size is small, so a
+# program has enough bytes in flight); warps sized to ~16 elements per thread.
+TILE_ELEMENTS = 4096
+PROGRAMS_PER_SM = 4  # backward grid: enough resident programs to hide memory latency, one wave
+
+
+def _tile(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N lanes, num_warps) for hidden size n."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, TILE_ELEMENTS // block_n))
+    warps = max(4, min(16, block_m * block_n // 512))
+    return block_m, block_n, warps
 
 
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -125,47 +154,49 @@ def _check(op: str, x, weight, bias, residual=None) -> int:
     n = x.shape[-1]
     if weight.shape != (n,) or bias.shape != (n,):
         raise ValueError(f"{op}: weight and bias must have shape ({n},), got {tuple(weight.shape)}, {tuple(bias.shape)}.")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    if residual is not None and residual.shape != x.shape:
         raise ValueError(
-            f"{op}: residual must match x in shape and dtype, got {tuple(residual.shape)} {residual.dtype} "
-            f"vs {tuple(x.shape)} {x.dtype}."
+            f"{op}: residual must match x in shape, got {tuple(residual.shape)} vs {tuple(x.shape)}."
         )
     if n > MAX_HIDDEN:
         raise ValueError(f"{op}: hidden size {n} > {MAX_HIDDEN}; a row must fit in one program.")
     return n
 
 
-def layer_norm_forward(x, weight, bias, eps: float, residual=None):
+def layer_norm_forward(x, weight, bias, eps: float, residual=None, out_dtype: torch.dtype | None = None):
     """Launch the forward kernel. Returns (y, s, mean, rstd); s is x + residual (None without residual).
 
-    y and s have x's shape and dtype (contiguous); mean and rstd are fp32 of shape (rows,).
+    s has the promoted dtype of x and residual (as torch's `x + residual`: under autocast a bf16 branch
+    output plus the fp32 residual stream gives fp32); y has `out_dtype` (default: s's dtype, or x's);
+    both contiguous. mean and rstd are fp32 of shape (rows,).
     """
     n = _check("layer_norm_forward", x, weight, bias, residual)
     x2 = _as_rows(x, n)
     m = x2.shape[0]
-    y = new_empty((m, n), dtype=x.dtype, device=x.device)
+    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = new_empty((m, n), dtype=out_dtype or s_dtype, device=x.device)
     mean = new_empty((m,), dtype=torch.float32, device=x.device)
     rstd = new_empty((m,), dtype=torch.float32, device=x.device)
     if residual is not None:
         r2 = _as_rows(residual, n)
-        s = new_empty((m, n), dtype=x.dtype, device=x.device)
+        s = new_empty((m, n), dtype=s_dtype, device=x.device)
     else:
         r2, s = x2, y  # placeholders, never touched when HAS_RESIDUAL is False
     if m > 0:
-        block, warps = _block_and_warps(n)
-        _layer_norm_fwd_kernel[(m,)](
+        block_m, block_n, warps = _tile(n)
+        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, r2, weight, bias, y, s, mean, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
-            n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps,
+            m, n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     y = y.view(x.shape)
     return y, (s.view(x.shape) if residual is not None else None), mean, rstd
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, ds=None):
-    """Launch the backward kernel. x is the normalized input (s with a residual); ds the gradient
-    reaching s directly (with a residual), added to dx. Returns (dx, dweight, dbias)."""
+    """Launch the backward kernels. x is the normalized input (s with a residual); ds the gradient
+    reaching s directly (with a residual), added to dx. Returns (dx in x's dtype, dweight, dbias)."""
     n = x.shape[-1]
     check_device("layer_norm_backward", dy, x, weight, mean, rstd, *([ds] if ds is not None else []))
     if dy.shape != x.shape or (ds is not None and ds.shape != x.shape):
@@ -174,38 +205,45 @@ def layer_norm_backward(dy, x, weight, mean, rstd, ds=None):
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     m = x2.shape[0]
     dx = new_empty((m, n), dtype=x.dtype, device=x.device)
-    groups = max(1, min(m, 4 * num_sms(x.device)))
-    rows_per_program = triton.cdiv(m, groups) if m else 0
+    dw = new_empty((n,), dtype=weight.dtype, device=x.device)
+    db = new_empty((n,), dtype=weight.dtype, device=x.device)
+    if m == 0:
+        return dx.view(x.shape), dw.zero_(), db.zero_()
+    block_m, block_n, warps = _tile(n)
+    n_tiles = triton.cdiv(m, block_m)
+    groups = max(1, min(n_tiles, PROGRAMS_PER_SM * num_sms(x.device)))
     dw_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
     db_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
-    if m > 0:
-        block, warps = _block_and_warps(n)
-        _layer_norm_bwd_kernel[(groups,)](
-            dy2, x2, weight, mean, rstd, ds2, dx, dw_partial, db_partial,
-            dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
-            m, n, rows_per_program,
-            HAS_DS=ds is not None, BLOCK_N=block, num_warps=warps,
-        )
-        dw, db = dw_partial.sum(0), db_partial.sum(0)
-    else:
-        dw = db = torch.zeros(n, dtype=torch.float32, device=x.device)
-    return dx.view(x.shape), dw.to(weight.dtype), db.to(weight.dtype)
+    _layer_norm_bwd_kernel[(groups,)](
+        dy2, x2, weight, mean, rstd, ds2, dx, dw_partial, db_partial,
+        dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
+        m, n, n_tiles,
+        HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    sum_cols = min(block_n, 256)
+    _sum_partials_kernel[(triton.cdiv(n, sum_cols),)](
+        dw_partial, db_partial, dw, db, groups, n, BLOCK_G=32, BLOCK_N=sum_cols, num_warps=4,
+    )
+    return dx.view(x.shape), dw, db
 
 
 # ---- torch.library ops: one opaque op each for torch.compile, autograd registered below ----
 
 
 @torch.library.custom_op("staged_fast::layer_norm", mutates_args=())
-def _ln_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps)
+def _ln_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
     return y, mean, rstd
 
 
 @torch.library.custom_op("staged_fast::layer_norm_residual", mutates_args=())
 def _ln_res_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_forward(x, weight, bias, eps, residual)
+    return layer_norm_forward(x, weight, bias, eps, residual, out_dtype=out_dtype)
 
 
 @torch.library.custom_op("staged_fast::layer_norm_bwd", mutates_args=())
@@ -221,15 +259,16 @@ def _rows(x):
 
 
 @_ln_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype):
     stats = x.new_empty((_rows(x),), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, stats.clone()
+    return x.new_empty(x.shape, dtype=out_dtype), stats, stats.clone()
 
 
 @_ln_res_op.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, out_dtype):
     stats = x.new_empty((_rows(x),), dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(x.shape), stats, stats.clone()
+    s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return x.new_empty(x.shape, dtype=out_dtype), s, stats, stats.clone()
 
 
 @_ln_bwd_op.register_fake
@@ -239,7 +278,7 @@ def _(dy, x, weight, mean, rstd, ds):
 
 
 def _ln_setup(ctx, inputs, output):
-    x, weight, _, _ = inputs
+    x, weight, _, _, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, weight, mean, rstd)
@@ -248,22 +287,24 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _ln_bwd_op(dy, x, weight, mean, rstd, None)
-    return dx, dw, db, None
+    return dx, dw, db, None, None
 
 
 def _ln_res_setup(ctx, inputs, output):
-    _, _, weight, _, _ = inputs
-    _, s, mean, rstd = output
+    x, residual, weight, _, _, _ = inputs
+    y, s, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.dtypes = (x.dtype, residual.dtype, y.dtype)
 
 
 def _ln_res_backward(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, residual_dtype, y_dtype = ctx.dtypes
     if dy is None:
-        dy = torch.zeros_like(s)
-    dsum, dw, db = _ln_bwd_op(dy, s, weight, mean, rstd, ds)
-    return dsum, dsum, dw, db, None
+        dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
+    dsum, dw, db = _ln_bwd_op(dy, s, weight, mean, rstd, ds)  # dsum in s's (promoted) dtype
+    return dsum.to(x_dtype), dsum.to(residual_dtype), dw, db, None, None
 
 
 _ln_op.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -273,20 +314,33 @@ _ln_res_op.register_autograd(_ln_res_backward, setup_context=_ln_res_setup)
 # ---- public API ----
 
 
+def _output_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Under autocast, write y in the autocast dtype: the next op (a Linear) would cast it there anyway,
+    and the fp32 -> 16-bit rounding is the same, so this saves a pass and half of y's bytes. Outside
+    autocast y keeps the input's dtype, as F.layer_norm."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     """LayerNorm over the last dim. Without residual: y. With residual: (y, s) where s = x + residual
     (the new residual stream) and y = LayerNorm(s); gradients flow through both outputs."""
     if residual is not None:
         return layer_norm_residual(x, residual, weight, bias, eps)
     _check("layer_norm", x, weight, bias)
-    y, _, _ = _ln_op(x, weight, bias, float(eps))
+    y, _, _ = _ln_op(x, weight, bias, float(eps), _output_dtype(x, x.dtype))
     return y
 
 
 def layer_norm_residual(x, residual, weight, bias, eps: float = 1e-5):
-    """(LayerNorm(x + residual), x + residual) in one pass over memory."""
+    """(LayerNorm(x + residual), x + residual) in one pass over memory. x and residual may differ in
+    dtype (under autocast the branch output is 16-bit, the residual stream fp32): s takes the promoted
+    dtype, as torch's `x + residual`."""
     _check("layer_norm_residual", x, weight, bias, residual)
-    y, s, _, _ = _ln_res_op(x, residual, weight, bias, float(eps))
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    y, s, _, _ = _ln_res_op(x, residual, weight, bias, float(eps), _output_dtype(x, s_dtype))
     return y, s
 
 
