@@ -1,4 +1,4 @@
-"""python -m staged_fast.schedule {analyze,plan,law}: when to grow, and what staged training saves."""
+"""python -m staged_fast.schedule {analyze,plan,law,compare-curves}: when to grow, and what staged training saves."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ import sys
 from ..config import ConfigError, GPTConfig, PRESETS, preset_config
 from .planner import DEFAULT_RESTART_WARMUP_FRAC, plan_for_run, plot_plan
 from .scaling_law import DEFAULT_BATCH_TOKENS, law_summary, optimality_step
-from .slope import DEFAULT_DEPTH_OP, DEPTH_OPS, SMOOTH_WINDOW, PairResult, analyze_logs, analyze_pair, read_curve
+from .slope import (DEFAULT_DEPTH_OP, DEPTH_OPS, RULES, SMOOTH_WINDOW, PairResult, analyze_logs, analyze_pair,
+                    read_curve)
 
 
 def _fmt(v, spec):
@@ -43,8 +44,10 @@ def _n_params_for(path: str, preset: str | None, n_params: int | None, which: st
 
 
 def cmd_analyze(args) -> int:
+    if args.rule == "authors" and args.smooth_x:
+        raise ConfigError("--smooth_x belongs to --rule online; the authors' rule never smooths x.")
     if args.logs:
-        results = analyze_logs(args.logs, args.batch_tokens, args.window, args.smooth_x)
+        results = analyze_logs(args.logs, args.batch_tokens, args.window, args.smooth_x, args.rule)
     else:
         if not (args.small and args.target and args.op):
             raise ConfigError("analyze needs SMALL.csv TARGET.csv --op OP, or --logs DIR.")
@@ -52,11 +55,27 @@ def cmd_analyze(args) -> int:
         results = [analyze_pair(small, target, args.op,
                                 _n_params_for(args.small, args.small_preset, args.small_params, "small"),
                                 _n_params_for(args.target, args.target_preset, args.target_params, "target"),
-                                args.batch_tokens, args.window, args.smooth_x)]
+                                args.batch_tokens, args.window, args.smooth_x, args.rule)]
     print(format_pairs(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in results], f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_compare_curves(args) -> int:
+    from .compare import compare_planner_with_curves, default_logs_dir, format_comparison
+
+    logs = args.logs or default_logs_dir()
+    if logs is None:
+        raise ConfigError("no --logs given and the repository's tests/data/staged_training_logs is not here: "
+                          "pass --logs DIR (the six <preset>.csv curves).")
+    comparison = compare_planner_with_curves(logs, min_step=args.min_step, batch_tokens=args.batch_tokens)
+    print(format_comparison(comparison))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(comparison.to_dict(), f, indent=2)
         print(f"wrote {args.json}")
     return 0
 
@@ -121,8 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--window", type=int, default=SMOOTH_WINDOW, help="running-mean window (points)")
     a.add_argument("--smooth_x", action="store_true",
                    help="also smooth log10(C) with the same window (fixes the gap artefact; not the authors' rule)")
+    a.add_argument("--rule", choices=RULES, default="online",
+                   help="online: trailing window, the rule the trainer applies live (default); authors: the "
+                        "authors' offline analysis (centred window, unsmoothed losses, nearest-loss R)")
     a.add_argument("--json", help="write the results to this JSON file")
     a.set_defaults(func=cmd_analyze)
+
+    c = sub.add_parser("compare-curves", help="the planner's predicted saving against the authors' curves",
+                       description="Fit the scaling law's constants to the six curves, plan each pair under "
+                                   "Kaplan's and the fitted constants, and set both beside the savings "
+                                   "measured on the curves (docs/schedule.md).")
+    c.add_argument("--logs", help="directory with the six <preset>.csv curves "
+                                  "(default: the repository's tests/data/staged_training_logs)")
+    c.add_argument("--min_step", type=float, default=3000,
+                   help="fit the law to points at or after this step (default 3000: after the runs' LR warmup)")
+    c.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
+    c.add_argument("--json", help="write the comparison to this JSON file")
+    c.set_defaults(func=cmd_compare_curves)
 
     def add_model_args(q):
         q.add_argument("--target", default="GPT2_large", help=f"target preset: {', '.join(PRESETS)}")

@@ -11,6 +11,7 @@ Model (the authors' planner, DESIGN.md):
 The trainer's step counter (which the LR schedule reads) restarts at R = S_grow / constant_op after each
 growth (the authors' empirical constants, measured on real curves), where S_grow is the counter at growth.
 The law's own restart point S_eff is reported beside it (`law_restart_step`) for comparison.
+`law=` swaps Kaplan's constants for others (e.g. `compare.fit_law` on real curves); the plan records them.
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..config import ConfigError, GPTConfig, preset_config, preset_name
-from .scaling_law import (DEFAULT_BATCH_TOKENS, compute, loss_scaling_law, optimality_step,
-                          steps_to_loss)
+from .scaling_law import DEFAULT_BATCH_TOKENS, KAPLAN, ScalingLaw, compute
 from .slope import DEFAULT_DEPTH_OP, DEPTH_OPS, constant_op, op_kind
 
 PLAN_FORMAT = "staged_fast.plan/1"
@@ -73,6 +73,11 @@ class Plan:
     predicted_saving: float  # 1 - total / direct (law; unchanged by scaling)
     scaled_to_train_steps: int | None = None  # set by plan_for_run
     law_stage_steps: list[float] = field(default_factory=list)  # unrounded, unscaled optimum
+    law: dict = field(default_factory=KAPLAN.to_dict)  # the scaling law's constants (ScalingLaw fields)
+
+    @property
+    def scaling_law(self) -> ScalingLaw:
+        return ScalingLaw(**self.law)
 
     @property
     def train_steps(self) -> int:
@@ -142,6 +147,10 @@ class Plan:
             f"direct: {self.direct_steps} steps, {self.direct_compute / PF_DAY:.3f} PF-days; "
             f"predicted saving {100 * self.predicted_saving:.1f}%",
         ]
+        if self.law != KAPLAN.to_dict():
+            law = self.scaling_law
+            lines.append(f"law {law.name}: Nc={law.n_c:.4g}, aN={law.alpha_n:.4g}, Sc={law.s_c:.4g}, "
+                         f"aS={law.alpha_s:.4g} (not Kaplan's)")
         if self.scaled_to_train_steps:
             lines.append(f"(stage lengths scaled to --train_steps {self.scaled_to_train_steps}; losses and "
                          f"saving are the law's for the unscaled plan)")
@@ -186,23 +195,24 @@ def stage_configs(target: GPTConfig, ops: list[str]) -> list[GPTConfig]:
 
 
 # ------------------------------------------------------------------------------------------ optimizer
-def _stage_losses(ns: list[float], steps: list[float]) -> tuple[list[float], list[float]]:
+def _stage_losses(ns: list[float], steps: list[float], law: ScalingLaw = KAPLAN) -> tuple[list[float], list[float]]:
     """Losses at the end of each stage and the law's restart step of each stage (0 for stage 0)."""
     losses, s_eff = [], [0.0]
     for k, (n, s) in enumerate(zip(ns, steps)):
         if k > 0:
-            s_eff.append(steps_to_loss(n, losses[-1]))
-        losses.append(loss_scaling_law(n, s_eff[k] + s) if s_eff[k] + s > 0 else math.inf)
+            s_eff.append(law.steps_to_loss(n, losses[-1]))
+        losses.append(law.loss(n, s_eff[k] + s) if s_eff[k] + s > 0 else math.inf)
     return losses, s_eff
 
 
-def _last_stage_steps(ns: list[float], first: list[float], target_loss: float) -> float:
+def _last_stage_steps(ns: list[float], first: list[float], target_loss: float, law: ScalingLaw = KAPLAN) -> float:
     """s_K that brings the last model to target_loss after stages `first` (may be negative)."""
-    losses, _ = _stage_losses(ns[:-1], first)
-    return steps_to_loss(ns[-1], target_loss) - steps_to_loss(ns[-1], losses[-1])
+    losses, _ = _stage_losses(ns[:-1], first, law)
+    return law.steps_to_loss(ns[-1], target_loss) - law.steps_to_loss(ns[-1], losses[-1])
 
 
-def optimize_stage_steps(ns: list[float], target_loss: float, s_direct: float) -> list[float]:
+def optimize_stage_steps(ns: list[float], target_loss: float, s_direct: float,
+                         law: ScalingLaw = KAPLAN) -> list[float]:
     """Stage lengths (steps) minimizing sum N_k s_k subject to reaching target_loss (SLSQP)."""
     k = len(ns) - 1
     if k == 0:
@@ -211,7 +221,7 @@ def optimize_stage_steps(ns: list[float], target_loss: float, s_direct: float) -
 
     def full(u):  # u: first K stage lengths in units of s_direct
         first = [max(float(v), 1e-9) * s_direct for v in u]
-        return first + [_last_stage_steps(ns, first, target_loss)]
+        return first + [_last_stage_steps(ns, first, target_loss, law)]
 
     def cost(u):  # staged compute / direct compute
         return sum(n * s for n, s in zip(ns, full(u))) / (n_t * s_direct)
@@ -232,8 +242,9 @@ def optimize_stage_steps(ns: list[float], target_loss: float, s_direct: float) -
 
 def plan_stages(target, ops: list[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                 depth_op: str = DEFAULT_DEPTH_OP,
-                restart_warmup_frac: float = DEFAULT_RESTART_WARMUP_FRAC) -> Plan:
-    """The compute-optimal staged plan for `target` (preset name or GPTConfig) grown by `ops`."""
+                restart_warmup_frac: float = DEFAULT_RESTART_WARMUP_FRAC, law: ScalingLaw = KAPLAN) -> Plan:
+    """The compute-optimal staged plan for `target` (preset name or GPTConfig) grown by `ops`,
+    under `law` (Kaplan's constants unless given)."""
     if not ops:
         raise ConfigError("give at least one growth operator, e.g. ops=['width'].")
     if batch_tokens <= 0:
@@ -242,17 +253,17 @@ def plan_stages(target, ops: list[str], *, batch_tokens: int = DEFAULT_BATCH_TOK
     trainer_ops = [_normalize_op(op, depth_op) for op in ops]
     cfgs = stage_configs(target_cfg, trainer_ops)
     ns = [c.n_params_non_embedding for c in cfgs]
-    s_direct = optimality_step(ns[-1])
-    target_loss = loss_scaling_law(ns[-1], s_direct)
-    law_steps = optimize_stage_steps(ns, target_loss, s_direct)
+    s_direct = law.optimality_step(ns[-1])
+    target_loss = law.loss(ns[-1], s_direct)
+    law_steps = optimize_stage_steps(ns, target_loss, s_direct, law)
     return _build(name, cfgs, trainer_ops, law_steps, [max(1, round(s)) for s in law_steps],
-                  target_loss, s_direct, batch_tokens, restart_warmup_frac, None)
+                  target_loss, s_direct, batch_tokens, restart_warmup_frac, None, law)
 
 
 def _build(name, cfgs, ops, law_steps, int_steps, target_loss, s_direct, batch_tokens, warmup_frac,
-           scaled_to) -> Plan:
+           scaled_to, law: ScalingLaw = KAPLAN) -> Plan:
     ns = [c.n_params_non_embedding for c in cfgs]
-    losses, s_eff = _stage_losses(ns, law_steps)
+    losses, s_eff = _stage_losses(ns, law_steps, law)
     stages, counter, run_step = [], 0, 0
     for k, (cfg, steps) in enumerate(zip(cfgs, int_steps)):
         last = k == len(cfgs) - 1
@@ -270,19 +281,19 @@ def _build(name, cfgs, ops, law_steps, int_steps, target_loss, s_direct, batch_t
     direct = compute(ns[-1], batch_tokens, direct_steps)
     law_saving = 1.0 - sum(n * s for n, s in zip(ns, law_steps)) / (ns[-1] * s_direct)
     return Plan(name, list(ops), int(batch_tokens), stages, float(target_loss), direct_steps, total, direct,
-                float(law_saving), scaled_to, [float(s) for s in law_steps])
+                float(law_saving), scaled_to, [float(s) for s in law_steps], law.to_dict())
 
 
 def plan_for_run(target, ops: list[str], train_steps: int | None = None, *,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, depth_op: str = DEFAULT_DEPTH_OP,
-                 restart_warmup_frac: float = DEFAULT_RESTART_WARMUP_FRAC) -> Plan:
+                 restart_warmup_frac: float = DEFAULT_RESTART_WARMUP_FRAC, law: ScalingLaw = KAPLAN) -> Plan:
     """`plan_stages`, with stage lengths scaled so the run takes exactly `train_steps` optimizer steps.
 
     Approximation: the law is fitted on GPT-2-scale runs at the critical batch; a small run keeps only the
     plan's shape (each stage's fraction of the run, restart R = S_grow / constant_op, warmup fraction).
     """
     plan = plan_stages(target, ops, batch_tokens=batch_tokens, depth_op=depth_op,
-                       restart_warmup_frac=restart_warmup_frac)
+                       restart_warmup_frac=restart_warmup_frac, law=law)
     if train_steps is None:
         return plan
     n = len(plan.stages)
@@ -295,27 +306,28 @@ def plan_for_run(target, ops: list[str], train_steps: int | None = None, *,
         raise ConfigError(f"train_steps={train_steps} leaves no steps for the last stage.")
     name, target_cfg = _resolve_target(target)
     cfgs = stage_configs(target_cfg, plan.ops)
-    s_direct = optimality_step(cfgs[-1].n_params_non_embedding)
+    s_direct = law.optimality_step(cfgs[-1].n_params_non_embedding)
     return _build(name, cfgs, plan.ops, plan.law_stage_steps, ints, plan.target_loss, s_direct, batch_tokens,
-                  restart_warmup_frac, train_steps)
+                  restart_warmup_frac, train_steps, law)
 
 
 def law_curves(plan: Plan, points: int = 200) -> dict:
     """Predicted loss against compute (law, unscaled stage lengths) for the staged plan and the direct run."""
+    law = plan.scaling_law
     ns = [s.n_params for s in plan.stages]
-    _, s_eff = _stage_losses(ns, plan.law_stage_steps)
+    _, s_eff = _stage_losses(ns, plan.law_stage_steps, law)
     b = plan.batch_tokens
     staged_c, staged_l, c0 = [], [], 0.0
     for n, s, se in zip(ns, plan.law_stage_steps, s_eff):
         t = np.linspace(s / points if se == 0 else 0.0, s, points)
         staged_c.append(c0 + compute(n, b, t))
-        staged_l.append(np.array([loss_scaling_law(n, se + v) for v in t]))
+        staged_l.append(np.array([law.loss(n, se + v) for v in t]))
         c0 += compute(n, b, s)
-    s_direct = optimality_step(ns[-1])
+    s_direct = law.optimality_step(ns[-1])
     sd = np.geomspace(s_direct / 1e3, s_direct, points)
     return {"staged": (np.concatenate(staged_c), np.concatenate(staged_l)),
             "growth": [(c[-1], l[-1]) for c, l in zip(staged_c[:-1], staged_l[:-1])],
-            "direct": (compute(ns[-1], b, sd), np.array([loss_scaling_law(ns[-1], v) for v in sd]))}
+            "direct": (compute(ns[-1], b, sd), np.array([law.loss(ns[-1], v) for v in sd]))}
 
 
 def plot_plan(plan: Plan, path: str) -> None:

@@ -14,6 +14,7 @@ already assumes the critical batch; a run at another batch size moves along the 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 # Kaplan et al. 2020, Table 5 (Appendix A).
 N_C = 8.8e13  # Nc: parameter scale of the N term
@@ -33,21 +34,76 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be > 0, got {value!r}.")
 
 
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, S) = (n_c / N)^alpha_n + (2 s_c / S)^alpha_s with given constants (default: Kaplan's).
+
+    `KAPLAN` is the law the planner uses unless told otherwise; `compare.fit_law` fits the same form to
+    real curves (docs/schedule.md, "The planner against the curves").
+    """
+
+    n_c: float = N_C
+    alpha_n: float = ALPHA_N
+    s_c: float = S_C
+    alpha_s: float = ALPHA_S
+    name: str = "kaplan"
+
+    def param_term(self, n_params: float) -> float:
+        """(Nc / N)^aN: the loss an infinitely long run of N parameters approaches."""
+        _check_positive(n_params=n_params)
+        return (self.n_c / n_params) ** self.alpha_n
+
+    def step_term(self, steps: float) -> float:
+        """(2 Sc / S)^aS."""
+        _check_positive(steps=steps)
+        return (2.0 * self.s_c / steps) ** self.alpha_s
+
+    def loss(self, n_params: float, steps: float) -> float:
+        """L(N, S), nats/token."""
+        return self.param_term(n_params) + self.step_term(steps)
+
+    def steps_to_loss(self, n_params: float, loss: float) -> float:
+        """The inverse in S: S = 2 Sc / (L - (Nc/N)^aN)^(1/aS). Raises at or below the model's asymptote."""
+        gap = loss - self.param_term(n_params)
+        if not gap > 0:
+            raise ValueError(
+                f"A model with N={n_params:.4g} never reaches loss {loss:.4f} under the scaling law "
+                f"(its asymptote is {self.param_term(n_params):.4f})."
+            )
+        return 2.0 * self.s_c / gap ** (1.0 / self.alpha_s)
+
+    def slope(self, n_params: float, steps: float) -> float:
+        """d log L / d log C along one model's curve: -aS (2Sc/S)^aS / L (N, B fixed)."""
+        term = self.step_term(steps)
+        return -self.alpha_s * term / (self.param_term(n_params) + term)
+
+    def optimality_step(self, n_params: float, slope: float = OPTIMALITY_SLOPE) -> float:
+        """The step at which slope(N, S) == `slope`: D = (2Sc/S)^aS = -slope A / (aS + slope)."""
+        if not -self.alpha_s < slope < 0:
+            raise ValueError(f"slope must be in ({-self.alpha_s}, 0), got {slope}.")
+        d = -slope * self.param_term(n_params) / (self.alpha_s + slope)
+        return 2.0 * self.s_c / d ** (1.0 / self.alpha_s)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+KAPLAN = ScalingLaw()
+
+
 def param_term(n_params: float) -> float:
     """(Nc / N)^aN: the loss an infinitely long run of N parameters approaches."""
-    _check_positive(n_params=n_params)
-    return (N_C / n_params) ** ALPHA_N
+    return KAPLAN.param_term(n_params)
 
 
 def step_term(steps: float) -> float:
     """(2 Sc / S)^aS."""
-    _check_positive(steps=steps)
-    return (2.0 * S_C / steps) ** ALPHA_S
+    return KAPLAN.step_term(steps)
 
 
 def loss_scaling_law(n_params: float, steps: float) -> float:
     """L(N, S) = (Nc/N)^aN + (2 Sc/S)^aS, nats/token."""
-    return param_term(n_params) + step_term(steps)
+    return KAPLAN.loss(n_params, steps)
 
 
 def steps_to_loss(n_params: float, loss: float) -> float:
@@ -55,13 +111,7 @@ def steps_to_loss(n_params: float, loss: float) -> float:
 
     S = 2 Sc / (L - (Nc/N)^aN)^(1/aS). Raises if the loss is at or below the model's asymptote.
     """
-    gap = loss - param_term(n_params)
-    if not gap > 0:
-        raise ValueError(
-            f"A model with N={n_params:.4g} never reaches loss {loss:.4f} under the scaling law "
-            f"(its asymptote is {param_term(n_params):.4f})."
-        )
-    return 2.0 * S_C / gap ** (1.0 / ALPHA_S)
+    return KAPLAN.steps_to_loss(n_params, loss)
 
 
 def critical_batch(loss: float) -> float:
@@ -80,8 +130,7 @@ def loss_slope(n_params: float, steps: float) -> float:
 
     d log L / d log S = -aS (2Sc/S)^aS / L; the base of the logarithms cancels.
     """
-    term = step_term(steps)
-    return -ALPHA_S * term / (param_term(n_params) + term)
+    return KAPLAN.slope(n_params, steps)
 
 
 def optimality_step(n_params: float, slope: float = OPTIMALITY_SLOPE) -> float:
@@ -89,10 +138,7 @@ def optimality_step(n_params: float, slope: float = OPTIMALITY_SLOPE) -> float:
 
     Solving -aS D / (A + D) = slope for D = (2Sc/S)^aS gives D = -slope A / (aS + slope).
     """
-    if not -ALPHA_S < slope < 0:
-        raise ValueError(f"slope must be in ({-ALPHA_S}, 0), got {slope}.")
-    d = -slope * param_term(n_params) / (ALPHA_S + slope)
-    return 2.0 * S_C / d ** (1.0 / ALPHA_S)
+    return KAPLAN.optimality_step(n_params, slope)
 
 
 def law_summary(n_params: float, steps: float, batch_tokens: float = DEFAULT_BATCH_TOKENS) -> dict:

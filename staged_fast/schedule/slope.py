@@ -1,19 +1,32 @@
 """The slope rule on real validation-loss curves: when to grow, when a model is "optimal", what it saves.
 
-The rule (the staged-training authors' analysis, DESIGN.md):
+Two variants: `rule="online"` (the default; the trainer applies it live, `SlopeTrigger`) and
+`rule="authors"` (the authors' offline analysis of their curves, exactly as their notebook computes it).
+
+The online rule:
   1. spikes: walk the curve and drop a point whose loss is more than 1% above the last kept point;
   2. y = running mean (trailing window of 5 kept points) of log10(val_loss), x = log10(C), C = 6 N B step;
   3. dy/dx by backward finite differences between consecutive smoothed points;
   4. from the steepest point (minimum of dy/dx), the first later point where dy/dx exceeds a threshold.
      We also require the steepest slope to be below the threshold (a curve that never was steeper than
      the threshold has no crossing to find).
-`smooth_x=True` (not the default, which is the authors' rule) also takes the running mean of x over the
-same window. It fixes an artefact of the literal rule: where a point is missing (a removed spike, a gap
-in the log), the smoothed y moves by one window shift while x jumps two intervals, so dy/dx halves for
-one point and can cross the threshold by accident (it does on GPT2_large: see docs/schedule.md).
-Trailing windows and backward differences make the offline rule and the online `SlopeTrigger` see the
-same numbers. Because N and B are constant along one model's curve, dx = d log10(step): the slope does not
-depend on N or B; they only place the curve on the compute axis.
+  5. R = the first target step whose smoothed loss is <= the small model's smoothed loss at growth.
+`smooth_x=True` (not the default) also takes the running mean of x over the same window. It fixes an
+artefact of the trailing rule: where a point is missing (a removed spike, a gap in the log), the smoothed
+y moves by one window shift while x jumps two intervals, so dy/dx halves for one point and can cross the
+threshold by accident (it does on GPT2_large: see docs/schedule.md). Trailing windows and backward
+differences make the offline rule and the online `SlopeTrigger` see the same numbers.
+
+The authors' rule (allenai/staged-training, notebooks/remove_oracle.ipynb), which needs the whole curve:
+same spike removal; y = *centred* moving average of log10(loss) (scipy `uniform_filter1d`, size 5,
+default 'reflect' edges), x = log10(C) unsmoothed; the slope at point i is the forward difference
+(y[i+1] - y[i]) / (x[i+1] - x[i]); the point is the first i from the steepest slope on (inclusive) whose
+slope exceeds the threshold; its loss is the *unsmoothed* spike-removed loss, and R is the target step
+whose unsmoothed spike-removed loss is nearest to it (`authors_curve`, `authors_threshold_index`,
+`authors_restart_index`).
+
+Because N and B are constant along one model's curve, dx = d log10(step): neither rule's slope depends on
+N or B; they only place the curve on the compute axis.
 """
 from __future__ import annotations
 
@@ -25,6 +38,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .scaling_law import DEFAULT_BATCH_TOKENS, OPTIMALITY_SLOPE, compute
+
+RULES = ("online", "authors")  # analyze_pair(rule=...): the trainer's online rule, the authors' offline one
 
 SPIKE_TOLERANCE = 0.01  # drop a point more than 1% above the last kept point
 SMOOTH_WINDOW = 5
@@ -150,6 +165,50 @@ def restart_index(target: SlopeCurve, loss: float) -> int | None:
     return int(hit[0]) if len(hit) else None
 
 
+# --------------------------------------------------------------------------------- the authors' rule
+@dataclass
+class AuthorsCurve:
+    """The authors' rule's view of one curve; arrays aligned, one entry per spike-removed point."""
+
+    steps: np.ndarray  # spike-removed steps
+    loss: np.ndarray  # spike-removed, unsmoothed loss
+    x: np.ndarray  # log10(6 N B step)
+    y: np.ndarray  # centred moving average of log10(loss)
+    slope: np.ndarray  # forward difference (y[i+1]-y[i]) / (x[i+1]-x[i]); NaN at the last point
+
+
+def authors_curve(curve: Curve, n_params: float, batch_tokens: float = DEFAULT_BATCH_TOKENS,
+                  window: int = SMOOTH_WINDOW) -> AuthorsCurve:
+    """The authors' smoothing: centred `uniform_filter1d(log10 loss, window)` against log10(6 N B step)."""
+    from scipy.ndimage import uniform_filter1d
+
+    steps, loss = remove_spikes(curve.steps, curve.loss)
+    if len(steps) < 2:
+        raise ValueError(f"curve {curve.name!r}: {len(steps)} points after spike removal, need >= 2.")
+    x = np.log10(compute(n_params, batch_tokens, steps))
+    y = uniform_filter1d(np.log10(loss), size=window)
+    slope = np.full(len(y), np.nan)
+    slope[:-1] = np.diff(y) / np.diff(x)
+    return AuthorsCurve(steps, loss, x, y, slope)
+
+
+def authors_threshold_index(ac: AuthorsCurve, threshold: float) -> int | None:
+    """First index i >= argmin(slope) with slope[i] > threshold (the authors' loop), or None.
+
+    As in the notebook the search starts *at* the steepest point, so a curve whose steepest slope is
+    already above the threshold fires there. Where no later slope exceeds the threshold the notebook's
+    loop falls through and returns the last index it looked at; we return None instead.
+    """
+    i_min = int(np.nanargmin(ac.slope))
+    later = np.nonzero(ac.slope[i_min:] > threshold)[0]
+    return int(i_min + later[0]) if len(later) else None
+
+
+def authors_restart_index(target: AuthorsCurve, loss: float) -> int:
+    """Index of the target point whose (unsmoothed, spike-removed) loss is nearest to `loss` (first on ties)."""
+    return int(np.argmin(np.abs(target.loss - loss)))
+
+
 # ------------------------------------------------------------------------------------- pair analysis
 @dataclass
 class PairResult:
@@ -173,6 +232,7 @@ class PairResult:
     window: int = SMOOTH_WINDOW
     smooth_x: bool = False
     note: str = ""  # why a field is None
+    rule: str = "online"  # "online" (trailing window, smoothed losses) or "authors" (see the module docstring)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,29 +250,41 @@ def _saving(small_n, target_n, b, s_grow, r, s_opt):
 
 def analyze_pair(small: Curve, target: Curve, op: str, small_params: float, target_params: float,
                  batch_tokens: float = DEFAULT_BATCH_TOKENS, window: int = SMOOTH_WINDOW,
-                 smooth_x: bool = False) -> PairResult:
+                 smooth_x: bool = False, rule: str = "online") -> PairResult:
     """Growth step, restart step, constant_op, optimality and compute saving for one small->target pair.
 
     staged = C_small(S_grow) + C_target(S_opt - R); direct = C_target(S_opt); saving = 1 - staged/direct.
     Saving is None when R >= S_opt (growth happens after the target's optimality loss; see `note`).
+    rule="online": trailing window, smoothed losses, R = first target step with smoothed loss <= L_grow;
+    rule="authors": the authors' notebook (centred window, unsmoothed losses, R = nearest loss).
     """
+    if rule not in RULES:
+        raise ValueError(f"Unknown rule {rule!r}: choose one of {', '.join(RULES)}.")
+    if rule == "authors" and smooth_x:
+        raise ValueError("smooth_x belongs to the online rule; the authors' rule never smooths x.")
     kind = op_kind(op)
-    s_sc = slope_curve(small, small_params, batch_tokens, window, smooth_x)
-    t_sc = slope_curve(target, target_params, batch_tokens, window, smooth_x)
+    if rule == "online":
+        s_sc = slope_curve(small, small_params, batch_tokens, window, smooth_x)
+        t_sc = slope_curve(target, target_params, batch_tokens, window, smooth_x)
+        find, s_loss, t_loss = find_threshold_index, s_sc.loss, t_sc.loss
+    else:
+        s_sc = authors_curve(small, small_params, batch_tokens, window)
+        t_sc = authors_curve(target, target_params, batch_tokens, window)
+        find, s_loss, t_loss = authors_threshold_index, s_sc.loss, t_sc.loss
     res = PairResult(small.name, target.name, kind, small_params, target_params, batch_tokens,
                      None, None, None, None, constant_op(kind), None, None, None, None, None, None,
-                     window, smooth_x)
-    i_opt = find_threshold_index(t_sc, threshold_for("optimality"))
+                     window, smooth_x, rule=rule)
+    i_opt = find(t_sc, threshold_for("optimality"))
     if i_opt is not None:
-        res.opt_step, res.opt_loss = float(t_sc.steps[i_opt]), float(t_sc.loss[i_opt])
+        res.opt_step, res.opt_loss = float(t_sc.steps[i_opt]), float(t_loss[i_opt])
     else:
         res.note = "the target curve never crosses the optimality threshold"
-    i_grow = find_threshold_index(s_sc, threshold_for(kind))
+    i_grow = find(s_sc, threshold_for(kind))
     if i_grow is None:
         res.note = "the small curve never crosses the growth threshold"
         return res
-    res.grow_step, res.grow_loss = float(s_sc.steps[i_grow]), float(s_sc.loss[i_grow])
-    i_r = restart_index(t_sc, res.grow_loss)
+    res.grow_step, res.grow_loss = float(s_sc.steps[i_grow]), float(s_loss[i_grow])
+    i_r = restart_index(t_sc, res.grow_loss) if rule == "online" else authors_restart_index(t_sc, res.grow_loss)
     if i_r is not None:
         res.restart_step = float(t_sc.steps[i_r])
         res.measured_constant = res.grow_step / res.restart_step
@@ -241,7 +313,7 @@ LOG_PAIRS = (
 
 
 def analyze_logs(logs_dir: str, batch_tokens: float = DEFAULT_BATCH_TOKENS,
-                 window: int = SMOOTH_WINDOW, smooth_x: bool = False) -> list[PairResult]:
+                 window: int = SMOOTH_WINDOW, smooth_x: bool = False, rule: str = "online") -> list[PairResult]:
     """Run `analyze_pair` on the four pairs of the authors' logs (`<preset>.csv` files in `logs_dir`)."""
     from ..config import preset_config
 
@@ -251,7 +323,7 @@ def analyze_logs(logs_dir: str, batch_tokens: float = DEFAULT_BATCH_TOKENS,
         ct = read_curve(os.path.join(logs_dir, target + ".csv"))
         out.append(analyze_pair(cs, ct, op, preset_config(small).n_params_non_embedding,
                                 preset_config(target).n_params_non_embedding, batch_tokens, window,
-                                smooth_x))
+                                smooth_x, rule))
     return out
 
 
