@@ -54,6 +54,9 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
     return None, name
 
 
+ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_triton", "ours_triton_compile")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="GPT2_base", choices=list(PRESETS), help="model preset")
@@ -64,8 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1, help="embedding/residual/attention dropout of both models")
     p.add_argument("--steps", type=int, default=None, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
-    p.add_argument("--no_compile", action="store_true",
-                   help="skip the torch.compile rows (HF compiled, ours triton + compile; each compiles ~1 min)")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated rows to run, of {','.join(ROWS)} (hf_sdpa, the baseline, always runs; "
+                   "each compiled row spends ~30-60 s compiling in its warm-up)")
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
     return p.parse_args(argv)
 
@@ -134,16 +138,21 @@ def main(argv=None):
 
     # (row name, model, loss key, our kernels, compiled). HF eager = its plain attention (materialised
     # scores); HF SDPA is the baseline of vs_hf; compiled rows pay a one-off compile in the warm-up.
+    wanted = set(args.rows.split(",")) | {"hf_sdpa"}
+    unknown = wanted - set(ROWS)
+    if unknown:
+        raise SystemExit(f"unknown --rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     runs = [("hf_sdpa", hf, "hf", None, False)]
-    if cuda:
+    if cuda and "hf_eager" in wanted:
         runs.append(("hf_eager", build_models(args, device, "eager")[2], "hf", None, False))
-        if not args.no_compile:
-            runs.append(("hf_sdpa_compiled", hf, "hf", None, True))
-    runs.append(("ours_torch", ours, "ours", "torch", False))
-    if backend != "torch":
+    if cuda and "hf_sdpa_compiled" in wanted:
+        runs.append(("hf_sdpa_compiled", hf, "hf", None, True))
+    if "ours_torch" in wanted:
+        runs.append(("ours_torch", ours, "ours", "torch", False))
+    if backend != "torch" and f"ours_{backend}" in wanted:
         runs.append((f"ours_{backend}", ours, "ours", backend, False))
-        if cuda and not args.no_compile:
-            runs.append((f"ours_{backend}_compile", ours, "ours", backend, True))
+    if backend != "torch" and cuda and f"ours_{backend}_compile" in wanted:
+        runs.append((f"ours_{backend}_compile", ours, "ours", backend, True))
     rows = []
     for name, model, fn_key, kernels, compiled in runs:
         if kernels is not None:

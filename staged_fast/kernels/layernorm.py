@@ -311,6 +311,44 @@ _ln_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 _ln_res_op.register_autograd(_ln_res_backward, setup_context=_ln_res_setup)
 
 
+# ---- eager path: the same launchers behind a plain autograd.Function ----
+# A Python custom op costs tens of microseconds of dispatch per call, more than these kernels take on
+# a GPU at GPT-2 sizes; eager training therefore calls the launchers through autograd.Function, and only
+# a torch.compile trace (which needs the opaque op) goes through the torch.library registration.
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd)
+        return dx, dw, db, None, None
+
+
+class _LayerNormResidualFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype):
+        y, s, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual, out_dtype=out_dtype)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype, y.dtype)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, mean, rstd = ctx.saved_tensors
+        x_dtype, residual_dtype, y_dtype = ctx.dtypes
+        if dy is None:
+            dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
+        dsum, dw, db = layer_norm_backward(dy, s, weight, mean, rstd, ds)
+        return dsum.to(x_dtype), dsum.to(residual_dtype), dw, db, None, None
+
+
 # ---- public API ----
 
 
@@ -330,8 +368,10 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     if residual is not None:
         return layer_norm_residual(x, residual, weight, bias, eps)
     _check("layer_norm", x, weight, bias)
-    y, _, _ = _ln_op(x, weight, bias, float(eps), _output_dtype(x, x.dtype))
-    return y
+    out_dtype = _output_dtype(x, x.dtype)
+    if torch.compiler.is_compiling():
+        return _ln_op(x, weight, bias, float(eps), out_dtype)[0]
+    return _LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype)
 
 
 def layer_norm_residual(x, residual, weight, bias, eps: float = 1e-5):
@@ -339,9 +379,11 @@ def layer_norm_residual(x, residual, weight, bias, eps: float = 1e-5):
     dtype (under autocast the branch output is 16-bit, the residual stream fp32): s takes the promoted
     dtype, as torch's `x + residual`."""
     _check("layer_norm_residual", x, weight, bias, residual)
-    s_dtype = torch.promote_types(x.dtype, residual.dtype)
-    y, s, _, _ = _ln_res_op(x, residual, weight, bias, float(eps), _output_dtype(x, s_dtype))
-    return y, s
+    out_dtype = _output_dtype(x, torch.promote_types(x.dtype, residual.dtype))
+    if torch.compiler.is_compiling():
+        y, s, _, _ = _ln_res_op(x, residual, weight, bias, float(eps), out_dtype)
+        return y, s
+    return _LayerNormResidualFunction.apply(x, residual, weight, bias, float(eps), out_dtype)
 
 
 def layer_norm_reference(x, weight, bias, eps: float = 1e-5, residual=None):
