@@ -153,6 +153,10 @@ def validate(name, fn, torch_fn, ref_fn, inputs, grads_out) -> None:
         assert_within_torch_error(o, t, r, name=f"{name} tensor {i}", atol=atol)
 
 
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, extra=None):
     """One row per mode; `work(mode)` is bytes (GB/s) or FLOPs (TFLOP/s) of that mode;
     baseline: (name, its times) for the speedup column. GB/s rows also get frac_spec (the card's
@@ -167,6 +171,7 @@ def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, 
             row["vs"], row["speedup"] = baseline[0], baseline[1][mode] / ms
         row.update(extra or {})
         rows.append(row)
+        print("row:", " | ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)  # survives a timeout
 
 
 # ---- LayerNorm ----

@@ -93,14 +93,14 @@ install_wait() {
 }
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
-step tests_kernels 150 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
-step bench_kernels 120 "$PY" benchmarks/bench_kernels.py --quick --json "$OUT_DIR/bench_kernels.json"
+step tests_kernels 120 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
+step bench_kernels 100 "$PY" benchmarks/bench_kernels.py --quick --json "$OUT_DIR/bench_kernels.json"
 install_wait
-step tests_ext 60 "$PY" -m pytest -q -x tests/test_ext_ops.py
-step bench_train 150 "$PY" benchmarks/bench_train.py --quick ${BENCH_TRAIN_ROWS:+--rows $BENCH_TRAIN_ROWS} \
+step tests_ext 30 "$PY" -m pytest -q -x tests/test_ext_ops.py
+step bench_train 110 "$PY" benchmarks/bench_train.py --quick ${BENCH_TRAIN_ROWS:+--rows $BENCH_TRAIN_ROWS} \
   --json "$OUT_DIR/bench_train.json"
-step bench_growth 60 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
-step profile 60 "$PY" benchmarks/profile_ops.py
+step bench_growth 40 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
+step profile 40 "$PY" benchmarks/profile_ops.py
 IGNORES=""
 for f in $KERNEL_TESTS tests/test_ext_ops.py; do IGNORES="$IGNORES --ignore=$f"; done
 step tests_rest 150 "$PY" -m pytest -q -x $XDIST tests $IGNORES

@@ -7,6 +7,12 @@
 #include "grow_tiles.h"
 
 namespace staged_fast {
+// Internal linkage: each translation unit (g++ for grow_cpu.cpp, nvcc's host pass for grow_cuda.cu) keeps
+// its own copy. As plain `inline` functions the linker kept one of the two for both, and a CUDA build
+// on the H200 (torch 2.11, nvcc 13.0) crashed (SIGSEGV) when the CPU kernel's argument check threw
+// (tests/test_ext_ops.py::test_bad_arguments_raise). That sharing is the suspected cause, removed here;
+// the fix has not yet been re-run on a GPU (benchmarks/RESULTS.md).
+namespace {
 
 inline Tiling make_tiling(int64_t groups, int64_t rows, int64_t cols, int64_t row_halves, int64_t col_halves,
                           bool block_diagonal) {
@@ -51,4 +57,5 @@ inline void check_grow_args(const at::TensorList& src, const at::TensorList& dst
   }
 }
 
+}  // namespace
 }  // namespace staged_fast

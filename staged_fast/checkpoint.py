@@ -8,10 +8,17 @@ A checkpoint is a folder `<save_dir>/step_<8-digit update>/`:
 
 It is written into a temporary folder, every file fsync'ed, meta.json last, then renamed into place:
 a crash at any moment leaves either the complete new checkpoint or none, and the previous one intact.
-Loading checks meta.json's sizes and hashes, so a truncated or corrupted file is reported, not used.
+Loading checks meta.json's sizes and hashes, so a truncated or corrupted file is reported, not used; which
+files must be there is fixed by the format (REQUIRED_FILES), not by meta.json. --keep_last pruning renames a
+checkpoint out of the listing before deleting it, so a kill mid-delete never leaves a half-deleted one listed.
+A write that finds the disk full (checked before writing, and recognized when it fails) removes its partial
+folder and raises a CheckpointError naming the filesystem, the bytes needed and the bytes free.
+Temporary folders (`.tmp-*`) of interrupted writes are removed at start by the run that owns the folder
+(run_folder.remove_leftovers), never by a reader.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +34,10 @@ from .config import GPTConfig
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = ".tmp-"  # temporary folders: writes in progress, old copies being replaced or pruned
+REQUIRED_FILES = ("model.safetensors", "trainer.pt")  # every checkpoint has them, listed and verified
+OPTIONAL_FILES = ("optimizer.pt",)  # absent when saved without an optimizer; if present, listed and verified
+_NO_SPACE_SIGNS = ("No space left", "os error 28", "StorageFull", "Disk quota exceeded", "unexpected pos")
 
 
 class CheckpointError(RuntimeError):
@@ -94,32 +104,48 @@ def save_checkpoint(
     tmp = save_dir / f"{_TMP_PREFIX}step_{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
 
-    files = {}
-    save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
-    files["model.safetensors"] = tmp / "model.safetensors"
+    model_state = model_state_for_saving(model)
+    optimizer_blob = None
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        torch.save({"state_dict": optimizer.state_dict(), "param_names": order}, tmp / "optimizer.pt")
-        files["optimizer.pt"] = tmp / "optimizer.pt"
-    torch.save(dict(trainer_state or {}), tmp / "trainer.pt")
-    files["trainer.pt"] = tmp / "trainer.pt"
-    for path in files.values():
-        _fsync_file(path)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "config": config.to_dict(),
-        "files": {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()},
-    }
-    meta_path = tmp / "meta.json"
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+        optimizer_blob = {"state_dict": optimizer.state_dict(), "param_names": order}
+    trainer_state = dict(trainer_state or {})
+    needed = _tensor_bytes(model_state) + _tensor_bytes(optimizer_blob) + _tensor_bytes(trainer_state) + (1 << 20)
+    free = _free_bytes(save_dir)
+    if free is not None and free < needed:
+        raise _disk_full_error(save_dir, final.name, needed, free, None)
+
+    files = {}
+    try:
+        tmp.mkdir()
+        save_file(model_state, str(tmp / "model.safetensors"))
+        files["model.safetensors"] = tmp / "model.safetensors"
+        if optimizer_blob is not None:
+            torch.save(optimizer_blob, tmp / "optimizer.pt")
+            files["optimizer.pt"] = tmp / "optimizer.pt"
+        torch.save(trainer_state, tmp / "trainer.pt")
+        files["trainer.pt"] = tmp / "trainer.pt"
+        for path in files.values():
+            _fsync_file(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "config": config.to_dict(),
+            "files": {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()},
+        }
+        meta_path = tmp / "meta.json"
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException as e:  # the partial folder would keep a full disk full: remove it, then say why
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _is_no_space(e):
+            raise _disk_full_error(save_dir, final.name, needed, _free_bytes(save_dir), e) from e
+        raise
     if _before_commit is not None:  # test hook: simulate a crash before the rename
         _before_commit(tmp)
     if final.exists():  # re-saving the same step: move the old one aside first, then swap
@@ -131,9 +157,87 @@ def save_checkpoint(
         tmp.rename(final)
     _fsync_dir(save_dir)
     if keep_last:
-        for old in list_checkpoints(save_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(save_dir, keep_last)
     return final
+
+
+def prune(save_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints: each is first renamed out of the listing (one
+    atomic rename), then deleted, so a kill mid-delete leaves a `.tmp-` folder, never a listed half-checkpoint."""
+    save_dir = Path(save_dir)
+    doomed = []
+    for old in list_checkpoints(save_dir)[:-keep_last]:
+        trash = save_dir / f"{_TMP_PREFIX}del-{old.name}-{os.getpid()}"
+        old.rename(trash)
+        doomed.append(trash)
+    if doomed:
+        _fsync_dir(save_dir)
+    for trash in doomed:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors inside a (nested) state: what a checkpoint file of it needs, roughly."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or how torch.save ('unexpected pos') and safetensors ('os error 28') report it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(sign in str(exc) for sign in _NO_SPACE_SIGNS)
+
+
+def filesystem_of(path: str | os.PathLike) -> str:
+    """'<mount point> (<type> on <device>)' of the filesystem that holds `path`."""
+    mount = os.path.realpath(path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    kind = None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and fields[1].replace("\\040", " ") == mount:
+                    kind = f"{fields[2]} on {fields[0]}"  # the last entry for a mount point is the visible one
+    except OSError:
+        pass
+    return f"{mount} ({kind})" if kind else mount
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _disk_full_error(save_dir: Path, name: str, needed: int, free: int | None, cause) -> CheckpointError:
+    found = list_checkpoints(save_dir)
+    earlier = f"the newest intact one is {found[-1].name}" if found else "there are none in it yet"
+    free_text = "an unknown number of bytes free" if free is None else f"{free:,} bytes free ({_human(free)})"
+    how = "" if cause is None else f" (writing it failed with {type(cause).__name__}: {str(cause).strip()[:200]})"
+    return CheckpointError(
+        f"disk full: checkpoint {name} cannot be written to {save_dir}{how}: the filesystem "
+        f"{filesystem_of(save_dir)} has {free_text} and the checkpoint needs about {needed:,} bytes "
+        f"({_human(needed)}). Nothing of it was left behind and earlier checkpoints are intact ({earlier}). "
+        f"Free space on that filesystem (or lower --keep_last), or write to another one, then continue the run "
+        f"with --resume latest."
+    )
 
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
@@ -170,7 +274,15 @@ def resolve_checkpoint(path: str | os.PathLike, save_dir: str | os.PathLike | No
 
 
 def _verify(path: Path, meta: dict) -> None:
-    for name, info in meta.get("files", {}).items():
+    files = meta["files"]
+    for name in (*REQUIRED_FILES, *OPTIONAL_FILES):
+        required = name in REQUIRED_FILES or (path / name).exists()
+        if required and name not in files:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its meta.json does not list {name} (size and sha256), so the file "
+                f"cannot be verified. Resume from an earlier checkpoint in {path.parent}."
+            )
+    for name, info in files.items():
         f = path / name
         if not f.exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing. Use an earlier checkpoint.")
@@ -187,10 +299,23 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path / 'meta.json'} ({e}); the checkpoint is damaged.") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / 'meta.json'} is not a JSON object; the checkpoint is damaged.")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {version}; this staged_fast reads version {FORMAT_VERSION}."
+        )
+    problems = [f"'{key}' is missing or not {what}" for key, kind, what in (
+        ("step", int, "an integer"), ("config", dict, "an object"), ("files", dict, "an object"))
+        if not isinstance(meta.get(key), kind)]
+    for name, info in meta.get("files", {}).items() if isinstance(meta.get("files"), dict) else ():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            problems.append(f"the entry of {name!r} in 'files' has no integer 'bytes' and string 'sha256'")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: in its meta.json {'; '.join(problems)}. Resume from an earlier "
+            f"checkpoint in {path.parent}."
         )
     return meta
 
@@ -200,7 +325,10 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True, ver
     meta = read_meta(path)
     if verify:
         _verify(path, meta)
-    config = GPTConfig.from_dict(meta["config"])
+    try:
+        config = GPTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"checkpoint {path} is damaged: the config in its meta.json is invalid ({e}).") from e
     model_state = load_file(str(path / "model.safetensors"))
     model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
     optimizer_state, param_names = None, None

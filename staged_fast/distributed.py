@@ -84,6 +84,15 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if `flag` is true on any rank (one all-reduce of a scalar)."""
+    if not info.enabled:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's value of a picklable object on every rank."""
     if not info.enabled:

@@ -36,11 +36,18 @@ def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, seql
 
 
 class MetricsLogger:
-    """Rank 0 only: appends one JSON object per record to metrics.jsonl (resumed runs keep appending)."""
+    """Rank 0 only: appends one JSON object per record to metrics.jsonl (resumed runs keep appending).
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool = False):
+    `keep_until`: the update (iteration) the run starts from. Records logged after it by an earlier attempt
+    that was killed before its next checkpoint, and a line torn by the kill, are dropped first, so the log
+    holds one line per update; 0 starts a fresh log. None leaves the file as it is."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool = False, keep_until: int | None = None):
         self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        self.dropped = 0
+        if self.path is not None and keep_until is not None:
+            self.dropped = truncate_metrics(self.path, keep_until)
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -59,6 +66,36 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_metrics(path: str | Path, iteration: int) -> int:
+    """Cut a metrics.jsonl back to the records of updates 1..`iteration` (and anything logged before the first
+    later record); a torn or unreadable line ends the kept part. Rewritten atomically; returns the lines dropped."""
+    import os
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    keep = []
+    if iteration > 0:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith("\n") or (isinstance(record, dict) and record.get("iteration", 0) > iteration):
+                break
+            keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -1,7 +1,8 @@
 """`python -m staged_fast.train`: parse, build, train, close.
 
 Single process, or under `torchrun` (env://) with DDP on gloo (CPU) / nccl (CUDA). With no arguments it
-runs a short staged demo on the bundled corpus (see train_args.DEMO_ARGV).
+runs a short staged demo on the bundled corpus (see train_args.DEMO_ARGV). Rank 0 holds the run folder's lock
+for the whole run (run_folder.RunLock): a second run on the same --save_prefix stops with exit code 2.
 """
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from . import distributed as D
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .run_folder import RunFolderError, RunLock, remove_leftovers
 from .train_args import DEMO_ARGV, UsageError, parse_args
 
 # Errors that are the user's to fix: one paragraph, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError, UsageError)
+USER_ERRORS = (ConfigError, CheckpointError, UsageError, RunFolderError)
 
 
 def _user_errors():
@@ -51,6 +54,27 @@ def _relaunch_for_gpu_count(args, argv: list[str]) -> bool:
     return True
 
 
+def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (one owner per run), then removes what interrupted checkpoint
+    writes left there; every rank learns whether it could."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+            if lock.warning:
+                print(lock.warning, file=sys.stderr)
+            count, freed = remove_leftovers(run_dir)
+            if count:
+                log(f"removed {count} leftover temporary folder(s) of interrupted checkpoint writes "
+                    f"({freed:,} bytes) from {run_dir}")
+        except RunFolderError as e:
+            error = str(e)
+    error = D.broadcast_object(error, dist)
+    if error is not None:
+        raise RunFolderError(error)
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -59,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = _user_errors()
     dist = None
     trainer = None
+    lock = None
     try:
         args = parse_args(argv)
         if _relaunch_for_gpu_count(args, argv):
@@ -70,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import Trainer, run
 
         log = print if dist.is_main else (lambda *a, **k: None)
+        lock = _own_run_folder(Path(args.save_prefix), dist, log)
         trainer = Trainer(args, dist, log=log)
 
         def request_stop(signum, frame):  # preemption: save at the next step boundary, then exit
@@ -87,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
         if dist is not None:
             D.close(dist)
+        if lock is not None:  # last: a failed start leaves no folder it created
+            lock.release()
 
 
 if __name__ == "__main__":

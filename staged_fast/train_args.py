@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random", action="store_true", help="seed flag: random init (our default unless --model is a "
                    "weights folder)")
     g.add_argument("--kernels", default="auto", choices=BACKENDS, help="attention/layernorm/loss implementation")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training model (default backend inductor; e.g. aot_eager to check "
+                   "graphs cheaply). The fused kernels are single custom ops, so the graph has no breaks; it "
+                   "is compiled again once after each growth (new shapes). Evaluation runs uncompiled")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "
@@ -184,3 +188,170 @@ def validate(args) -> None:
             args.restart_steps = int(args.restart_steps)
         except ValueError:
             raise UsageError(f"--restart_steps takes an integer or 'auto', got {args.restart_steps!r}.") from None
+    _check_values(args)
+    _check_paths(args)
+    _check_growths(args)
+    _check_plan(args)
+    if args.warmup_steps > args.train_steps and not args.schedule:
+        _warn(f"--warmup_steps {args.warmup_steps} is longer than --train_steps {args.train_steps}: the LR rises "
+              f"for the whole run and never reaches its peak nor decays. Lower --warmup_steps if that is not meant.")
+
+
+def _warn(message: str) -> None:
+    """Once per job: on rank 0 (every process of a torchrun job parses the same flags)."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub name ('org/name' has one slash)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _check_values(args) -> None:
+    """Numbers that have no meaning out of range (each used to give a traceback or be accepted silently)."""
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}. It is the peak learning rate; leave it out to use "
+                         f"the seed's heuristic 0.003239 - 0.0001395*log10(12*n_layer*d^2).")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}: it is the number of updates "
+                         f"over which the LR rises linearly to its peak (0: no warmup).")
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise UsageError(f"--stop_at_step must be 1 or more, got {args.stop_at_step}: it is the update after which "
+                         f"the run saves a checkpoint and exits. Leave it out to train to --train_steps.")
+    if args.keep_last < 0:
+        raise UsageError(f"--keep_last must be 0 (keep all) or more, got {args.keep_last}: it is the number of "
+                         f"newest checkpoints kept in --save_prefix.")
+    if args.width_noise < 0:
+        raise UsageError(f"--width_noise must be 0 or more, got {args.width_noise}: it is the standard deviation of "
+                         f"the symmetry-breaking split of width growth (0: an exact copy).")
+    if args.restart_warmup_steps < 0:
+        raise UsageError(f"--restart_warmup_steps must be 0 or more, got {args.restart_warmup_steps}.")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}). Use --device cpu (or auto), or run where a "
+                             f"GPU is visible.")
+
+
+def _check_paths(args) -> None:
+    """--save_prefix must be (or become) a folder this user can write; --tokenizer/--model paths must exist."""
+    import json
+    import os
+    from pathlib import Path
+
+    prefix = Path(args.save_prefix if args.save_prefix is not None else "runs")
+    named = f"--save_prefix {prefix}" if args.save_prefix is not None else "the default run folder runs/"
+    if prefix.exists() and not prefix.is_dir():
+        raise UsageError(f"{named} is a file; it must be a folder (the run's checkpoints and logs go in it). "
+                         f"Choose another --save_prefix.")
+    existing = prefix
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{named} cannot be created: {existing} is a file. Choose another --save_prefix.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{named} is not writable: this user cannot create files in {existing} (read-only "
+                         f"filesystem or permissions). Choose a folder you can write to (--save_prefix), or fix "
+                         f"its permissions.")
+    tok = args.tokenizer
+    if tok not in ("gpt2", "openai-community/gpt2") and _looks_like_path(tok) and not Path(tok).expanduser().exists():
+        raise UsageError(f"--tokenizer {tok}: no such folder. Give a folder holding a saved tokenizer "
+                         f"(tokenizer.json, or vocab/merges files, e.g. written by tokenizer.save_pretrained), or "
+                         f"'gpt2' for the GPT-2 BPE built offline.")
+    if args.resume or args.random or args.model in ("gpt2", None):
+        return
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        if _looks_like_path(args.model):
+            raise UsageError(f"--model {args.model}: no such folder. Give a Hugging Face GPT-2 folder (config.json + "
+                             f"weights, e.g. written by `python -m staged_fast.export`) or a hub name; for a random "
+                             f"init pass --random (then --model only names the family, gpt2).")
+        return  # a hub name: loaded (or refused) by transformers
+    config_file = model / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"--model {model} is not a Hugging Face model folder (no config.json). Give the folder "
+                         f"`save_pretrained` or `python -m staged_fast.export` wrote.")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model}: its config.json cannot be read ({e}).") from e
+    n_positions = hf.get("n_positions", hf.get("n_ctx")) if isinstance(hf, dict) else None
+    if isinstance(n_positions, int) and args.seqlen > n_positions:
+        raise ConfigError(f"--seqlen {args.seqlen} exceeds n_positions={n_positions} of the --model folder {model}: "
+                          f"its learned position table stops there. Pass --seqlen {n_positions} or less.")
+
+
+def _restart_counter(args, counter: int, op: str) -> int:
+    """The step counter after a growth at `counter` under --restart_steps (as Trainer.grow sets it)."""
+    if args.restart_steps is None:
+        return counter
+    if args.restart_steps == "auto":
+        from .schedule import constant_op
+
+        return int(round(counter / constant_op(op)))
+    return args.restart_steps
+
+
+def _check_growths(args) -> None:
+    """--restart_steps needs a growth; every --grow_at update must come before the run ends."""
+    if args.restart_steps is not None and not (args.grow_at or args.schedule or args.grow_when or args.doubling
+                                               or args.resume):
+        raise UsageError(f"--restart_steps {args.restart_steps} sets the step counter after a growth, and this run "
+                         f"has no growth (no --grow_at, --schedule, --grow_when or --doubling). Drop it, or add the "
+                         f"growth it belongs to.")
+    if not args.grow_at:
+        return
+    steps = [int(s) for s in args.grow_at.split(",")]
+    if any(s < 1 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise UsageError(f"--grow_at {args.grow_at}: give increasing update numbers, 1 or more (one growth each).")
+    if args.resume and args.resume != "latest":
+        return  # a checkpoint of another run starts from its own counters; the trainer checks as it goes
+    counter, done = 0, 0  # the schedule's step counter and the updates done, as the run will move them
+    for at, op in zip(steps, growth_ops(args)):
+        counter += at - done
+        if counter > args.train_steps:
+            ends = at - (counter - args.train_steps)
+            raise UsageError(
+                f"--grow_at {at} is never reached: the step counter reaches --train_steps {args.train_steps} at "
+                f"update {ends}{' (after the earlier growths restart it)' if done else ''}, where the run ends. "
+                f"Grow earlier, or raise --train_steps."
+            )
+        counter, done = _restart_counter(args, counter, op), at
+
+
+def _check_plan(args) -> None:
+    """Every stage of a --schedule plan must be its predecessor doubled by the stage's operator."""
+    if not args.schedule:
+        return
+    from .schedule import Plan
+
+    try:
+        plan = Plan.from_json(args.schedule)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: load_plan says so, with the command that makes a plan
+    from .growth import GrowthError, grown_config
+
+    for i, (a, b) in enumerate(zip(plan.stages, plan.stages[1:])):
+        small, big = a.config(), b.config()
+        try:
+            grown = grown_config(small, a.grow_op_after)
+        except GrowthError:
+            raise UsageError(f"--schedule {args.schedule}: stage {i} ends with {a.grow_op_after!r}, which is not a "
+                             f"growth operator ({', '.join(GROWTH_OP_NAMES)}).") from None
+        if (grown.n_layer, grown.n_embd, grown.n_head) != (big.n_layer, big.n_embd, big.n_head):
+            raise UsageError(
+                f"--schedule {args.schedule}: stage {i + 1} ({big.shape_str()}) is not a doubling of stage {i} "
+                f"({small.shape_str()}): growing it by {a.grow_op_after} gives {grown.shape_str()}. Every growth "
+                f"doubles exactly one dimension (width: n_embd and n_head; depth: n_layer). Make the plan with "
+                f"`python -m staged_fast.schedule plan`, or fix the stage sizes."
+            )
+    final = plan.to_dict()["final_schedule_step"]
+    if args.warmup_steps > final:
+        _warn(f"--warmup_steps {args.warmup_steps} is longer than the plan's {final} steps: the LR rises for the "
+              f"whole run and never reaches its peak. Lower --warmup_steps if that is not meant.")

@@ -26,6 +26,15 @@ from .growth_schedule import GrowthSchedule, load_plan
 from .train_args import UsageError, model_config, peak_lr
 
 
+def _grown(config: GPTConfig, ops: list[str]) -> GPTConfig:
+    """`config` after the growth ops of a checkpoint's growth log, in order."""
+    from .growth import grown_config
+
+    for op in ops:
+        config = grown_config(config, op)
+    return config
+
+
 class Trainer:
     def __init__(self, args, dist: D.DistInfo, *, log=print):
         self.args, self.dist, self.log = args, dist, log
@@ -60,7 +69,11 @@ class Trainer:
         if ckpt is not None and "scaler" in ckpt.trainer_state and args.fp16:
             self.scaler.load_state_dict(ckpt.trainer_state["scaler"])
         self.peak_flops = device_peak_flops(self.device)
-        self.metrics = MetricsLogger(self.run_dir if dist.is_main else None, tensorboard=args.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir if dist.is_main else None, tensorboard=args.tensorboard,
+                                     keep_until=self.metrics_keep_until)
+        if self.metrics.dropped:
+            self.log(f"metrics.jsonl: dropped {self.metrics.dropped} line(s) logged after update "
+                     f"{self.metrics_keep_until} by the interrupted run")
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run.json").write_text(json.dumps(vars(args), indent=1, default=str))
@@ -76,6 +89,10 @@ class Trainer:
     def _load_resume_checkpoint(self):
         if not self.args.resume:
             return None
+        if self.args.resume == "latest" and not self.args.doubling and not list_checkpoints(self.run_dir):
+            # a requeued job repeats its command: killed before its first checkpoint, it starts afresh
+            self.log(f"note: --resume latest: {self.run_dir} holds no complete checkpoint yet; starting a fresh run")
+            return None
         path = resolve_checkpoint(self.args.resume, self.args.save_prefix)
         ckpt = load_checkpoint(path)
         self.resume_path = path
@@ -83,12 +100,17 @@ class Trainer:
         return ckpt
 
     def _check_run_dir(self, ckpt) -> None:
-        """Refuse to write into a folder that holds another run (nothing gets overwritten)."""
-        existing = list_checkpoints(self.run_dir) or (self.run_dir / "metrics.jsonl").exists()
-        if not existing:
+        """Refuse to write into a folder that holds another run (nothing gets overwritten). A folder with no
+        complete checkpoint holds at most the leftovers of a start that was killed: it is started afresh."""
+        self.metrics_keep_until = 0  # a fresh metrics.jsonl, unless this run continues one of the folder's checkpoints
+        if not list_checkpoints(self.run_dir):
+            if (self.run_dir / "metrics.jsonl").exists():
+                self.log(f"note: {self.run_dir} holds no complete checkpoint, only what an interrupted start left; "
+                         f"its metrics.jsonl is started afresh")
             return
         continuing = ckpt is not None and Path(self.resume_path).resolve().parent == self.run_dir.resolve()
-        if continuing:
+        if continuing:  # records an earlier attempt logged after this checkpoint are dropped (one line per update)
+            self.metrics_keep_until = int(ckpt.trainer_state.get("iteration", 0))
             return
         if self.args.overwrite:
             if self.dist.is_main:
@@ -107,7 +129,10 @@ class Trainer:
         from .tokenizer import load_tokenizer
 
         a = self.args
-        self.tokenizer = load_tokenizer(a.tokenizer)
+        try:
+            self.tokenizer = load_tokenizer(a.tokenizer)
+        except ValueError as e:  # the message names the tokenizer and the fix
+            raise UsageError(f"--tokenizer {a.tokenizer}: {e}") from e
         self.data = prepare_data(
             a.data, self.tokenizer, tokenizer_name=a.tokenizer, cache_dir=a.cache_dir,
             val_fraction=a.val_fraction, num_proc=a.num_workers, text_field=a.text_field, seed=a.seed,
@@ -125,10 +150,16 @@ class Trainer:
         else:
             config = ckpt.config.replace(**dropouts)
             asked = None if (a.size is None and a.n_layer is None) else model_config(a, vocab_size=config.vocab_size)
-            if asked is not None and not asked.same_shape(config) and not a.doubling:
+            # a requeued staged run repeats its command: the flags name the start size, and the checkpoint's
+            # growth log says how it grew since
+            growths = [g["op"] for g in ckpt.trainer_state.get("growth_log", [])]
+            if asked is not None and not a.doubling and not (
+                asked.same_shape(config) or _grown(asked, growths).same_shape(config)
+            ):
+                grown = f" (grown by {', '.join(growths)})" if growths else ""
                 raise ConfigError(
-                    f"The checkpoint {self.resume_path} holds a {config.shape_str()} model but the flags ask for "
-                    f"{asked.shape_str()}. To grow it, add --doubling weights (width) or --doubling layers "
+                    f"The checkpoint {self.resume_path} holds a {config.shape_str()} model{grown} but the flags ask "
+                    f"for {asked.shape_str()}. To grow it, add --doubling weights (width) or --doubling layers "
                     f"(depth); to continue it as it is, drop --size/--n_layer/--n_embd/--n_head."
                 )
         if config.vocab_size < self.data.vocab_size:
@@ -146,7 +177,14 @@ class Trainer:
         if ckpt is None and not a.random and a.model not in ("gpt2", None):
             from .hf import load_pretrained
 
-            pretrained = load_pretrained(a.model)  # a HF GPT-2 folder/name initializes the weights
+            try:
+                pretrained = load_pretrained(a.model)  # a HF GPT-2 folder/name initializes the weights
+            except Exception as e:  # transformers/hub errors come in many types
+                raise UsageError(
+                    f"--model {a.model}: could not load it as a Hugging Face GPT-2 model ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:300]}). Give a local GPT-2 folder (config.json + weights), a hub name "
+                    f"with network access, or --random for a fresh model."
+                ) from e
             self.config = pretrained.config.replace(dropout=self.config.dropout, attn_dropout=self.config.attn_dropout)
             model = GPT(self.config, kernels_backend=self.backend)
             model.load_state_dict(pretrained.state_dict())
@@ -167,7 +205,17 @@ class Trainer:
                         f"model; it cannot be resumed as is."
                     )
                 self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.ddp_model = D.wrap(self.model, self.dist)
+        self.ddp_model = self._training_model()
+
+    def _training_model(self):
+        """The model the update runs: DDP-wrapped when distributed, then compiled under --compile (a fresh
+        wrapper after each growth, so the grown shapes compile once instead of hitting guard failures)."""
+        wrapped = D.wrap(self.model, self.dist)
+        if self.args.compile:
+            self.log(f"torch.compile (backend {self.args.compile}) of the {self.config.n_layer}L/{self.config.n_embd}d "
+                     f"model: the first update includes compilation")
+            wrapped = torch.compile(wrapped, backend=self.args.compile)
+        return wrapped
 
     def _new_optimizer(self, model, lr: float) -> torch.optim.AdamW:
         a = self.args
@@ -302,13 +350,14 @@ class Trainer:
                      "gradients and stay identical, so the grown model keeps the small one's capacity; pass "
                      "--width_noise (e.g. 0.01, still function-preserving) or keep dropout on")
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iteration)
+        noise = a.width_noise if op == "width" else 0.0  # it splits width growths; depth ones stay exact
         model, optimizer = grow_model(
-            self.model, self.optimizer, op, width_noise=a.width_noise, generator=generator, optimizer_step=restart
+            self.model, self.optimizer, op, width_noise=noise, generator=generator, optimizer_step=restart
         )
         self.model, self.config = model.train(), model.config
         self.optimizer = optimizer
         self._check_ranks_agree()
-        self.ddp_model = D.wrap(self.model, self.dist)
+        self.ddp_model = self._training_model()
         if a.lr is None:  # the seed's heuristic follows the model size
             self.schedule.base_lr = initial_lr(self.config.n_layer, self.config.n_embd)
         step_before = self.step
@@ -369,13 +418,18 @@ class Trainer:
 
     def save(self) -> Path | None:
         state = self.trainer_state()  # collective (RNG gather): every rank calls it
-        path = None
+        path, error = None, None
         if self.dist.is_main:
-            path = save_checkpoint(
-                self.run_dir, step=self.iteration, model=self.model, config=self.config, optimizer=self.optimizer,
-                trainer_state=state, keep_last=self.args.keep_last or None,
-            )
-        D.barrier(self.dist)
+            try:
+                path = save_checkpoint(
+                    self.run_dir, step=self.iteration, model=self.model, config=self.config, optimizer=self.optimizer,
+                    trainer_state=state, keep_last=self.args.keep_last or None,
+                )
+            except CheckpointError as e:  # e.g. disk full: every rank must hear it, or the others wait forever
+                error = str(e)
+        error = D.broadcast_object(error, self.dist)  # also the barrier after the write
+        if error is not None:
+            raise CheckpointError(error)
         self.last_saved_iteration, self.last_saved_path = self.iteration, path
         return path
 
@@ -408,7 +462,8 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
                desc="train", dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), trainer.tokens
     last = {}
-    while trainer.step < a.train_steps and not trainer.stop_requested:
+    stop = False
+    while trainer.step < a.train_steps and not stop:
         loss, grad_norm = trainer.train_step()
         it = trainer.iteration
         if it % a.val_every == 0 or trainer.step >= a.train_steps:
@@ -422,7 +477,10 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         bar.refresh()
         if a.stop_at_step is not None and it >= a.stop_at_step:
             trainer.stop_requested = True
-        if it % a.save_every == 0 or trainer.stop_requested:
+        # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at this update
+        # (an all-reduce of the flag), so all save the same one checkpoint and leave the loop together
+        stop = trainer.stop_requested = D.any_rank(trainer.stop_requested, trainer.dist)
+        if it % a.save_every == 0 or stop:
             path = trainer.save()
     bar.close()
     if trainer.last_saved_iteration != trainer.iteration:

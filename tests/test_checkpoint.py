@@ -1,4 +1,9 @@
 """Atomic checkpoints: a crash mid-write leaves the previous one loadable; corruption is detected."""
+import json
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,12 +77,16 @@ def test_truncated_file_is_reported(tmp_path):
         load_checkpoint(path)
 
 
+def _flip_byte(file, offset: int) -> None:
+    raw = bytearray(file.read_bytes())
+    raw[offset] ^= 0xFF
+    file.write_bytes(bytes(raw))
+
+
 def test_flipped_byte_is_reported(tmp_path):
     cfg, model, opt = _setup()
     path = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)
-    raw = bytearray((path / "optimizer.pt").read_bytes())
-    raw[-100] ^= 0xFF
-    (path / "optimizer.pt").write_bytes(bytes(raw))
+    _flip_byte(path / "optimizer.pt", -100)
     with pytest.raises(CheckpointError, match="corrupt: optimizer.pt"):
         load_checkpoint(path)
 
@@ -94,3 +103,98 @@ def test_not_a_checkpoint(tmp_path):
         resolve_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_checkpoint("latest", tmp_path)
+
+
+def test_kill_during_pruning_never_lists_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    cfg, model, opt = _setup()
+    for s in (1, 2):
+        save_checkpoint(tmp_path, step=s, model=model, config=cfg, optimizer=opt)
+
+    def killed(path, *args, **kwargs):  # the process dies after deleting one file of the folder
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, step=3, model=model, config=cfg, optimizer=opt, keep_last=1)
+    monkeypatch.undo()
+    listed = list_checkpoints(tmp_path)
+    assert listed[-1].name == "step_00000003"
+    for p in listed:
+        load_checkpoint(p)  # every listed checkpoint is complete
+
+
+def _edit_meta(path, edit):
+    meta = json.loads((path / "meta.json").read_text())
+    edit(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_required_files_are_fixed_by_the_format_not_by_meta(tmp_path):
+    cfg, model, opt = _setup()
+    path = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)
+    _edit_meta(path, lambda m: m.update(files={}))
+    _flip_byte(path / "model.safetensors", -10)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(path)
+
+
+def test_unlisted_optimizer_state_is_refused(tmp_path):
+    cfg, model, opt = _setup()
+    path = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)
+    _edit_meta(path, lambda m: m["files"].pop("optimizer.pt"))
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key", ["config", "files", "step"])
+def test_meta_without_a_key_is_a_checkpoint_error(tmp_path, key):
+    cfg, model, opt = _setup()
+    path = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)
+    _edit_meta(path, lambda m: m.pop(key))
+    with pytest.raises(CheckpointError, match=f"'{key}'"):
+        load_checkpoint(path)
+
+
+def _mount_point(path) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def test_disk_full_before_writing_is_reported_and_nothing_is_left(tmp_path, monkeypatch):
+    import shutil
+
+    cfg, model, opt = _setup()
+    first = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)
+    total = 10**9
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(total, total - 1000, 1000))
+    _assert_disk_full_reported(tmp_path, monkeypatch, first, model, cfg, opt, free="1,000 bytes free")
+
+
+def test_disk_full_during_write_removes_the_partial_folder(tmp_path, monkeypatch):
+    cfg, model, opt = _setup()
+    first = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)
+
+    def full(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        Path(f).write_bytes(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+
+    monkeypatch.setattr(torch, "save", full)
+    _assert_disk_full_reported(tmp_path, monkeypatch, first, model, cfg, opt, free="bytes free")
+
+
+def _assert_disk_full_reported(tmp_path, monkeypatch, first, model, cfg, opt, free: str) -> None:
+    """Saving step 2 fails with a message naming the filesystem, the bytes needed and free; nothing of
+    it is left, and step 1 still loads."""
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(tmp_path, step=2, model=model, config=cfg, optimizer=opt)
+    msg = str(info.value)
+    assert "full" in msg and _mount_point(tmp_path) in msg and free in msg
+    assert re.search(r"needs about [\d,]+ bytes", msg), msg
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
+    load_checkpoint(first)

@@ -295,6 +295,14 @@ def test_checkpoint_of_unknown_format(tmp_path, capsys):
     assert code == 2 and "is a file" in err
 
 
+@pytest.mark.parametrize("task, name", [("wikitext", "wiki.raw"), ("lambada", "lambada.jsonl")])
+def test_data_file_not_utf8(random_ckpt, tmp_path, capsys, task, name):
+    bad = tmp_path / name
+    bad.write_bytes('{"text": "caf\xe9 au lait"}\n'.encode("latin-1"))
+    code, err = run_main([task, "--checkpoint", str(random_ckpt), "--data_file", str(bad)], capsys)
+    assert code == 2 and "not UTF-8" in err and "Fix" in err, err
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     code, err = run_main(["wikitext", "--checkpoint", str(tmp_path / "a" / "b"), "--data_file", str(WIKITEXT)],
                          capsys)

@@ -63,3 +63,53 @@ def test_cli_rejects_non_doubling_target(tmp_path, capsys):
     path, _, _ = _trained_checkpoint(tmp_path)
     assert grow_cli.main([str(path), "--op", "width", "--target", "GPT2_large", "--out", str(tmp_path / "g")]) == 2
     assert "not the requested" in capsys.readouterr().err
+
+
+def _snapshot(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_holding_another_run_is_refused_unless_overwrite(tmp_path, capsys):
+    from staged_fast.checkpoint import list_checkpoints
+
+    path, _, _ = _trained_checkpoint(tmp_path)
+    other = tmp_path / "other_run"
+    save_checkpoint(other, step=7, model=GPT(CFG), config=CFG)  # another run, further along
+    (other / "metrics.jsonl").write_text('{"step": 7}\n')
+    before = _snapshot(other)
+    assert grow_cli.main([str(path), "--op", "width", "--out", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "not empty" in err and "--overwrite" in err
+    assert _snapshot(other) == before
+    assert grow_cli.main([str(path), "--op", "width", "--out", str(other), "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(other)] == ["step_00000002"]  # the grown one, and nothing else
+    assert load_checkpoint(resolve_checkpoint(other)).config.n_embd == 128
+    assert not (other / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "out_is_file", "out_is_source"])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
+    path, _, _ = _trained_checkpoint(tmp_path)
+    out = tmp_path / "grown"
+    fragment = {"missing": "not a staged_fast checkpoint", "truncated": "corrupt", "out_is_file": "is a file",
+                "out_is_source": "holds the checkpoint being grown"}[case]
+    if case == "missing":
+        path = tmp_path / "nope" / "step_00000002"
+    elif case == "truncated":
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:500])
+    elif case == "out_is_file":
+        out.write_text("notes")
+    else:
+        out = path.parent
+    before = _snapshot(tmp_path)
+    overwrite = ["--overwrite"] if case == "out_is_source" else []  # refused even so
+    code = grow_cli.main([str(path), "--op", "width", "--out", str(out), *overwrite])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and fragment in err, err
+    assert _snapshot(tmp_path) == before
+    assert out.exists() == (case in ("out_is_file", "out_is_source"))

@@ -11,7 +11,7 @@ import torch
 from staged_fast.checkpoint import list_checkpoints, load_checkpoint, load_model
 from staged_fast.lr_schedule import LRSchedule
 from staged_fast.metrics import read_metrics
-from train_utils import train
+from train_utils import losses, train
 
 START = ["--size", "tiny_div2_width", "--dropout", "0"]
 
@@ -143,3 +143,95 @@ def test_growth_under_torchrun_keeps_ranks_identical(tmp_path, data_cache):
     assert len(ups) == 6 and ups[-1]["n_embd"] == 128
     # training goes on smoothly: the first loss after growth is close to the last before
     assert abs(ups[3]["loss"] - ups[2]["loss"]) < 0.5
+
+
+# A requeued job repeats its command line: + --resume latest must continue a run that already grew.
+ISSUE_CMD = ["--size", "tiny_div2_width", "--grow_at", "8", "--grow_ops", "width", "--restart_steps", "auto",
+             "--restart_warmup_steps", "2", "--train_steps", "16"]
+SMALL_BATCH = ["--seqlen", "32", "--batch_size", "2"]  # the vocab-sized logits dominate a tiny model's update
+
+
+def _same_final_weights(a, b):
+    ka, kb = load_checkpoint(list_checkpoints(a)[-1]), load_checkpoint(list_checkpoints(b)[-1])
+    return ka.config == kb.config and all(torch.equal(ka.model_state[k], kb.model_state[k]) for k in ka.model_state)
+
+
+def test_staged_run_resumes_with_its_own_command_line(tmp_path, data_cache):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(straight, data_cache, *ISSUE_CMD, *SMALL_BATCH) == 0
+    assert train(split, data_cache, *ISSUE_CMD, *SMALL_BATCH, "--stop_at_step", "8") == 0
+    assert load_checkpoint(list_checkpoints(split)[-1]).config.n_embd == 128  # saved after the growth
+    assert train(split, data_cache, *ISSUE_CMD, *SMALL_BATCH, "--resume", "latest") == 0
+    assert len(_growths(split)) == 1  # grown once, not twice
+    assert losses(split) == losses(straight)  # bit for bit
+    assert _same_final_weights(split, straight)
+
+
+def test_planned_run_resumes_with_its_own_command_line(tmp_path, data_cache):
+    from staged_fast.schedule import plan_for_run
+
+    plan = plan_for_run("tiny", ["width"], train_steps=12)
+    path = tmp_path / "plan.json"
+    plan.to_json(str(path))
+    (g,) = plan.growths()
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(straight, data_cache, "--schedule", str(path), *SMALL_BATCH) == 0
+    assert train(split, data_cache, "--schedule", str(path), *SMALL_BATCH, "--stop_at_step", str(g["at_run_step"])) == 0
+    assert train(split, data_cache, "--schedule", str(path), *SMALL_BATCH, "--resume", "latest") == 0
+    assert len(_growths(split)) == 1
+    assert losses(split) == losses(straight)
+    assert _same_final_weights(split, straight)
+
+
+def _slope_args(run, data_cache, *extra):
+    from staged_fast.train_args import parse_args
+
+    return parse_args([*START, "--seqlen", "32", "--batch_size", "2", "--train_steps", "50", "--grow_when", "slope",
+                       "--grow_ops", "width", "--save_prefix", str(run), "--cache_dir", data_cache, "--device", "cpu",
+                       "--no_progress", *extra])
+
+
+def _fire_slope_rule(trainer):
+    for step in range(10, 2000, 10):  # a power law that flattens: the rule fires on it
+        trainer.step = step
+        trainer.on_validation(10.0 * step ** -0.5 + 3.0)
+        if trainer.growths.fired:
+            return step
+    raise AssertionError("the slope rule never fired")
+
+
+def test_slope_run_resumes_with_its_own_command_line(tmp_path, data_cache):
+    from staged_fast import distributed as D
+    from staged_fast.trainer import Trainer
+
+    run = tmp_path / "run"
+    trainer = Trainer(_slope_args(run, data_cache), D.DistInfo())
+    _fire_slope_rule(trainer)
+    trainer.maybe_grow()
+    trainer.save()
+    trainer.close()
+    again = Trainer(_slope_args(run, data_cache, "--resume", "latest"), D.DistInfo())
+    assert again.config.n_embd == 128 and again.growths.pending is None
+    assert again.growth_log == trainer.growth_log and again.step == trainer.step
+    again.close()
+
+
+def test_width_noise_applies_to_width_growths_only(tmp_path, data_cache):
+    """A plan (or --grow_at) mixing width and depth ops with --width_noise: the noise splits width growths,
+    depth growths stay exact copies/identities (it used to fail at the depth growth after a whole stage)."""
+    from staged_fast import distributed as D
+    from staged_fast.train_args import parse_args
+    from staged_fast.trainer import Trainer
+
+    args = parse_args([*START, "--seqlen", "32", "--batch_size", "2", "--train_steps", "50", "--grow_at", "10,20",
+                       "--grow_ops", "width,alternate_id", "--width_noise", "0.01", "--save_prefix",
+                       str(tmp_path / "run"), "--cache_dir", data_cache, "--device", "cpu", "--no_progress"])
+    trainer = Trainer(args, D.DistInfo())
+    for op in ("width", "alternate_id"):
+        event = trainer.grow(op)
+        assert abs(event["loss_after"] - event["loss_before"]) < 1e-4 * event["loss_before"], event
+    assert trainer.config.shape_str() == "4L/128d/2H"
+    blocks = trainer.model.transformer.h
+    w = blocks[0].attn.c_proj.weight
+    assert not torch.equal(w[:64, :64], w[64:, 64:])  # the width split is not symmetric: noise applied
+    trainer.close()

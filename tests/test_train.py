@@ -78,3 +78,68 @@ def test_cli_kernels_triton_on_cpu_tracks_torch(tmp_path, data_cache):
     assert "TRITON_INTERPRET=1" in proc.stderr  # said once, not silent
     for a, b in zip(losses(tmp_path / "torch"), losses(tmp_path / "triton")):
         assert abs(a - b) < 1e-4, (losses(tmp_path / "torch"), losses(tmp_path / "triton"))
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process with RANK=rank (a direct child of the torchrun process)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigterm_to_one_ddp_rank_saves_one_checkpoint_and_all_ranks_exit_zero(tmp_path, data_cache, rank):
+    """A preempted rank (kill -TERM of one worker, not of torchrun): the ranks agree on stopping at one update,
+    save one checkpoint and all exit 0 (it used to hang: the signalled rank saved alone)."""
+    import contextlib
+    import signal
+    import time
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "staged_fast.train", "--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "100000",
+           "--warmup_steps", "10", "--log_rate", "1", "--val_every", "100000", "--val_batches", "1",
+           "--save_every", "100000", "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
+           "--save_prefix", str(run)]
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = [_worker_pid(proc.pid, r) for r in (0, 1)]
+        assert None not in workers
+        t0 = time.monotonic()
+        os.kill(workers[rank], signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM to rank {rank}: the job did not exit within 60 s\n" +
+                        (tmp_path / "torchrun.log").read_text()[-3000:])
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:  # a hung job: torchrun's workers run in their own sessions
+            for pid in [proc.pid, *(w for w in locals().get("workers", []) if w)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    out = (tmp_path / "torchrun.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    (ckpt,) = list_checkpoints(run)
+    state = load_checkpoint(ckpt).trainer_state
+    records = read_metrics(run / "metrics.jsonl")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["iteration"] == records[-1]["iteration"] == len(records)
+    print(f"SIGTERM to rank {rank} -> checkpoint {ckpt.name} and exit 0 of both ranks in {elapsed:.1f} s")

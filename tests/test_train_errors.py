@@ -35,6 +35,18 @@ def _fails(capsys, code, *fragments):
     (["--fp16", "--bf16"], ["exclusive"]),
     (["--grow_at", "5,10", "--grow_ops", "width"], ["one operator per growth"]),
     (["--grow_ops", "wider"], ["unknown operator 'wider'"]),
+    pytest.param(["--lr", "-0.001"], ["--lr must be positive, got -0.001"], id="negative_lr"),
+    pytest.param(["--warmup_steps", "-1"], ["--warmup_steps must be 0 or more, got -1"], id="negative_warmup"),
+    pytest.param(["--stop_at_step", "-1"], ["--stop_at_step must be 1 or more, got -1"], id="negative_stop_at_step"),
+    pytest.param(["--keep_last", "-1"], ["--keep_last must be 0 (keep all) or more, got -1"], id="negative_keep_last"),
+    pytest.param(["--width_noise", "-0.1"], ["--width_noise must be 0 or more"], id="negative_width_noise"),
+    pytest.param(["--grow_at", "5", "--grow_ops", "width"], ["--grow_at 5 is never reached", "--train_steps 2"],
+                 id="grow_at_beyond_train_steps"),
+    pytest.param(["--grow_at", "2,12", "--grow_ops", "width,width", "--train_steps", "8", "--restart_steps", "1"],
+                 ["--grow_at 12 is never reached"], id="second_growth_never_reached"),
+    pytest.param(["--grow_at", "4,2", "--grow_ops", "width,width", "--train_steps", "8"], ["increasing"],
+                 id="grow_at_not_increasing"),
+    pytest.param(["--restart_steps", "3"], ["--restart_steps", "no growth"], id="restart_steps_without_growth"),
 ])
 def test_bad_flags(tmp_path, data_cache, capsys, flags, fragments):
     run = tmp_path / "run"
@@ -92,3 +104,124 @@ def test_restart_steps_on_plain_resume_is_refused(finished_run, tmp_path, data_c
     _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest", "--restart_steps", "1"),
            "was not just grown")
     assert _snapshot(run) == before
+
+
+def test_warmup_longer_than_training_is_warned_about_once(tmp_path, data_cache, capsys):
+    assert train(tmp_path / "run", data_cache, "--train_steps", "2", "--warmup_steps", "5") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: --warmup_steps 5 is longer than --train_steps 2") == 1, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu(tmp_path, data_cache, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, train(run, data_cache, "--train_steps", "2", "--device", "cuda"), "--device cuda", "--device cpu")
+    assert not run.exists()
+
+
+def test_save_prefix_that_is_a_file(tmp_path, data_cache, capsys):
+    prefix = tmp_path / "notes.txt"
+    prefix.write_text("mine")
+    _fails(capsys, train(prefix, data_cache, "--train_steps", "2"), "is a file", "--save_prefix")
+    assert prefix.read_text() == "mine"
+    _fails(capsys, train(prefix / "run", data_cache, "--train_steps", "2"), "is a file")
+    assert prefix.read_text() == "mine"
+
+
+def test_unwritable_save_prefix(tmp_path, data_cache, capsys, monkeypatch):
+    import os
+
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: show the check what an ordinary user would see
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == parent and mode & os.W_OK
+                            else real(p, mode, *a, **k))
+    try:
+        _fails(capsys, train(parent / "run", data_cache, "--train_steps", "2"), "not writable", str(parent))
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+
+
+def test_missing_tokenizer_folder(tmp_path, data_cache, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, train(run, data_cache, "--train_steps", "2", "--tokenizer", str(tmp_path / "tok")),
+           "--tokenizer", "no such folder")
+    assert not run.exists()
+
+
+def test_missing_model_path(tmp_path, data_cache, capsys):
+    run = tmp_path / "run"
+    _fails(capsys, train(run, data_cache, "--train_steps", "2", "--model", str(tmp_path / "gpt2-folder")),
+           "--model", "no such folder")
+    assert not run.exists()
+
+
+def test_seqlen_beyond_the_model_folders_positions(tmp_path, data_cache, capsys):
+    from staged_fast.config import GPTConfig
+    from staged_fast.hf import save_pretrained
+    from staged_fast.model import GPT
+
+    folder = tmp_path / "hf"
+    save_pretrained(GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_positions=32)), folder)
+    run = tmp_path / "run"
+    _fails(capsys, train(run, data_cache, "--train_steps", "2", "--model", str(folder), "--seqlen", "64"),
+           "--seqlen 64", "n_positions=32")
+    assert not run.exists()
+
+
+def test_plan_whose_stages_are_not_doublings(tmp_path, data_cache, capsys):
+    import json
+
+    from staged_fast.schedule import plan_for_run
+
+    plan = plan_for_run("tiny", ["width"], train_steps=12).to_dict()
+    plan["stages"][0].update(n_embd=96, n_head=1)  # 96d -> 128d: not what width growth makes
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    run = tmp_path / "run"
+    _fails(capsys, train(run, data_cache, "--schedule", str(path)), "not a doubling", "2L/96d/1H", "2L/128d/2H")
+    assert not run.exists()
+
+
+def test_checkpoint_meta_without_config(finished_run, tmp_path, data_cache, capsys):
+    import json
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    meta_path = next(run.glob("step_*/meta.json"))
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]
+    meta_path.write_text(json.dumps(meta))
+    before = _snapshot(run)
+    _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest"), "'config'")
+    assert _snapshot(run) == before
+
+
+def test_disk_full_exits_2_and_keeps_earlier_checkpoints(tmp_path, data_cache, capsys, monkeypatch):
+    import torch
+
+    from staged_fast.checkpoint import list_checkpoints, load_checkpoint
+
+    real_save, saves = torch.save, []
+
+    def fills_up(obj, f, *args, **kwargs):  # the second checkpoint meets a full disk
+        if str(f).endswith("optimizer.pt"):
+            saves.append(f)
+            if len(saves) == 2:
+                Path(f).write_bytes(b"\0" * 100)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+        return real_save(obj, f, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", fills_up)
+    _fails(capsys, train(run, data_cache, "--train_steps", "6", "--save_every", "2"), "full", "bytes free",
+           "--resume latest")
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert not list(run.glob(".tmp-*"))
+    load_checkpoint(run / "step_00000002")
+    assert train(run, data_cache, "--train_steps", "6", "--save_every", "2", "--resume", "latest") == 0

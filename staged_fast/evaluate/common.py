@@ -101,11 +101,36 @@ def load_eval_tokenizer(name: str | None, checkpoint: str):
         raise InputError(str(e)) from e
 
 
+def not_utf8_error(path: Path, e: UnicodeDecodeError, what: str) -> InputError:
+    """The error for a data file that is not UTF-8 text (where, and how to convert it)."""
+    where = ""
+    try:  # the reader's offset is inside one decoding chunk: find the first bad byte in the whole file
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        line = data.count(b"\n", 0, whole.start) + 1
+        where = (f" byte 0x{data[whole.start]:02x} at offset {whole.start} (line {line}) is not valid UTF-8 "
+                 f"({whole.reason}).")
+    except OSError:
+        pass
+    return InputError(
+        f"--data_file {path} is not UTF-8 text:{where or ' ' + e.reason + '.'} Fix: give the {what} file as UTF-8, "
+        f"e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}` if it is Latin-1."
+    )
+
+
 def read_jsonl_texts(path: str | Path, *, what: str) -> list[str]:
     """The `text` field of every line of a jsonl file (blank lines skipped)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"--data_file {path}: no such file. Fix: check the path to the {what} file.")
+    try:
+        return _read_jsonl_texts(path, what)
+    except UnicodeDecodeError as e:
+        raise not_utf8_error(path, e, what) from e
+
+
+def _read_jsonl_texts(path: Path, what: str) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

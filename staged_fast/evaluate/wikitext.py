@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .common import InputError, autocast, load_hub_texts, read_jsonl_texts
+from .common import InputError, autocast, load_hub_texts, not_utf8_error, read_jsonl_texts
 
 HUB_DATASET = ("wikitext", "wikitext-103-raw-v1")  # load_dataset(*HUB_DATASET, split="test")
 
@@ -50,8 +50,11 @@ def load_wikitext(data_file: str | None = None) -> tuple[list[str], str]:
                 f"{path} has no 'text' column (columns: {ds.column_names}). Fix: use WikiText's test parquet file."
             )
         return list(ds["text"]), str(path)
-    with open(path, encoding="utf-8") as f:
-        rows = [line if line.strip() else "" for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [line if line.strip() else "" for line in f]
+    except UnicodeDecodeError as e:
+        raise not_utf8_error(path, e, "WikiText") from e
     return rows, str(path)
 
 

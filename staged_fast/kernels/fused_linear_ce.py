@@ -35,7 +35,7 @@ from ._common import INTERPRETED, check_device, check_dtype, new_empty
 @triton.jit
 def _ce_row_kernel(
     Z, stride_z, Targets, Loss,
-    V, ignore_index,
+    V, V_pad, ignore_index,
     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Row loss, and (WRITE_GRAD) dL/dz written over the logits row Z in place."""
@@ -60,11 +60,11 @@ def _ce_row_kernel(
     if WRITE_GRAD:
         # Pass 2: dz = softmax - onehot (1/n_valid is applied in the backward); zero for ignored rows.
         scale = tl.where(ignored, 0.0, 1.0)
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, V_pad, BLOCK_V):  # the padded columns get 0: no gradient flows there
             offs = start + cols
             z = tl.load(z_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
-            g = tl.exp(z - lse) - tl.where(offs == t, 1.0, 0.0)
-            tl.store(z_ptr + offs, (g * scale).to(Z.dtype.element_ty), mask=offs < V)
+            g = tl.where(offs < V, tl.exp(z - lse) - tl.where(offs == t, 1.0, 0.0), 0.0)
+            tl.store(z_ptr + offs, (g * scale).to(Z.dtype.element_ty), mask=offs < V_pad)
 
 
 # Chunking. Every chunk adds its dz^T @ h_c into the (V, d) fp32 grad_weight, a read-modify-write of
@@ -73,6 +73,7 @@ def _ce_row_kernel(
 # a small fraction of the unfused path's N x V logits + fp32 copy + fp32 gradient. Rows are rounded up
 # to a multiple of 128 for the matmuls (16 under the interpreter, so CPU tests cross chunk borders).
 TARGET_CHUNKS = 8
+VOCAB_ALIGN = 64  # rows of W padded to this multiple for aligned (fast) cuBLAS kernels
 ROW_MULTIPLE = 16 if INTERPRETED else 128
 
 
@@ -158,24 +159,29 @@ def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -1
     losses = new_empty((n,), dtype=torch.float32, device=device)
     n_valid = (targets != ignore_index).sum().to(torch.float32)
     inv_n = (1.0 / n_valid).reshape(1)  # a device scalar: no host sync
+    # The vocabulary is padded to a multiple of VOCAB_ALIGN rows of zeros: GPT-2's 50257 makes every
+    # matmul's leading dimension odd, and cuBLAS then falls back to slow unaligned kernels (an H200 ran
+    # the chunk GEMMs in sm75 cutlass kernels, 65% of the op's time). One copy of W per call buys that.
+    v_pad = triton.cdiv(v, VOCAB_ALIGN) * VOCAB_ALIGN
+    w = weight if v_pad == v else torch.nn.functional.pad(weight, (0, 0, 0, v_pad - v))
     grad_h = new_empty((n, d), dtype=torch.float32, device=device) if compute_grad else None
-    grad_w = new_empty((v, d), dtype=torch.float32, device=device) if compute_grad else None
+    grad_w = new_empty((v_pad, d), dtype=torch.float32, device=device) if compute_grad else None
     block_v = min(1024 if INTERPRETED else 8192, triton.next_power_of_2(v))
     warps = 4 if INTERPRETED else 16 if block_v >= 8192 else 8
     c = chunk_rows or _chunk_rows(n)
     for start in range(0, n, c):
         h_c = hidden[start:start + c]
-        z = h_c @ weight.t()  # (C, V) in the inputs' dtype, fp32 accumulation in cuBLAS
+        z = h_c @ w.t()  # (C, V_pad) in the inputs' dtype, fp32 accumulation in cuBLAS
         _ce_row_kernel[(h_c.shape[0],)](
             z, z.stride(0), targets[start:start + c], losses[start:start + c],
-            v, ignore_index,
+            v, v_pad, ignore_index,
             WRITE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=warps,
         )
         if compute_grad:
-            _matmul_fp32(grad_h[start:start + c], z, weight, accumulate=False)
+            _matmul_fp32(grad_h[start:start + c], z, w, accumulate=False)
             _matmul_fp32(grad_w, z.t(), h_c, accumulate=start > 0)  # the first chunk initialises it
     loss = losses.sum() * inv_n[0]
-    return loss, grad_h, grad_w, inv_n
+    return loss, grad_h, (grad_w[:v] if compute_grad else None), inv_n
 
 
 # ---- torch.library ops (opaque for torch.compile) and autograd ----
