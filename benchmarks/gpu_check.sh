@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh       # there, from the repository root, with .whl carried along
 #   GPU_CHECK_STEPS="install tests_kernels bench_kernels" bash benchmarks/gpu_check.sh   # a subset
 #   BENCH_TRAIN_ROWS=ours_triton,ours_triton_compile bash benchmarks/gpu_check.sh        # fewer bench_train rows
+#   GPU_CHECK_STEPS="env staged_gpu" bash benchmarks/gpu_check.sh    # one seed of benchmarks/staged_sweep.py --gpu
 #
 # Steps: env (card, versions, measured copy bandwidth); install (the package and its CUDA extension
 # against the installed torch, no deps); tests_kernels (the Triton kernel tests, compiled for the GPU);
@@ -103,6 +104,8 @@ step bench_growth 40 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --j
 step profile 40 "$PY" benchmarks/profile_ops.py
 IGNORES=""
 for f in $KERNEL_TESTS tests/test_ext_ops.py; do IGNORES="$IGNORES --ignore=$f"; done
+# Not in the default list (about 6 minutes alone): one seed of the staged-vs-direct sweep at GPU speed.
+step staged_gpu 420 "$PY" benchmarks/staged_sweep.py --gpu --seeds 1 --out "$OUT_DIR/staged_sweep_gpu"
 step tests_rest 150 "$PY" -m pytest -q -x $XDIST tests $IGNORES
 rm -f "$OUT_DIR/current.log"
 

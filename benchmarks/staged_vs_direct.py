@@ -343,21 +343,22 @@ def make_tokenizer(folder: Path, vocab_size: int) -> Path:
     return folder
 
 
-def make_plan(target: str, train_steps: int, path: Path) -> dict:
-    """The schedule module's width plan, with its run length chosen so its final schedule step == train_steps."""
-    from staged_fast.schedule import plan_for_run
+def make_plan(target, train_steps: int, path: Path, op: str = "width") -> dict:
+    """The schedule module's one-growth plan (`op`: width or depth), with its run length chosen so its
+    final schedule step == train_steps. `target`: a preset name or a GPTConfig."""
+    from staged_fast.schedule import constant_op, plan_for_run
 
-    probe = plan_for_run(target, ["width"], train_steps).to_dict()
+    probe = plan_for_run(target, [op], train_steps).to_dict()
     # final = N - s0 + s0 / c: solve for N at the probe's stage-0 fraction, then search nearby
     frac = probe["stages"][0]["steps"] / probe["train_steps"]
-    n0 = round(train_steps / (1.0 - frac * (1.0 - 1.0 / 1.776)))
+    n0 = round(train_steps / (1.0 - frac * (1.0 - 1.0 / constant_op(op))))
     best = None
     for n in range(max(2, n0 - 4), n0 + 5):
-        d = plan_for_run(target, ["width"], n).to_dict()
+        d = plan_for_run(target, [op], n).to_dict()
         key = (abs(d["final_schedule_step"] - train_steps), n)
         if best is None or key < best[0]:
             best = (key, n, d)
-    plan = plan_for_run(target, ["width"], best[1])
+    plan = plan_for_run(target, [op], best[1])
     path.write_text(plan.to_json())
     return plan.to_dict()
 
