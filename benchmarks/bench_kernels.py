@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (interpreter)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype of the kernels (GPU)")
-    p.add_argument("--only", default="all", choices=["all", "layer_norm", "attention", "linear_ce"])
+    p.add_argument("--only", default="all", choices=["all", "layer_norm", "attention", "linear_ce", "llama"])
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
     return p.parse_args(argv)
 
@@ -52,6 +52,8 @@ from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_f
 from staged_fast.kernels._common import assert_within_torch_error  # noqa: E402
 from staged_fast.kernels.attention import flash_attention, flash_attention_reference  # noqa: E402
 from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference  # noqa: E402
+from staged_fast.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
+from staged_fast.kernels.fused_swiglu import swiglu, swiglu_reference  # noqa: E402
 from staged_fast.kernels.fused_linear_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -394,6 +396,50 @@ def bench_linear_ce(rows, peaks):
         del h, w
 
 
+# ---- llama: RMSNorm (+ residual), SwiGLU ----
+
+
+def bench_llama(rows, peaks):
+    """Triton RMSNorm (+ fused residual) and fused SwiGLU vs their plain-PyTorch twins (GB/s of ideal traffic)."""
+    shapes = [(2, 32, 384)] if CPU else ([(16, 1024, 768)] if ARGS.quick else [(16, 1024, 768), (16, 1024, 1536)])
+    eps = 1e-6
+    for B, T, C in shapes:
+        shape = f"{B}x{T}x{C}"
+        x = torch.randn(B, T, C, device=DEVICE, dtype=DTYPE).requires_grad_()
+        r = torch.randn_like(x).requires_grad_()
+        w = (1 + 0.1 * torch.randn(C, device=DEVICE)).to(DTYPE).requires_grad_()
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        n, e = x.numel(), x.element_size()
+        traffic = {"fwd": 2 * n * e, "bwd": 3 * n * e, "fwd+bwd": 5 * n * e}
+        ours, base = (lambda: rms_norm(x, w, eps)), (lambda: rms_norm_reference(x, w, eps))
+        validate(f"rms_norm {shape}", ours, base, lambda x_, w_: rms_norm_reference(x_, w_, eps), [x, w], [dy])
+        tb = time_modes(base, [x, w], [dy])
+        add_rows(rows, "rms_norm", shape, "triton", time_modes(ours, [x, w], [dy]), traffic.get, "GB/s",
+                 peaks["bandwidth_Bps"], baseline=("torch", tb))
+        add_rows(rows, "rms_norm", shape, "torch", tb, traffic.get, "GB/s", peaks["bandwidth_Bps"])
+        traffic_res = {"fwd": 4 * n * e, "bwd": 4 * n * e, "fwd+bwd": 8 * n * e}
+        ours = lambda: rms_norm(x, w, eps, residual=r)  # noqa: E731
+        base = lambda: rms_norm_reference(x, w, eps, residual=r)  # noqa: E731
+        validate(f"rms_norm_residual {shape}", ours, base,
+                 lambda x_, w_, r_: rms_norm_reference(x_, w_, eps, residual=r_), [x, w, r], [dy, ds])
+        tb = time_modes(base, [x, w, r], [dy, ds])
+        add_rows(rows, "rms_norm+residual", shape, "triton", time_modes(ours, [x, w, r], [dy, ds]), traffic_res.get,
+                 "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb))
+        add_rows(rows, "rms_norm+residual", shape, "torch", tb, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
+        F_ = 8 * C // 3 // 64 * 64  # SwiGLU hidden
+        g = torch.randn(B, T, F_, device=DEVICE, dtype=DTYPE).requires_grad_()
+        u = torch.randn_like(g).requires_grad_()
+        dout = torch.randn_like(g)
+        m = g.numel() * e
+        traffic_sw = {"fwd": 3 * m, "bwd": 5 * m, "fwd+bwd": 8 * m}  # fwd reads g, u writes out; bwd reads 3 writes 2
+        validate(f"swiglu {shape}x{F_}", lambda: swiglu(g, u), lambda: swiglu_reference(g, u), swiglu_reference,
+                 [g, u], [dout])
+        tb = time_modes(lambda: swiglu_reference(g, u), [g, u], [dout])
+        add_rows(rows, "swiglu", f"{B}x{T}x{F_}", "triton", time_modes(lambda: swiglu(g, u), [g, u], [dout]),
+                 traffic_sw.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb))
+        add_rows(rows, "swiglu", f"{B}x{T}x{F_}", "torch", tb, traffic_sw.get, "GB/s", peaks["bandwidth_Bps"])
+
+
 def main():
     prov = provenance()
     print(f"bench_kernels on {DEVICE} ({prov.get('gpu', prov['cpu'])}), dtype {DTYPE}, torch {prov['torch']}, "
@@ -404,7 +450,8 @@ def main():
     print(f"measured peaks: copy bandwidth {peaks['bandwidth_Bps'] / 1e9:.0f} GB/s, "
           f"matmul ({peaks['matmul_dtype']}) {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s")
     rows = []
-    for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce)):
+    for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce),
+                     ("llama", bench_llama)):
         if ARGS.only in ("all", name):
             fn(rows, peaks)
     columns = ["kernel", "shape", "impl", "mode", "ms", "GB/s", "TFLOP/s", "frac_peak", "frac_spec", "vs", "speedup",

@@ -44,6 +44,7 @@ runs with the real GPT-2 BPE for comparison.
     python benchmarks/staged_vs_direct.py --quick          # a few minutes on 2 CPU cores
     python benchmarks/staged_vs_direct.py                  # the full experiment (~20-40 min on 2 shared cores)
     python benchmarks/staged_vs_direct.py --analyze_only   # re-analyze finished runs under --out
+    python benchmarks/staged_vs_direct.py --arch llama     # the same on llama_small (--quick: llama_tiny)
 
 Writes <out>/staged_vs_direct_<staged run>.json and .png (e.g. staged_vs_direct_staged_plan_noise0.01.json)
 and prints a table; the staged run's folder is <out>/staged_<strategy>_noise<width_noise>.
@@ -73,6 +74,9 @@ MODES = {
     "full": dict(target="small", start="small_div2_width", seqlen=128, batch_size=8, train_steps=1200,
                  warmup_steps=60, val_every=20, val_batches=10),
 }
+# --arch llama: the same experiments on the llama presets (head_dim 32, n_kv_head = n_head / 2).
+LLAMA_SIZES = {"quick": dict(target="llama_tiny", start="llama_tiny_div2_width"),
+               "full": dict(target="llama_small", start="llama_small_div2_width")}
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 def non_embedding_params(n_layer: int, n_embd: int) -> int:
@@ -80,17 +84,27 @@ def non_embedding_params(n_layer: int, n_embd: int) -> int:
     return 12 * n_layer * n_embd * n_embd
 
 
-def flops_per_token(n_layer: int, n_embd: int, seqlen: int, vocab_size: int) -> float:
-    """Training FLOPs per token: 6 * (12 L d^2 + V d) + 12 L d T (see the module docstring)."""
-    return 6.0 * (non_embedding_params(n_layer, n_embd) + vocab_size * n_embd) + 12.0 * n_layer * n_embd * seqlen
+def flops_per_token(n_layer: int, n_embd: int, seqlen: int, vocab_size: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6 * (N + V d) + 12 L d T with N = 12 L d^2 (see the module docstring), or
+    the llama model's exact non-embedding matmul count `n_params` (q/k/v/o with GQA, gate/up/down)."""
+    n = non_embedding_params(n_layer, n_embd) if n_params is None else n_params
+    return 6.0 * (n + vocab_size * n_embd) + 12.0 * n_layer * n_embd * seqlen
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """'2L/64d/1H' -> (2, 64)."""
+def llama_matmul_params(n_layer: int, n_embd: int, n_head: int, n_kv_head: int, hidden: int) -> int:
+    head_dim = n_embd // n_head
+    return n_layer * (2 * n_embd * n_head * head_dim + 2 * n_embd * n_kv_head * head_dim + 3 * n_embd * hidden)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'2L/64d/1H' -> (2, 64); a llama shape '2L/64d/2H/1KV/192F' -> (2, 64, its matmul parameter count)."""
     parts = text.split("/")
     if len(parts) < 2 or not parts[0].endswith("L") or not parts[1].endswith("d"):
         raise ValueError(f"not a model shape like '2L/64d/1H': {text!r}")
-    return int(parts[0][:-1]), int(parts[1][:-1])
+    L, d = int(parts[0][:-1]), int(parts[1][:-1])
+    if len(parts) == 5 and parts[3].endswith("KV") and parts[4].endswith("F"):
+        return L, d, llama_matmul_params(L, d, int(parts[2][:-1]), int(parts[3][:-2]), int(parts[4][:-1]))
+    return L, d
 
 
 # ---------------------------------------------------------------------------------------------- curves
@@ -107,7 +121,7 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def build_curve(records: list[dict], events: list[dict], *, seqlen: int, vocab_size: int,
-                val_every: int | None = None) -> list[dict]:
+                val_every: int | None = None, shape: tuple | None = None) -> list[dict]:
     """Validation points with the cumulative training FLOPs and wall time at each.
 
     A record's val_loss is fresh when its iteration is a multiple of val_every, or it is the last record
@@ -120,6 +134,8 @@ def build_curve(records: list[dict], events: list[dict], *, seqlen: int, vocab_s
         raise ValueError("no log records")
     if events:
         shape0 = parse_shape(events[0]["old_size"])
+    elif shape is not None:
+        shape0 = shape
     else:
         shape0 = (records[0]["n_layer"], records[0]["n_embd"])
     # segments: (first update of the segment, shape)
@@ -131,7 +147,8 @@ def build_curve(records: list[dict], events: list[dict], *, seqlen: int, vocab_s
             end = segments[k + 1][0] - 1 if k + 1 < len(segments) else math.inf
             lo, hi = max(it0 + 1, start), min(it1, end)
             if hi >= lo:
-                total += (hi - lo + 1) * tokens_per_update * flops_per_token(*shape, seqlen, vocab_size)
+                total += (hi - lo + 1) * tokens_per_update * flops_per_token(shape[0], shape[1], seqlen, vocab_size,
+                                                                             *shape[2:])
         return total
 
     # the median throughput of each shape: a wall-time estimate robust to other load on a shared machine
@@ -426,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "width growth (function-preserving; 0 = plain copy, whose two halves stay identical forever "
                    "with dropout 0, so the grown model never outgrows the small one)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="model family: llama runs the "
+                   "llama_tiny / llama_small presets (FLOPs from their exact matmul parameter count)")
     p.add_argument("--reuse", action="store_true", help="skip a run whose metrics show it finished")
     p.add_argument("--analyze_only", action="store_true", help="analyze the runs already under --out")
     return p
@@ -435,11 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = "quick" if args.quick else "full"
     cfg = dict(MODES[mode])
+    if args.arch == "llama":
+        cfg.update(LLAMA_SIZES[mode])
     for key in ("target", "start", "train_steps", "seqlen", "val_every", "val_batches", "batch_size",
                 "warmup_steps"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    out = Path(args.out or f"runs/staged_vs_direct{'_quick' if args.quick else ''}")
+    out = Path(args.out or f"runs/staged_vs_direct{'_llama' if args.arch == 'llama' else ''}"
+                           f"{'_quick' if args.quick else ''}")
     if not out.is_absolute():
         out = Path.cwd() / out
     out.mkdir(parents=True, exist_ok=True)
@@ -486,17 +508,20 @@ def main(argv: list[str] | None = None) -> int:
 
     d_rec, d_ev = read_run(direct_dir)
     s_rec, s_ev = read_run(staged_dir)
-    direct = build_curve(d_rec, d_ev, seqlen=cfg["seqlen"], vocab_size=vocab_size, val_every=cfg["val_every"])
-    staged = build_curve(s_rec, s_ev, seqlen=cfg["seqlen"], vocab_size=vocab_size, val_every=cfg["val_every"])
+    target_shape, start_shape = parse_shape_preset(cfg["target"]), parse_shape_preset(cfg["start"])
+    direct = build_curve(d_rec, d_ev, seqlen=cfg["seqlen"], vocab_size=vocab_size, val_every=cfg["val_every"],
+                         shape=target_shape)
+    staged = build_curve(s_rec, s_ev, seqlen=cfg["seqlen"], vocab_size=vocab_size, val_every=cfg["val_every"],
+                         shape=start_shape)
     comparison = compare(direct, staged, s_ev)
-    tl, td = parse_shape_preset(cfg["target"])
-    sl, sd = parse_shape_preset(cfg["start"])
     res = dict(
-        mode=mode, strategy=args.strategy, vocab=args.vocab, vocab_size=vocab_size, width_noise=args.width_noise,
+        mode=mode, arch=args.arch, strategy=args.strategy, vocab=args.vocab, vocab_size=vocab_size, width_noise=args.width_noise,
         config=dict(cfg, seed=args.seed, tokens_per_update=cfg["seqlen"] * cfg["batch_size"]),
-        flops_formula="per token: 6*(12*L*d^2 + V*d) + 12*L*d*T; integrated over updates",
-        flops_per_token=dict(target=flops_per_token(tl, td, cfg["seqlen"], vocab_size),
-                             start=flops_per_token(sl, sd, cfg["seqlen"], vocab_size)),
+        flops_formula=("per token: 6*(N + V*d) + 12*L*d*T, N = " + ("the exact q/k/v/o + gate/up/down matmul count"
+                       if args.arch == "llama" else "12*L*d^2") + "; integrated over updates"),
+        flops_per_token=dict(
+            target=flops_per_token(target_shape[0], target_shape[1], cfg["seqlen"], vocab_size, *target_shape[2:]),
+            start=flops_per_token(start_shape[0], start_shape[1], cfg["seqlen"], vocab_size, *start_shape[2:])),
         crossing_rule="first val point <= L*, linear interpolation in log10(FLOPs) with the point before",
         comparison=comparison, plan=plan, process_wall_s=process_wall or None,
         argv=dict(direct=direct_argv, staged=staged_argv),
@@ -515,9 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_shape_preset(name: str) -> tuple[int, int]:
-    from staged_fast.config import PRESETS
+def parse_shape_preset(name: str) -> tuple[int, ...]:
+    """(n_layer, n_embd) of a GPT-2 preset; (n_layer, n_embd, matmul parameters) of a llama preset."""
+    from staged_fast.config import LLAMA_PRESETS, PRESETS
 
+    if name in LLAMA_PRESETS:
+        return (*LLAMA_PRESETS[name][:2], llama_matmul_params(*LLAMA_PRESETS[name]))
     n_layer, n_embd, _ = PRESETS[name]
     return n_layer, n_embd
 

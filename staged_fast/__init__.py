@@ -12,6 +12,9 @@ _LAZY = {
     "initial_lr": ".config",
     "preset_config": ".config",
     "GPT": ".model",
+    "Llama": ".llama",
+    "LLAMA_PRESETS": ".config",
+    "initial_lr_for": ".config",
 }
 __all__ = [*_LAZY, "__version__"]
 

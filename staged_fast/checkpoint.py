@@ -15,6 +15,11 @@ A write that finds the disk full (checked before writing, and recognized when it
 folder and raises a CheckpointError naming the filesystem, the bytes needed and the bytes free.
 Temporary folders (`.tmp-*`) of interrupted writes are removed at start by the run that owns the folder
 (run_folder.remove_leftovers), never by a reader.
+
+Under --parallel fsdp a checkpoint is sharded instead (meta.json `"layout": "dcp"`: `dcp/` written by every
+rank with torch.distributed.checkpoint, `trainer.pt`, `meta.json`; same temporary folder, fsync, one rename
+and verification; see staged_fast.sharded). `load_checkpoint` consolidates it into the full layout unless
+asked not to (an fsdp run loads its own shards).
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"  # temporary folders: writes in progress, old copies being replaced or pruned
 REQUIRED_FILES = ("model.safetensors", "trainer.pt")  # every checkpoint has them, listed and verified
-OPTIONAL_FILES = ("optimizer.pt",)  # absent when saved without an optimizer; if present, listed and verified
+OPTIONAL_FILES = ("optimizer.pt",)
+SHARDED_REQUIRED_FILES = ("dcp/.metadata", "trainer.pt")  # meta.json "layout": "dcp"; every dcp/ file is listed  # absent when saved without an optimizer; if present, listed and verified
 _NO_SPACE_SIGNS = ("No space left", "os error 28", "StorageFull", "Disk quota exceeded", "unexpected pos")
 
 
@@ -53,6 +59,11 @@ class Checkpoint:
     param_names: list[str] | None
     trainer_state: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        """Written under --parallel fsdp (torch.distributed.checkpoint shards; see staged_fast.sharded)."""
+        return self.meta.get("layout") == "dcp"
 
     @property
     def step(self) -> int:
@@ -79,7 +90,8 @@ def _sha256(path: Path) -> str:
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)  # untied llama heads are stored
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied}
     return state
 
 
@@ -146,8 +158,16 @@ def save_checkpoint(
         if isinstance(e, Exception) and _is_no_space(e):
             raise _disk_full_error(save_dir, final.name, needed, _free_bytes(save_dir), e) from e
         raise
-    if _before_commit is not None:  # test hook: simulate a crash before the rename
-        _before_commit(tmp)
+    return commit(tmp, final, keep_last, _before_commit)
+
+
+def commit(tmp: Path, final: Path, keep_last: int | None = None, before_commit=None) -> Path:
+    """Make a fully written, fsync'ed temporary checkpoint folder the checkpoint `final` in one rename
+    (re-saving a step moves the old folder aside first), then prune to `keep_last`. Shared by the full
+    and the sharded (torch.distributed.checkpoint) layouts."""
+    save_dir = final.parent
+    if before_commit is not None:  # test hook: simulate a crash before the rename
+        before_commit(tmp)
     if final.exists():  # re-saving the same step: move the old one aside first, then swap
         old = save_dir / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -275,8 +295,11 @@ def resolve_checkpoint(path: str | os.PathLike, save_dir: str | os.PathLike | No
 
 def _verify(path: Path, meta: dict) -> None:
     files = meta["files"]
-    for name in (*REQUIRED_FILES, *OPTIONAL_FILES):
-        required = name in REQUIRED_FILES or (path / name).exists()
+    sharded = meta.get("layout") == "dcp"
+    required_files = SHARDED_REQUIRED_FILES if sharded else REQUIRED_FILES
+    present = [f"dcp/{p.name}" for p in (path / "dcp").iterdir()] if sharded and (path / "dcp").is_dir() else []
+    for name in (*required_files, *(() if sharded else OPTIONAL_FILES), *present):
+        required = name in required_files or (path / name).exists()
         if required and name not in files:
             raise CheckpointError(
                 f"checkpoint {path} is damaged: its meta.json does not list {name} (size and sha256), so the file "
@@ -320,7 +343,10 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True, verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True, verify: bool = True,
+                    consolidate: bool = True) -> Checkpoint:
+    """A verified checkpoint. A sharded one (--parallel fsdp) is consolidated into full states in this process,
+    unless consolidate=False (then model_state/optimizer_state are None: a sharded run loads its own shards)."""
     path = Path(path)
     meta = read_meta(path)
     if verify:
@@ -329,10 +355,18 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True, ver
         config = GPTConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:  # ConfigError is a ValueError
         raise CheckpointError(f"checkpoint {path} is damaged: the config in its meta.json is invalid ({e}).") from e
-    model_state = load_file(str(path / "model.safetensors"))
-    model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
     optimizer_state, param_names = None, None
-    if load_optimizer and (path / "optimizer.pt").exists():
+    if meta.get("layout") == "dcp":
+        model_state = None
+        if consolidate:
+            from .sharded import consolidate as _consolidate
+
+            model_state, optimizer_state, param_names = _consolidate(path, load_optimizer=load_optimizer)
+            model_state.setdefault("lm_head.weight", model_state["transformer.wte.weight"])
+    else:
+        model_state = load_file(str(path / "model.safetensors"))
+        model_state.setdefault("lm_head.weight", model_state["transformer.wte.weight"])  # tied unless stored
+    if meta.get("layout") != "dcp" and load_optimizer and (path / "optimizer.pt").exists():
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         optimizer_state, param_names = blob["state_dict"], blob["param_names"]
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)

@@ -1,7 +1,9 @@
 """torch.distributed set-up for the trainer: env:// (torchrun) or a single process.
 
 The model is built for one device; `wrap` applies DDP from outside, and `unwrap` gives back the plain
-module for checkpoints and growth (never a DDP-wrapped state_dict).
+module for checkpoints and growth (never a DDP-wrapped state_dict). Under --parallel fsdp the model is
+sharded in place instead (staged_fast.sharded.shard, before the optimizer is built), and a single process
+joins a one-rank process group so the same code runs.
 """
 from __future__ import annotations
 
@@ -41,14 +43,21 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(requested)
 
 
-def init(requested_device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE set), else run single-process."""
+def init(requested_device: str = "auto", parallel: str = "ddp") -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE set), else run single-process (under
+    --parallel fsdp in a one-rank group of its own: FSDP2 needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
-    if world_size == 1 and "RANK" not in os.environ:
-        return DistInfo(device=device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size == 1 and "RANK" not in os.environ:
+        if parallel != "fsdp":
+            return DistInfo(device=device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return DistInfo(0, 0, 1, device, backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import PRESETS, ConfigError, preset_config
+from .config import LLAMA_PRESETS, PRESETS, ConfigError, preset_config
 from .growth import STATE_ABSENT, GrowthError, grow_checkpoint
 from .growth.index_maps import DEPTH_MODES
 from .run_folder import LOCK_NAME, RunFolderError, RunLock, remove_leftovers
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="std of E in the [W - E, E] split of every block row (function-preserving; breaks "
                         "the symmetry of the two halves, which otherwise never separate without dropout)")
     p.add_argument("--seed", type=int, default=0, help="seed of the width-noise generator")
-    p.add_argument("--target", choices=sorted(PRESETS), default=None,
+    p.add_argument("--target", choices=sorted(PRESETS) + sorted(LLAMA_PRESETS), default=None,
                    help="the preset the grown model must be (checked; an error if the op does not produce it)")
     p.add_argument("--optimizer_step", type=int, default=None, help="set every parameter's Adam step to this")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",

@@ -19,6 +19,23 @@ class GrowthRequest:
     restart_warmup_steps: int | None = None  # None: take --restart_warmup_steps
 
 
+def _llama_plan_start(args, plan) -> None:
+    """A plan for a llama preset starts a llama run: kv heads and SwiGLU hidden of its first stage (the stages
+    record n_layer/n_embd/n_head only), unless given by flags."""
+    from .config import LLAMA_PRESETS, preset_config
+
+    if plan.target not in LLAMA_PRESETS or getattr(args, "arch", None) == "gpt2":
+        return
+    from .schedule.planner import stage_configs
+
+    start = stage_configs(preset_config(plan.target), plan.ops)[0]
+    args.arch = "llama"
+    if getattr(args, "n_kv_head", None) is None:
+        args.n_kv_head = start.n_kv_head
+    if getattr(args, "intermediate_size", None) is None:
+        args.intermediate_size = start.intermediate_size
+
+
 def load_plan(args, log=print):
     """Read --schedule; the plan fixes the start size and the schedule's length (it edits `args`)."""
     if not args.schedule:
@@ -41,6 +58,7 @@ def load_plan(args, log=print):
                 f"{first.n_head}H; drop --size (the plan sets it)."
             )
     args.size, args.n_layer, args.n_embd, args.n_head = None, first.n_layer, first.n_embd, first.n_head
+    _llama_plan_start(args, plan)
     final = plan.to_dict()["final_schedule_step"]
     log(f"plan {args.schedule}: {len(plan.growths())} growth(s); --train_steps set to the plan's final "
         f"schedule step {final}")

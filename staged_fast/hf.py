@@ -63,8 +63,13 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def to_hf(model: GPT):
-    """A GPT2LMHeadModel holding a copy of `model`'s weights."""
+    """A GPT2LMHeadModel (a LlamaForCausalLM for --arch llama) holding a copy of `model`'s weights."""
     from transformers import GPT2LMHeadModel
+
+    if model.config.arch == "llama":
+        from . import hf_llama
+
+        return hf_llama.to_hf(model)
 
     hf = GPT2LMHeadModel(hf_config(model.config))
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
@@ -76,7 +81,11 @@ def to_hf(model: GPT):
 
 
 def from_hf(hf_model, kernels_backend: str = "torch") -> GPT:
-    """Our GPT with a copy of a GPT2LMHeadModel's weights."""
+    """Our GPT with a copy of a GPT2LMHeadModel's weights (our llama from a LlamaForCausalLM's)."""
+    from . import hf_llama
+
+    if hf_llama.is_llama_hf_config(hf_model.config):
+        return hf_llama.from_hf(hf_model, kernels_backend)
     config = config_from_hf(hf_model.config)
     model = GPT(config, kernels_backend=kernels_backend)
     state = {}
@@ -98,6 +107,15 @@ def save_pretrained(model: GPT, out_dir, tokenizer=None) -> None:
 
 
 def load_pretrained(path_or_name, kernels_backend: str = "torch") -> GPT:
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    from . import hf_llama
+
+    hf_cfg = AutoConfig.from_pretrained(path_or_name)
+    if hf_llama.is_llama_hf_config(hf_cfg):  # checked before the weights are read
+        from transformers import LlamaForCausalLM
+
+        hf_llama.config_from_hf(hf_cfg)
+        return hf_llama.from_hf(LlamaForCausalLM.from_pretrained(path_or_name), kernels_backend)
 
     return from_hf(GPT2LMHeadModel.from_pretrained(path_or_name), kernels_backend)

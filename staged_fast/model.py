@@ -78,6 +78,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    def __new__(cls, config: GPTConfig | None = None, *args, **kwargs):
+        # GPT(config) builds the config's family: a llama config gives a staged_fast.llama.Llama (a GPT
+        # subclass), so every caller that builds a model from a config serves both families.
+        if cls is GPT and getattr(config, "arch", "gpt2") == "llama":
+            from .llama import Llama
+
+            cls = Llama
+        return super().__new__(cls)
+
     def __init__(self, config: GPTConfig, kernels_backend: str = "torch"):
         super().__init__()
         self.config = config
@@ -125,14 +134,17 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
+    def _check_length(self, T: int) -> None:
+        if T > self.config.n_positions:
+            raise ValueError(
+                f"sequence length {T} exceeds n_positions={self.config.n_positions} (the model's max context); "
+                f"use a shorter --seqlen or a model with more positions."
+            )
+
     def hidden_states(self, idx):
         """Final-layer-normed hidden states, (B, T, d)."""
         B, T = idx.shape
-        if T > self.config.n_positions:
-            raise ValueError(
-                f"sequence length {T} exceeds n_positions={self.config.n_positions}; "
-                f"use a shorter --seqlen or a model with more positions."
-            )
+        self._check_length(T)
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:

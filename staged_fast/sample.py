@@ -86,6 +86,10 @@ class CachedDecoder:
 
     def _forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of `idx` placed after the `self.length` cached positions."""
+        if self.model.config.arch == "llama":  # RoPE and GQA caches: staged_fast.llama.Llama.cached_forward
+            logits = self.model.cached_forward(idx, self.length, self.cache, self.n_positions)
+            self.length += idx.shape[1]
+            return logits
         tr = self.model.transformer
         B, T = idx.shape
         past = self.length

@@ -16,7 +16,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .run_folder import RunFolderError, RunLock, remove_leftovers
-from .train_args import DEMO_ARGV, UsageError, parse_args
+from .train_args import DEMO_ARGV, UsageError, demo_argv, parse_args
 
 # Errors that are the user's to fix: one paragraph, exit code 2, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, UsageError, RunFolderError)
@@ -77,9 +77,10 @@ def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("staged_fast.train: no arguments, running the staged demo: " + " ".join(DEMO_ARGV), flush=True)
-        argv = list(DEMO_ARGV)
+    demo = demo_argv(argv)
+    if demo is not None:  # no arguments (or only --arch): the staged demo of that family
+        print("staged_fast.train: no arguments, running the staged demo: " + " ".join(demo), flush=True)
+        argv = demo
     user_errors = _user_errors()
     dist = None
     trainer = None
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if _relaunch_for_gpu_count(args, argv):
             return 0
-        dist = D.init(args.device)
+        dist = D.init(args.device, args.parallel)
         if args.save_prefix is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.save_prefix = D.broadcast_object(f"runs/{args.size or 'model'}-{stamp}", dist)
@@ -117,5 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
 
 
+def _exit_after_distributed_run(code: int) -> None:
+    """Leave a torchrun worker without the interpreter's teardown. main() has already closed everything
+    (checkpoints fsync'ed and renamed, metrics files closed, barrier, destroy_process_group, lock released);
+    during the teardown that follows, a rank of a finished FSDP2-over-gloo job occasionally aborted
+    ("terminate called without an active exception": a C++ thread destroyed while joinable; seen under
+    heavy load on CPU, cause not found), which made torchrun report a finished job as failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_after_distributed_run(exit_code)
+    sys.exit(exit_code)

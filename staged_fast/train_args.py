@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import PRESETS, ConfigError, GPTConfig, initial_lr, preset_config
+from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr, initial_lr_for, preset_config
 from .kernels import BACKENDS
 
 GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "append_copy")
@@ -19,6 +19,19 @@ DEMO_ARGV = [
     "--log_rate", "10", "--grow_at", "120", "--grow_ops", "width", "--restart_steps", "auto",
     "--restart_warmup_steps", "10",
 ]
+# `python -m staged_fast.train --arch llama` (no other flags): the same demo for the llama family.
+LLAMA_DEMO_ARGV = ["--arch", "llama", "--size", "llama_tiny_div2_width"] + DEMO_ARGV[2:]
+
+
+def demo_argv(argv: list[str]) -> list[str] | None:
+    """The demo command line when `argv` is empty or only names the architecture, else None."""
+    if not argv:
+        return list(DEMO_ARGV)
+    if argv in (["--arch", "gpt2"], ["--arch=gpt2"]):
+        return list(DEMO_ARGV)
+    if argv in (["--arch", "llama"], ["--arch=llama"]):
+        return list(LLAMA_DEMO_ARGV)
+    return None
 
 
 class UsageError(ValueError):
@@ -41,13 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "without torchrun, >1 re-launches itself with torch.distributed.run")
     g.add_argument("--stop_at_step", type=int, default=None, help="save and exit at this step (resume later)")
     g.add_argument("--overwrite", action="store_true", help="allow a --save_prefix that already holds another run")
+    g.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"), help="data parallelism under torchrun: "
+                   "ddp (a full copy of weights and AdamW state per process) or fsdp (FSDP2 fully_shard per block "
+                   "and at the root: weights, grads and AdamW state sharded; sharded checkpoints that resume on any "
+                   "number of processes)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--size", default=None, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--arch", default=None, choices=("gpt2", "llama"), help="model family (default gpt2; a llama_* "
+                   "--size implies llama). llama: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases")
+    g.add_argument("--size", default=None, help=f"preset: {', '.join(PRESETS)}, {', '.join(LLAMA_PRESETS)}")
     g.add_argument("--n_layer", type=int, default=None)
     g.add_argument("--n_embd", type=int, default=None)
     g.add_argument("--n_head", type=int, default=None)
-    g.add_argument("--n_positions", type=int, default=1024, help="position-table length (max --seqlen)")
+    g.add_argument("--n_positions", type=int, default=1024, help="position-table length (max --seqlen; llama: max context)")
+    g.add_argument("--n_kv_head", type=int, default=None, help="llama: key/value heads for grouped-query attention "
+                   "(default: the preset's, else n_head)")
+    g.add_argument("--intermediate_size", type=int, default=None, help="llama: SwiGLU hidden size (default: the "
+                   "preset's, else the multiple of 64 nearest 8/3 n_embd)")
+    g.add_argument("--rope_theta", type=float, default=10000.0, help="llama: RoPE base")
+    g.add_argument("--tie_embeddings", default=None, choices=("true", "false"), help="llama: tie the LM head to "
+                   "the token embedding (default true; GPT-2 always ties)")
     g.add_argument("--dropout", type=float, default=0.1, help="embedding/residual dropout (seed: 0.1)")
     g.add_argument("--attn_dropout", type=float, default=None, help="attention-probability dropout (default: --dropout)")
     g.add_argument("--model", default="gpt2", help="seed flag: model family 'gpt2' (with --random), or a HF "
@@ -131,6 +157,8 @@ def model_config(args, *, vocab_size: int) -> GPTConfig:
         dropout=args.dropout,
         attn_dropout=args.dropout if args.attn_dropout is None else args.attn_dropout,
     )
+    if llama_requested(args):
+        return _llama_config(args, dims, common)
     if args.size is not None:
         return preset_config(args.size, **common).replace(**dims)
     if len(dims) == 3:
@@ -140,8 +168,37 @@ def model_config(args, *, vocab_size: int) -> GPTConfig:
     return preset_config("GPT2_base", **common)
 
 
+def llama_requested(args) -> bool:
+    """--arch llama, or a llama_* preset; the llama-only flags with --arch gpt2 are refused in validate."""
+    arch = getattr(args, "arch", None)
+    return arch == "llama" or (arch is None and getattr(args, "size", None) in LLAMA_PRESETS)
+
+
+def _llama_config(args, dims: dict, common: dict) -> GPTConfig:
+    extra = dict(rope_theta=args.rope_theta, tie_embeddings=args.tie_embeddings != "false")
+    for k in ("n_kv_head", "intermediate_size"):
+        if getattr(args, k) is not None:
+            extra[k] = getattr(args, k)
+    if args.size is not None:
+        if args.size not in LLAMA_PRESETS:
+            raise ConfigError(f"--arch llama takes a llama preset ({', '.join(LLAMA_PRESETS)}), got --size {args.size}; "
+                              f"or give --n_layer/--n_embd/--n_head (and --n_kv_head) explicitly.")
+        base = preset_config(args.size, **common)
+        if "n_embd" in dims and "intermediate_size" not in extra:
+            extra["intermediate_size"] = 0  # a new width: the default hidden for it
+        if "n_head" in dims and "n_kv_head" not in extra:
+            extra["n_kv_head"] = 0
+        return GPTConfig(**dict(base.to_dict(), **dims, **extra))
+    if len(dims) == 3:
+        return GPTConfig(arch="llama", **dims, **common, **extra)
+    if dims:
+        raise ConfigError("Give all of --n_layer, --n_embd and --n_head, or --size PRESET.")
+    return preset_config("llama_base", **common).replace(**extra)
+
+
 def peak_lr(args, config: GPTConfig) -> float:
-    return args.lr if args.lr is not None else initial_lr(config.n_layer, config.n_embd)
+    """--lr, else the seed's heuristic by non-embedding parameter count (GPT-2: 12 * n_layer * d^2)."""
+    return args.lr if args.lr is not None else initial_lr_for(config)
 
 
 def growth_ops(args) -> list[str]:
@@ -153,12 +210,24 @@ def growth_ops(args) -> list[str]:
 
 
 def validate(args) -> None:
-    if args.size is not None and args.size not in PRESETS:
+    if args.size is not None and args.size not in PRESETS and args.size not in LLAMA_PRESETS:
         preset_config(args.size)  # raises the ConfigError that lists the presets
+    if args.arch == "gpt2" and args.size in LLAMA_PRESETS:
+        raise UsageError(f"--size {args.size} is a llama preset; drop --arch gpt2 (or pass --arch llama).")
+    if not llama_requested(args):
+        given = [f"--{k}" for k in ("n_kv_head", "intermediate_size", "tie_embeddings") if getattr(args, k) is not None]
+        if args.rope_theta != 10000.0:
+            given.append("--rope_theta")
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --arch llama only; GPT-2 has multi-head attention, a 4d "
+                             f"GELU MLP, learned positions and a tied head. Add --arch llama or drop them.")
     if not args.resume:  # fail before any data work; a resumed run takes its shape from the checkpoint
         model_config(args, vocab_size=50257)
     if args.fp16 and args.bf16:
         raise UsageError("--fp16 and --bf16 are exclusive: pick one.")
+    if getattr(args, "parallel", "ddp") == "fsdp" and args.fp16:
+        raise UsageError("--parallel fsdp does not support --fp16 (a GradScaler over sharded gradients); use --bf16 "
+                         "(bf16 compute, fp32 gradient reduce) or --parallel ddp.")
     if args.seqlen > args.n_positions:
         raise ConfigError(
             f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: learned positions "
@@ -281,7 +350,7 @@ def _check_paths(args) -> None:
         hf = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {model}: its config.json cannot be read ({e}).") from e
-    n_positions = hf.get("n_positions", hf.get("n_ctx")) if isinstance(hf, dict) else None
+    n_positions = hf.get("n_positions", hf.get("n_ctx", hf.get("max_position_embeddings"))) if isinstance(hf, dict) else None
     if isinstance(n_positions, int) and args.seqlen > n_positions:
         raise ConfigError(f"--seqlen {args.seqlen} exceeds n_positions={n_positions} of the --model folder {model}: "
                           f"its learned position table stops there. Pass --seqlen {n_positions} or less.")

@@ -17,7 +17,7 @@ import torch
 
 from . import distributed as D
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import ConfigError, GPTConfig, initial_lr
+from .config import ConfigError, GPTConfig, initial_lr, initial_lr_for
 from .kernels import resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, device_peak_flops, flops_per_token
@@ -48,6 +48,7 @@ class Trainer:
         self.stop_requested = False
         self.plan = load_plan(args, log)
         self.last_saved_iteration, self.last_saved_path = None, None
+        self.fsdp = getattr(args, "parallel", "ddp") == "fsdp"  # FSDP2 shards (staged_fast.sharded)
 
         self.backend = resolve_backend(args.kernels, self.device)  # first: may switch on Triton's interpreter
         ckpt = self._load_resume_checkpoint()
@@ -94,7 +95,7 @@ class Trainer:
             self.log(f"note: --resume latest: {self.run_dir} holds no complete checkpoint yet; starting a fresh run")
             return None
         path = resolve_checkpoint(self.args.resume, self.args.save_prefix)
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, consolidate=not self.fsdp)  # fsdp reads its own shards of a sharded one
         self.resume_path = path
         self.log(f"resuming from {path}")
         return ckpt
@@ -190,11 +191,23 @@ class Trainer:
             model.load_state_dict(pretrained.state_dict())
         else:
             model = GPT(self.config, kernels_backend=self.backend)
-        if ckpt is not None:
+        if ckpt is not None and ckpt.model_state is not None:
             model.load_state_dict(ckpt.model_state)
         self.model = model.to(self.device).train()
+        if self.fsdp:
+            from .sharded import shard
+
+            shard(self.model, bf16=a.bf16)  # in place, before the optimizer sees the parameters
         self.optimizer = self._new_optimizer(self.model, lr=peak_lr(a, self.config))
-        if ckpt is not None:
+        if ckpt is not None and ckpt.model_state is None:  # sharded checkpoint, sharded run: any rank count
+            from .sharded import load_sharded
+
+            try:
+                load_sharded(ckpt.path, self.model, self.optimizer)
+            except Exception as e:  # DCP reports missing keys / shape mismatches in many types
+                raise CheckpointError(f"the sharded checkpoint {self.resume_path} cannot be loaded into this model "
+                                      f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+        elif ckpt is not None:
             if ckpt.optimizer_state is None:
                 self.log("warning: the checkpoint has no optimizer state; AdamW starts fresh")
             else:
@@ -204,13 +217,18 @@ class Trainer:
                         f"the optimizer state in {self.resume_path} belongs to different parameters than this "
                         f"model; it cannot be resumed as is."
                     )
-                self.optimizer.load_state_dict(ckpt.optimizer_state)
+                if self.fsdp:  # a full checkpoint (DDP / one process): each rank keeps its slice
+                    from .sharded import load_full
+
+                    load_full(self.model, self.optimizer, None, ckpt.optimizer_state, ckpt.param_names)
+                else:
+                    self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.ddp_model = self._training_model()
 
     def _training_model(self):
         """The model the update runs: DDP-wrapped when distributed, then compiled under --compile (a fresh
         wrapper after each growth, so the grown shapes compile once instead of hitting guard failures)."""
-        wrapped = D.wrap(self.model, self.dist)
+        wrapped = self.model if self.fsdp else D.wrap(self.model, self.dist)  # fsdp: sharded in place already
         if self.args.compile:
             self.log(f"torch.compile (backend {self.args.compile}) of the {self.config.n_layer}L/{self.config.n_embd}d "
                      f"model: the first update includes compilation")
@@ -287,7 +305,11 @@ class Trainer:
             x, y = self.sampler.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == a.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else model.no_sync()
+            if self.fsdp:  # no reduce-scatter on non-final micro-batches (grads accumulate unsharded)
+                self.model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if (last or not self.dist.enabled) else model.no_sync()
             with sync:
                 with self.autocast():
                     loss = model(x, y)
@@ -296,6 +318,10 @@ class Trainer:
         self.scaler.unscale_(opt)
         max_norm = a.grad_clip if a.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.fsdp:  # the norm over sharded grads is a DTensor: its value on every rank
+            from .sharded import local_value
+
+            grad_norm = local_value(grad_norm)
         if a.fp16:
             self.scaler.step(opt)  # skips the step itself on inf/nan
             self.scaler.update()
@@ -351,15 +377,23 @@ class Trainer:
                      "--width_noise (e.g. 0.01, still function-preserving) or keep dropout on")
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iteration)
         noise = a.width_noise if op == "width" else 0.0  # it splits width growths; depth ones stay exact
-        model, optimizer = grow_model(
-            self.model, self.optimizer, op, width_noise=noise, generator=generator, optimizer_step=restart
-        )
+        if self.fsdp:  # gather-grow-reshard (staged_fast.sharded): the single-process operator on full copies
+            from .sharded import grow_gather_reshard
+
+            model, optimizer = grow_gather_reshard(
+                self.model, self.optimizer, op, make_optimizer=self._new_optimizer, bf16=self.args.bf16,
+                check=self._check_ranks_agree, width_noise=noise, generator=generator, optimizer_step=restart,
+            )
+        else:
+            model, optimizer = grow_model(
+                self.model, self.optimizer, op, width_noise=noise, generator=generator, optimizer_step=restart
+            )
+            self._check_ranks_agree(model, optimizer)
         self.model, self.config = model.train(), model.config
         self.optimizer = optimizer
-        self._check_ranks_agree()
         self.ddp_model = self._training_model()
         if a.lr is None:  # the seed's heuristic follows the model size
-            self.schedule.base_lr = initial_lr(self.config.n_layer, self.config.n_embd)
+            self.schedule.base_lr = initial_lr_for(self.config)
         step_before = self.step
         if restart is not None:
             self.step = restart
@@ -382,12 +416,14 @@ class Trainer:
         return event
 
     @torch.no_grad()
-    def _check_ranks_agree(self) -> None:
+    def _check_ranks_agree(self, model=None, optimizer=None) -> None:
         """Every rank must hold the same grown weights and AdamW state (DDP would only re-sync weights)."""
         if not self.dist.enabled:
             return
-        tensors = list(self.model.parameters())
-        for state in self.optimizer.state.values():
+        model = self.model if model is None else model
+        optimizer = self.optimizer if optimizer is None else optimizer
+        tensors = list(model.parameters())
+        for state in optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
         fingerprint = sum(float(t.double().abs().sum()) + float(t.double().sum()) for t in tensors)
         prints = D.gather_objects(fingerprint, self.dist)
@@ -419,6 +455,14 @@ class Trainer:
     def save(self) -> Path | None:
         state = self.trainer_state()  # collective (RNG gather): every rank calls it
         path, error = None, None
+        if self.fsdp:  # every rank writes its own shards (a collective; raises on every rank if one failed)
+            from .sharded import save_sharded
+
+            path = save_sharded(self.run_dir, step=self.iteration, model=self.model, optimizer=self.optimizer,
+                                config=self.config, trainer_state=state, info=self.dist,
+                                keep_last=self.args.keep_last or None)
+            self.last_saved_iteration, self.last_saved_path = self.iteration, path
+            return path
         if self.dist.is_main:
             try:
                 path = save_checkpoint(

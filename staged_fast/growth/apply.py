@@ -34,6 +34,9 @@ def grown_config(config: GPTConfig, op: str) -> GPTConfig:
     """The config after one growth op: width doubles n_embd and n_head (head_dim kept), depth n_layer."""
     check_op(op)
     if op == "width":
+        if config.arch == "llama":  # kv heads and the SwiGLU hidden double too (head_dim kept)
+            return config.replace(n_embd=2 * config.n_embd, n_head=2 * config.n_head, n_kv_head=2 * config.n_kv_head,
+                                  intermediate_size=2 * config.intermediate_size)
         return config.replace(n_embd=2 * config.n_embd, n_head=2 * config.n_head)
     return config.replace(n_layer=2 * config.n_layer)
 
@@ -99,7 +102,8 @@ def _set_param(model: nn.Module, name: str, value) -> None:
 
 
 def _tie(model: GPT) -> None:
-    model.lm_head.weight = model.transformer.wte.weight
+    if model.config.tie_embeddings:  # GPT-2 always; llama unless --tie_embeddings is off
+        model.lm_head.weight = model.transformer.wte.weight
 
 
 def _meta_gpt(config: GPTConfig, kernels_backend: str) -> GPT:
@@ -205,8 +209,10 @@ def grow_model(
         renamed = {name: [name] for name in params}
     else:
         params, new_state, renamed = _grow_depth(model, state, op, backend)
-    if groups is not None:  # each old parameter's group now holds its grown parameter(s)
-        groups = [(hyper, [new for old in names for new in renamed[old]]) for hyper, names in groups]
+    if groups is not None:  # each old parameter's group now holds its grown parameter(s), in the model's order
+        rank = {name: i for i, (name, _) in enumerate(new.named_parameters())}  # (a checkpoint resumes by it)
+        groups = [(hyper, sorted((n for old in names for n in renamed[old]), key=rank.__getitem__))
+                  for hyper, names in groups]
     for name, p in params.items():
         _set_param(new, name, p)
     _tie(new)

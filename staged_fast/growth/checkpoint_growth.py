@@ -17,9 +17,10 @@ STATE_ABSENT = "grew weights only; optimizer state was absent"
 def model_from_state(config: GPTConfig, state: dict, kernels_backend: str = "torch") -> GPT:
     """A GPT holding the tensors of `state` without copying them (tied head re-tied)."""
     model = _meta_gpt(config, kernels_backend)
-    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_embeddings]
     if missing or unexpected:
         raise GrowthError(f"checkpoint weights do not match its config {config.shape_str()}: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")

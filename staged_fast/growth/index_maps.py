@@ -89,6 +89,11 @@ class Rule:
         return self.grad_scale**2
 
 
+# llama (staged_fast/llama.py): q/k/v and SwiGLU gate/up projections grow block-diagonally like c_fc; its
+# o_proj/down_proj are named c_proj, its RMSNorm weights are 1-D ".weight" (VECTOR, ln_f: LN_F).
+LLAMA_MATRICES = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight")
+
+
 def width_rule(name: str, shape: tuple[int, ...], n_embd: int) -> Rule:
     """The width-doubling rule of parameter `name` (our GPT's names) with source `shape`."""
     shape = tuple(shape)
@@ -102,7 +107,7 @@ def width_rule(name: str, shape: tuple[int, ...], n_embd: int) -> Rule:
         return Rule(Kind.QKV_WEIGHT, Tiling(3, E, shape[1], 2, 2, True), shape, (6 * E, 2 * shape[1]), noise=True)
     if name.endswith("attn.c_attn.bias"):
         return Rule(Kind.QKV_BIAS, Tiling(3, 1, E, 2, 1, False), shape, (6 * E,))
-    if name.endswith((".c_proj.weight", ".c_fc.weight")):
+    if name.endswith((".c_proj.weight", ".c_fc.weight") + LLAMA_MATRICES):
         r, c = shape
         return Rule(Kind.MATRIX, Tiling(1, r, c, 2, 2, True), shape, (2 * r, 2 * c), noise=True)
     if name.endswith((".bias", ".weight")) and len(shape) == 1:

@@ -1,4 +1,5 @@
-"""Kernel selection for the model's hot ops: layer norm, causal attention, LM-head cross-entropy.
+"""Kernel selection for the model's hot ops: layer norm, causal attention, LM-head cross-entropy, and for
+the llama family RMSNorm (+ residual) and SwiGLU.
 
 `--kernels torch` uses PyTorch (F.layer_norm, SDPA, F.cross_entropy); `--kernels triton` uses the fused
 Triton kernels of this package (on CPU they run under TRITON_INTERPRET=1, slow, for checking);
@@ -52,7 +53,7 @@ def _enable_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-TRITON_MODULES = ("layernorm", "attention", "fused_linear_ce")
+TRITON_MODULES = ("layernorm", "attention", "fused_linear_ce", "rmsnorm", "fused_swiglu", "rope")
 _LOADED: dict[str, object] = {}
 
 
@@ -90,8 +91,53 @@ def layer_norm_residual(x, residual, weight, bias, eps: float, backend: str = "t
     return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
 
 
+def rms_norm(x, weight, eps: float, backend: str = "torch"):
+    """RMSNorm over the last dim (llama); torch: staged_fast.llama.rms_norm (statistics in fp32)."""
+    if backend == "triton":
+        return _triton_module("rmsnorm", x.device).rms_norm(x, weight, eps)
+    from ..llama import rms_norm as torch_rms_norm
+
+    return torch_rms_norm(x, weight, eps)
+
+
+def rms_norm_residual(x, residual, weight, eps: float, backend: str = "torch"):
+    """(RMSNorm(x + residual), x + residual): the residual add fused into the norm on the Triton path."""
+    if backend == "triton":
+        return _triton_module("rmsnorm", x.device).rms_norm_residual(x, residual, weight, eps)
+    from ..llama import rms_norm as torch_rms_norm
+
+    s = x + residual
+    return torch_rms_norm(s, weight, eps), s
+
+
+def swiglu(gate, up, backend: str = "torch"):
+    """silu(gate) * up (llama's MLP activation), one fused kernel on the Triton path."""
+    if backend == "triton":
+        return _triton_module("fused_swiglu", gate.device).swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def apply_rope(x, cos, sin, backend: str = "torch"):
+    """RoPE (rotate-half layout) on x (B, T, H, head_dim) with cos/sin (T, head_dim / 2); one kernel on the
+    Triton path."""
+    if backend == "triton":
+        return _triton_module("rope", x.device).rope(x, cos, sin)
+    half = x.shape[-1] // 2
+    c = torch.cat((cos, cos), dim=-1)[None, :, None, :]
+    s = torch.cat((sin, sin), dim=-1)[None, :, None, :]
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+
 def causal_attention(q, k, v, dropout_p: float = 0.0, backend: str = "torch"):
-    """Causal self-attention on (B, nh, T, hs) tensors, softmax scale 1/sqrt(hs)."""
+    """Causal self-attention on (B, nh, T, hs) tensors, softmax scale 1/sqrt(hs). k and v may have fewer
+    heads than q (grouped-query attention, kv head j serving q heads j*r .. j*r+r-1): SDPA reads them as
+    they are (enable_gqa); the Triton kernel gets them repeated to nh heads."""
+    if k.shape[1] != q.shape[1]:
+        if backend == "triton":
+            r = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+        else:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
     if backend == "triton":
         return _triton_module("attention", q.device).flash_attention(q, k, v, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

@@ -180,6 +180,12 @@ def _shrink(cfg: GPTConfig, op: str) -> GPTConfig:
     if op == "width":
         if cfg.n_embd % 2 or cfg.n_head % 2:
             raise ConfigError(f"cannot halve the width of {cfg.shape_str()}: n_embd and n_head must be even.")
+        if cfg.arch == "llama":  # kv heads and the SwiGLU hidden halve with the width
+            if cfg.n_kv_head % 2 or cfg.intermediate_size % 2:
+                raise ConfigError(f"cannot halve the width of {cfg.shape_str()}: n_kv_head and intermediate_size "
+                                  f"must be even.")
+            return cfg.replace(n_embd=cfg.n_embd // 2, n_head=cfg.n_head // 2, n_kv_head=cfg.n_kv_head // 2,
+                               intermediate_size=cfg.intermediate_size // 2)
         return cfg.replace(n_embd=cfg.n_embd // 2, n_head=cfg.n_head // 2)
     if cfg.n_layer % 2:
         raise ConfigError(f"cannot halve the depth of {cfg.shape_str()}: n_layer must be even.")

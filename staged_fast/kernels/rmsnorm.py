@@ -1,0 +1,304 @@
+"""RMSNorm over the last dimension, optionally fused with the residual add, in Triton (the llama family).
+
+    y = s * rstd * weight,   s = x (+ residual),   rstd = 1 / sqrt(mean(s^2) + eps)
+
+Same layout as layernorm.py: the forward normalizes a tile of BLOCK_M rows x BLOCK_N lanes per program,
+saving rstd in fp32; with a residual, s is rounded to the promoted dtype of x and residual (fp32 under
+autocast) and stored (the next residual stream). Under autocast y is written in the autocast dtype.
+Backward: dx = rstd * (w*dy - xhat * mean(xhat * w*dy)) (+ the gradient reaching s directly), dweight
+summed over rows through per-program fp32 partials and one reduce-and-cast kernel.
+
+Layers: @triton.jit kernels; launchers `rms_norm_forward` / `rms_norm_backward`; torch.library custom ops
+(`staged_fast::rms_norm`, `staged_fast::rms_norm_residual`, `staged_fast::rms_norm_bwd`) with autograd, so
+torch.compile sees one op; autograd.Function eager path; `rms_norm` / `rms_norm_residual` (public);
+`rms_norm_reference` (plain PyTorch).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, check_dtype, new_empty, num_sms
+from .layernorm import MAX_HIDDEN, PROGRAMS_PER_SM, SUM_COLS, SUM_ROWS, _as_rows, _output_dtype, _rows, _tile
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, S, Rstd,
+    stride_x, stride_r, stride_y, stride_s,
+    M, N, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols[None, :] < N)
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    ms = tl.sum(x * x, axis=1) / N
+    rstd = 1.0 / tl.sqrt(ms + eps)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, Rstd, DS, DX, DW_partial,
+    stride_dy, stride_x, stride_ds, stride_dx,
+    M, N, n_tiles,
+    HAS_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, n_tiles, n_programs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
+        wdy = w[None, :] * dy
+        dw += dy * xhat
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(DW_partial, DW, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        mask = (g[:, None] < G) & col_ok[None, :]
+        dw += tl.sum(tl.load(DW_partial + g[:, None] * N + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_ok)
+
+
+def _check(op: str, x, weight, residual=None) -> int:
+    if weight is None:
+        raise ValueError(f"{op}: weight is required.")
+    tensors = [x, weight] + ([residual] if residual is not None else [])
+    check_device(op, *tensors)
+    for name, t in zip(("x", "weight", "residual"), tensors):
+        check_dtype(op, t, name)
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"{op}: weight must have shape ({n},), got {tuple(weight.shape)}.")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual must match x in shape, got {tuple(residual.shape)} vs {tuple(x.shape)}.")
+    if n > MAX_HIDDEN:
+        raise ValueError(f"{op}: hidden size {n} > {MAX_HIDDEN}; a row must fit in one program.")
+    return n
+
+
+def rms_norm_forward(x, weight, eps: float, residual=None, out_dtype: torch.dtype | None = None):
+    """Returns (y, s, rstd); s = x + residual in the promoted dtype (None without residual)."""
+    n = _check("rms_norm_forward", x, weight, residual)
+    x2 = _as_rows(x, n)
+    m = x2.shape[0]
+    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = new_empty((m, n), dtype=out_dtype or s_dtype, device=x.device)
+    rstd = new_empty((m,), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _as_rows(residual, n)
+        s = new_empty((m, n), dtype=s_dtype, device=x.device)
+    else:
+        r2, s = x2, y
+    if m > 0:
+        block_m, block_n, warps = _tile(n)
+        _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), m, n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )
+    return y.view(x.shape), (s.view(x.shape) if residual is not None else None), rstd
+
+
+def rms_norm_backward(dy, x, weight, rstd, ds=None):
+    """(dx in x's dtype, dweight); x is the normalized input (s with a residual), ds added to dx."""
+    n = x.shape[-1]
+    check_device("rms_norm_backward", dy, x, weight, rstd, *([ds] if ds is not None else []))
+    if dy.shape != x.shape or (ds is not None and ds.shape != x.shape):
+        raise ValueError(f"rms_norm_backward: gradient shape {tuple(dy.shape)} does not match {tuple(x.shape)}.")
+    x2, dy2 = _as_rows(x, n), _as_rows(dy, n)
+    ds2 = _as_rows(ds, n) if ds is not None else dy2
+    m = x2.shape[0]
+    dx = new_empty((m, n), dtype=x.dtype, device=x.device)
+    dw = new_empty((n,), dtype=weight.dtype, device=x.device)
+    if m == 0:
+        return dx.view(x.shape), dw.zero_()
+    block_m, block_n, warps = _tile(n)
+    n_tiles = triton.cdiv(m, block_m)
+    groups = max(1, min(n_tiles, PROGRAMS_PER_SM * num_sms(x.device)))
+    dw_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(groups,)](
+        dy2, x2, weight, rstd, ds2, dx, dw_partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
+        m, n, n_tiles, HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    _sum_partials_kernel[(triton.cdiv(n, SUM_COLS),)](dw_partial, dw, groups, n, BLOCK_G=SUM_ROWS, BLOCK_N=SUM_COLS,
+                                                      num_warps=4)
+    return dx.view(x.shape), dw
+
+
+# ---- torch.library ops (torch.compile) ----
+
+
+@torch.library.custom_op("staged_fast::rms_norm", mutates_args=())
+def _rms_op(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = rms_norm_forward(x, weight, eps, out_dtype=out_dtype)
+    return y, rstd
+
+
+@torch.library.custom_op("staged_fast::rms_norm_residual", mutates_args=())
+def _rms_res_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rms_norm_forward(x, weight, eps, residual, out_dtype=out_dtype)
+
+
+@torch.library.custom_op("staged_fast::rms_norm_bwd", mutates_args=())
+def _rms_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, ds: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_backward(dy, x, weight, rstd, ds)
+
+
+@_rms_op.register_fake
+def _(x, weight, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((_rows(x),), dtype=torch.float32)
+
+
+@_rms_res_op.register_fake
+def _(x, residual, weight, eps, out_dtype):
+    s = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return x.new_empty(x.shape, dtype=out_dtype), s, x.new_empty((_rows(x),), dtype=torch.float32)
+
+
+@_rms_bwd_op.register_fake
+def _(dy, x, weight, rstd, ds):
+    return x.new_empty(x.shape), weight.new_empty((x.shape[-1],))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_bwd_op(dy, x, weight, rstd, None)
+    return dx, dw, None, None
+
+
+def _rms_res_setup(ctx, inputs, output):
+    x, residual, weight, _, _ = inputs
+    y, s, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(s, weight, rstd)
+    ctx.dtypes = (x.dtype, residual.dtype, y.dtype)
+
+
+def _rms_res_backward(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    x_dtype, residual_dtype, y_dtype = ctx.dtypes
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
+    dsum, dw = _rms_bwd_op(dy, s, weight, rstd, ds)
+    return dsum.to(x_dtype), dsum.to(residual_dtype), dw, None, None
+
+
+_rms_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+_rms_res_op.register_autograd(_rms_res_backward, setup_context=_rms_res_setup)
+
+
+# ---- eager path ----
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        y, _, rstd = rms_norm_forward(x, weight, eps, out_dtype=out_dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x, weight, rstd)
+        return dx, dw, None, None
+
+
+class _RMSNormResidualFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        y, s, rstd = rms_norm_forward(x, weight, eps, residual, out_dtype=out_dtype)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype, y.dtype)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, rstd = ctx.saved_tensors
+        x_dtype, residual_dtype, y_dtype = ctx.dtypes
+        if dy is None:
+            dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
+        dsum, dw = rms_norm_backward(dy, s, weight, rstd, ds)
+        return dsum.to(x_dtype), dsum.to(residual_dtype), dw, None, None
+
+
+# ---- public API ----
+
+
+def rms_norm(x, weight, eps: float = 1e-6, residual=None):
+    """RMSNorm over the last dim; with residual: (y, s), s = x + residual, y = RMSNorm(s)."""
+    if residual is not None:
+        return rms_norm_residual(x, residual, weight, eps)
+    _check("rms_norm", x, weight)
+    out_dtype = _output_dtype(x, x.dtype)
+    if torch.compiler.is_compiling():
+        return _rms_op(x, weight, float(eps), out_dtype)[0]
+    return _RMSNormFunction.apply(x, weight, float(eps), out_dtype)
+
+
+def rms_norm_residual(x, residual, weight, eps: float = 1e-6):
+    """(RMSNorm(x + residual), x + residual) in one pass; s in the promoted dtype of x and residual."""
+    _check("rms_norm_residual", x, weight, residual)
+    out_dtype = _output_dtype(x, torch.promote_types(x.dtype, residual.dtype))
+    if torch.compiler.is_compiling():
+        y, s, _ = _rms_res_op(x, residual, weight, float(eps), out_dtype)
+        return y, s
+    return _RMSNormResidualFunction.apply(x, residual, weight, float(eps), out_dtype)
+
+
+def rms_norm_reference(x, weight, eps: float = 1e-6, residual=None):
+    """Plain PyTorch twin (staged_fast.llama.rms_norm: statistics in fp32, or fp64 for fp64)."""
+    from ..llama import rms_norm as torch_rms_norm
+
+    if residual is not None:
+        s = x + residual
+        return torch_rms_norm(s, weight, eps), s
+    return torch_rms_norm(x, weight, eps)
