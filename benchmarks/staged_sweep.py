@@ -102,6 +102,12 @@ def run(name: str, run_dir: Path, argv: list[str], train_steps: int, log) -> dic
     return dict(process_wall_s=wall, load_before=load_before, load_after=os.getloadavg())
 
 
+def record(loads: dict, out: Path, run_dir: Path, info: dict) -> None:
+    """Keep a run's load record; a reused run (info empty) keeps the one from when it trained."""
+    if info or str(run_dir.relative_to(out)) not in loads:
+        loads[str(run_dir.relative_to(out))] = info
+
+
 def loss_at_flops(points: list[dict], flops: float) -> float | None:
     """The curve's validation loss at `flops`, interpolated linearly in log10(FLOPs); None past its end."""
     for k in range(1, len(points)):
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 d = root / f"direct_lr{lr:g}"
                 argv = [*shape_args(cfg["target"]), "--save_prefix", str(d),
                         *run_args(cfg, tokenizer, args.cache_dir, seed, lr, args.gpu)]
-                loads[str(d.relative_to(out))] = run(f"seed {seed} direct lr {lr:g}", d, argv, S, log)
+                record(loads, out, d, run(f"seed {seed} direct lr {lr:g}", d, argv, S, log))
                 loads_path.write_text(json.dumps(loads, indent=1))
             finals = {lr: svd.read_run(root / f"direct_lr{lr:g}")[0][-1]["val_loss"] for lr in cfg["lrs"]}
             best_lr = min(finals, key=finals.get)
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                         argv += [*shape_args(start_shape(cfg["target"], op)), "--grow_when", "slope",
                                  "--grow_ops", OPS[op][1], "--restart_steps", "auto",
                                  "--restart_warmup_steps", str(round(0.1 * S))]
-                    loads[str(d.relative_to(out))] = run(f"seed {seed} staged {op} {strategy}", d, argv, S, log)
+                    record(loads, out, d, run(f"seed {seed} staged {op} {strategy}", d, argv, S, log))
                     loads_path.write_text(json.dumps(loads, indent=1))
     res = analyze(out, cfg, seeds, ops, strategies, vocab_size, loads)
     res.update(mode=mode, vocab=args.vocab, vocab_size=vocab_size, width_noise=args.width_noise)
