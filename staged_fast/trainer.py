@@ -22,7 +22,7 @@ from .kernels import resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, device_peak_flops, flops_per_token
 from .model import GPT
-from .growth_schedule import GrowthSchedule, load_plan
+from .schedule.growth_schedule import GrowthSchedule, load_plan
 from .train_args import UsageError, model_config, peak_lr
 
 

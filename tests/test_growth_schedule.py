@@ -1,5 +1,5 @@
 """GrowthSchedule: when the trainer grows, and that the decision survives a checkpoint."""
-from staged_fast.growth_schedule import GrowthSchedule
+from staged_fast.schedule.growth_schedule import GrowthSchedule
 from staged_fast.train_args import parse_args
 
 

@@ -184,9 +184,9 @@ def grow_model(
     splits every block row into [W - E, E], E ~ N(0, width_noise^2) drawn from `generator` (default: a
     CPU generator seeded 0, so every DDP rank grows identically). Gradients are discarded. The old model
     and optimizer are consumed (module docstring). `target`: the expected grown config (checked).
-    `backend`: 'auto' (fused kernels if built), 'fused' or 'reference' (see staged_fast.ops).
+    `backend`: 'auto' (fused kernels if built), 'fused' or 'reference' (see staged_fast.growth.fused).
     """
-    from .. import ops
+    from . import fused as ops
 
     new_config = check_target(model.config, op, target)
     if width_noise < 0:
@@ -229,7 +229,7 @@ def _state_tensors(s: dict) -> list[str]:
 
 
 def _grow_width(model: GPT, state: dict, width_noise: float, generator, backend: str):
-    from .. import ops
+    from . import fused as ops
 
     E = model.config.n_embd
     named = dict(model.named_parameters())
@@ -294,7 +294,7 @@ def _grow_width(model: GPT, state: dict, width_noise: float, generator, backend:
 
 
 def _grow_depth(model: GPT, state: dict, op: str, backend: str):
-    from .. import ops
+    from . import fused as ops
 
     identity = op.endswith("_id")
     named = dict(model.named_parameters())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .train_args import UsageError, growth_ops, model_config
+from ..train_args import UsageError, growth_ops, model_config
 
 
 @dataclass
@@ -22,11 +22,11 @@ class GrowthRequest:
 def _llama_plan_start(args, plan) -> None:
     """A plan for a llama preset starts a llama run: kv heads and SwiGLU hidden of its first stage (the stages
     record n_layer/n_embd/n_head only), unless given by flags."""
-    from .config import LLAMA_PRESETS, preset_config
+    from ..config import LLAMA_PRESETS, preset_config
 
     if plan.target not in LLAMA_PRESETS or getattr(args, "arch", None) == "gpt2":
         return
-    from .schedule.planner import stage_configs
+    from .planner import stage_configs
 
     start = stage_configs(preset_config(plan.target), plan.ops)[0]
     args.arch = "llama"
@@ -40,7 +40,7 @@ def load_plan(args, log=print):
     """Read --schedule; the plan fixes the start size and the schedule's length (it edits `args`)."""
     if not args.schedule:
         return None
-    from .schedule import Plan
+    from . import Plan
 
     try:
         plan = Plan.from_json(args.schedule)
@@ -85,7 +85,7 @@ class GrowthSchedule:
         self.fired = False
         self.trigger = None
         if args.grow_when == "slope" and self.pending is not None:
-            from .schedule import SlopeTrigger, threshold_for
+            from . import SlopeTrigger, threshold_for
 
             # smooth_x: an evaluation dropped as a spike must not make the rule fire early (docs/schedule.md)
             self.trigger = SlopeTrigger(threshold_for(self.pending.op), n_params=n_params,
@@ -116,7 +116,7 @@ class GrowthSchedule:
         """After a growth: the slope rule starts a new curve for the new size and the next operator."""
         self.points = []
         if self.trigger is not None and self.pending is not None:
-            from .schedule import threshold_for
+            from . import threshold_for
 
             self.trigger.reset(n_params)
             self.trigger.threshold = threshold_for(self.pending.op)
