@@ -107,9 +107,10 @@ def _layer_norm_bwd_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dweight, dbias = column sums of the (G, N) fp32 partials, cast to the parameter dtype: one launch
-    for both instead of two sums and two casts."""
+def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, G, N, HAS_DB: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """dweight (and dbias, HAS_DB) = column sums of the (G, N) fp32 partials, cast to the parameter dtype:
+    one launch instead of sums and casts. Shared with the RMSNorm backward (no bias)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -119,9 +120,23 @@ def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, G, N, BLOCK_G: tl.const
         mask = (g[:, None] < G) & col_ok[None, :]
         offs = g[:, None] * N + cols[None, :]
         dw += tl.sum(tl.load(DW_partial + offs, mask=mask, other=0.0), axis=0)
-        db += tl.sum(tl.load(DB_partial + offs, mask=mask, other=0.0), axis=0)
+        if HAS_DB:
+            db += tl.sum(tl.load(DB_partial + offs, mask=mask, other=0.0), axis=0)
     tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_ok)
-    tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
+    if HAS_DB:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
+
+
+def sum_partials(dw_partial, dw, db_partial=None, db=None) -> None:
+    """Launch the column-sum reduction of the backward's (G, N) partials into dw (and db)."""
+    groups, n = dw_partial.shape
+    has_db = db_partial is not None
+    # Narrow column strips, many programs: at hidden 768 with 528 partial rows, 3 programs of 256 columns
+    # took 102 us on an H200 (latency-bound serial loops); 24 programs of 32 columns read it in parallel.
+    _sum_partials_kernel[(triton.cdiv(n, SUM_COLS),)](
+        dw_partial, db_partial if has_db else dw_partial, dw, db if has_db else dw, groups, n,
+        HAS_DB=has_db, BLOCK_G=SUM_ROWS, BLOCK_N=SUM_COLS, num_warps=4,
+    )
 
 
 # Tiles: about TILE_ELEMENTS elements per program (several rows when the hidden size is small, so a
@@ -221,11 +236,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, ds=None):
         m, n, n_tiles,
         HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
-    # Narrow column strips, many programs: at hidden 768 with 528 partial rows, 3 programs of 256 columns
-    # took 102 us on an H200 (latency-bound serial loops); 24 programs of 32 columns read it in parallel.
-    _sum_partials_kernel[(triton.cdiv(n, SUM_COLS),)](
-        dw_partial, db_partial, dw, db, groups, n, BLOCK_G=SUM_ROWS, BLOCK_N=SUM_COLS, num_warps=4,
-    )
+    sum_partials(dw_partial, dw, db_partial, db)
     return dx.view(x.shape), dw, db
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_dtype, new_empty, num_sms
-from .layernorm import MAX_HIDDEN, PROGRAMS_PER_SM, SUM_COLS, SUM_ROWS, _as_rows, _output_dtype, _rows, _tile
+from .layernorm import MAX_HIDDEN, PROGRAMS_PER_SM, _as_rows, _output_dtype, _rows, _tile, sum_partials
 
 
 @triton.jit
@@ -85,18 +85,6 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _sum_partials_kernel(DW_partial, DW, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        mask = (g[:, None] < G) & col_ok[None, :]
-        dw += tl.sum(tl.load(DW_partial + g[:, None] * N + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_ok)
-
-
 def _check(op: str, x, weight, residual=None) -> int:
     if weight is None:
         raise ValueError(f"{op}: weight is required.")
@@ -157,8 +145,7 @@ def rms_norm_backward(dy, x, weight, rstd, ds=None):
         dy2, x2, weight, rstd, ds2, dx, dw_partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
         m, n, n_tiles, HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
-    _sum_partials_kernel[(triton.cdiv(n, SUM_COLS),)](dw_partial, dw, groups, n, BLOCK_G=SUM_ROWS, BLOCK_N=SUM_COLS,
-                                                      num_warps=4)
+    sum_partials(dw_partial, dw)
     return dx.view(x.shape), dw
 
 
