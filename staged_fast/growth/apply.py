@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import GPTConfig
 from ..model import GPT
+from ..heap import release_free_heap
 from . import index_maps as im
 
 log = logging.getLogger("staged_fast.growth")
@@ -194,6 +195,7 @@ def grow_model(
     if width_noise and op != "width":
         raise GrowthError(f"width_noise applies to width growth only, not {op!r}")
     groups, state = _optimizer_layout(model, optimizer)
+    release_free_heap()  # start from a trimmed heap: the bound counts resident memory
     first = next(model.parameters())
     backend = ops.resolve_backend(backend, first.device)
     # Validation is done: from here on the old model and optimizer are consumed.
@@ -286,6 +288,7 @@ def _grow_width(model: GPT, state: dict, width_noise: float, generator, backend:
                 outs.append(out)
                 del src
         del noise
+        release_free_heap()  # the old tensors just freed go back to the OS before the next allocation
         params[name] = nn.Parameter(outs[0].view(rule.dst_shape), requires_grad=requires_grad)
         if s or keys:
             s.update({k: t.view(rule.dst_shape) for k, t in zip(keys, outs[1:])})
