@@ -9,7 +9,8 @@ peak memory of fused vs unfused. Every implementation is validated against a ref
 
 Goals on H100 (issue 4): LayerNorm fwd+bwd >= 80% of measured bandwidth and faster than torch at hidden
 768-1536; attention fwd+bwd >= 0.9x SDPA flash at head_dim 64/128 (and it serves head_dim 96); fused CE
-peak memory <= 1/4 of unfused at equal or better speed.
+peak memory <= 1/4 of unfused at equal or better speed. Grouped-query attention (issue 13, shape
+B x n_head/n_kv x T x hd) is timed against SDPA with enable_gqa=True and against our kernel on repeated K/V.
 
     python benchmarks/bench_kernels.py                  # GPU, GPT-2 shapes (~2-4 min on an H100)
     python benchmarks/bench_kernels.py --quick          # GPU, fewer shapes
@@ -290,6 +291,16 @@ def _sdpa_flash(q, k, v, dropout_p=0.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
+def _sdpa_gqa(q, k, v, flash_only=True):
+    """SDPA reading n_kv-head k, v in place (enable_gqa); flash_only=False lets SDPA pick its backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not flash_only:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def bench_attention(rows, peaks):
     if CPU:
         shapes = [(1, 2, 64, 64), (1, 2, 64, 96)]
@@ -348,6 +359,53 @@ def bench_attention(rows, peaks):
                 base = ("sdpa_flash", drop["sdpa_flash"]) if impl == "triton" else None
                 add_rows(rows, "attention", f"{shape} drop{p}", impl, times, flops.get, "TFLOP/s",
                          peaks["matmul_flops"], baseline=base)
+        del q, k, v, do
+    bench_attention_gqa(rows, peaks)
+
+
+def bench_attention_gqa(rows, peaks):
+    """Grouped-query attention (llama): k, v with n_kv < n_head heads. Ours reads them in place (dk, dv
+    summed over each group inside the backward); baselines: SDPA with enable_gqa=True (its flash backend
+    when it takes GQA, else the backend SDPA picks) and our kernel on K/V repeated to n_head heads (the
+    pre-GQA path: repeat_interleave forward, a sum over the copies backward)."""
+    shapes = [(1, 4, 2, 64, 64)] if CPU else [(4, 12, 4, 1024, 64)]
+    for B, H, H_kv, T, D in shapes:
+        r = H // H_kv
+        shape = f"{B}x{H}/{H_kv}x{T}x{D}"
+        q = torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE).requires_grad_()
+        k, v = (torch.randn(B, H_kv, T, D, device=DEVICE, dtype=DTYPE).requires_grad_() for _ in range(2))
+        do = torch.randn_like(q)
+        fwd_flops = 4 * B * H * T * T * D / 2  # per query head, as for MHA
+        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+        flash_attention(q, k, v).backward(do)  # autotune on the timed shape first (see bench_attention)
+        q.grad = k.grad = v.grad = None
+        # Validate on one batch element and two kv heads (2r query heads): the GQA path, a small T x T reference.
+        qs = q[:1, : 2 * r].detach().contiguous().requires_grad_()
+        ks, vs = (t[:1, :2].detach().contiguous().requires_grad_() for t in (k, v))
+        rep = lambda t: t.repeat_interleave(r, dim=1)  # noqa: E731
+        impls = {"triton": lambda: flash_attention(q, k, v),
+                 "triton_repeat_kv": lambda: flash_attention(q, rep(k), rep(v))}
+        checks = {"triton": lambda: flash_attention(qs, ks, vs),
+                  "triton_repeat_kv": lambda: flash_attention(qs, rep(ks), rep(vs))}
+        for flash_only, name in ((True, "sdpa_gqa_flash"), (False, "sdpa_gqa")):
+            try:
+                _sdpa_gqa(qs, ks, vs, flash_only).sum().backward()
+            except RuntimeError as e:
+                print(f"note: SDPA {name} unavailable at {shape} {DTYPE}: {str(e).splitlines()[0][:160]}")
+                continue
+            impls[name] = lambda f=flash_only: _sdpa_gqa(q, k, v, f)
+            checks[name] = lambda f=flash_only: _sdpa_gqa(qs, ks, vs, f)
+            break
+        torch_check = lambda: flash_attention_reference(qs, ks, vs)  # noqa: E731
+        results = {}
+        for impl, fn in impls.items():
+            validate(f"attention gqa {impl} {shape}", checks[impl], torch_check, flash_attention_reference,
+                     [qs, ks, vs], [do[:1, : 2 * r].contiguous()])
+            results[impl] = time_modes(fn, [q, k, v], [do])
+        base_name = next((n for n in ("sdpa_gqa_flash", "sdpa_gqa") if n in results), None)
+        for impl, times in results.items():
+            base = (base_name, results[base_name]) if impl != base_name and base_name else None
+            add_rows(rows, "attention", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"], baseline=base)
         del q, k, v, do
 
 

@@ -11,8 +11,8 @@ names to transformers' LlamaForCausalLM.
 place that builds a model from a config (trainer, checkpoints, growth, evaluation) needs no change.
 
 Attention runs through kernels.causal_attention: SDPA reads the n_kv_head K/V heads as they are
-(enable_gqa, nothing repeated); the Triton flash kernel gets K/V repeated to n_head heads (materialised: it has
-no native GQA yet). RoPE is applied to q and k before attention (kernels.apply_rope: one Triton kernel per
+(enable_gqa, nothing repeated); so does the Triton flash kernel (q head h reads kv head h // r; the dK/dV
+program of a kv head sums over its r query heads in registers). RoPE is applied to q and k before attention (kernels.apply_rope: one Triton kernel per
 tensor with --kernels triton). RMSNorm (+ residual) and SwiGLU use the Triton kernels of kernels/rmsnorm.py
 and kernels/fused_swiglu.py with --kernels triton.
 """

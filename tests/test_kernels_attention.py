@@ -3,7 +3,8 @@
 Runs on CUDA when available (kernels compiled, bigger shapes, autotuning off except in its own test so
 each (head_dim, dtype, dropout) compiles one config), else on CPU under TRITON_INTERPRET=1, where the
 kernels run one 32x16 (forward) / 16x32 (backward) tile config: T 40 and 67 reach the interior (mask-free),
-diagonal and tail tiles of both kernels, T 1 and 17 the single-block paths.
+diagonal and tail tiles of both kernels, T 1 and 17 the single-block paths. Grouped-query attention
+(k, v with fewer heads than q) runs the same kernels with r = 2, 3 and 4 query heads per kv head.
 """
 import contextlib
 
@@ -78,9 +79,10 @@ def _check(q, k, v, dropout_p=0.0, seed=None):
     grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
     assert o.dtype == dtype and o.shape == q.shape
     assert_within_torch_error(o, o_torch, o_ref, name="out", atol=ATOL[dtype])
-    for name, d, t, r in zip(("dq", "dk", "dv"), grads, grads_torch, grads_ref):
-        assert d.dtype == dtype and d.shape == q.shape
+    for name, d, t, r, x in zip(("dq", "dk", "dv"), grads, grads_torch, grads_ref, (q, k, v)):
+        assert d.dtype == dtype and d.shape == x.shape  # GQA: dk, dv with k's (fewer) heads
         assert_within_torch_error(d, t, r, name=name, atol=2 * ATOL[dtype])
+    return o, grads
 
 
 def _case_id(case):
@@ -93,6 +95,89 @@ def test_flash_attention_matches_float64(case):
     """Forward and dq/dk/dv, no dropout and dropout 0.1 (the reference applies the kernel's own mask)."""
     shape, dtype, p = case
     _check(*_qkv(*shape, dtype, seed=1), dropout_p=p, seed=_seed(2**40 + 17) if p else None)
+
+
+# ---- grouped-query attention (k, v with n_kv < n_head heads, read in place) ----
+
+# (B, n_head, n_kv, T, head_dim): r = n_head / n_kv = 2, 3 and 4 (MQA); T 37 and 67 reach the tail and,
+# at 67, the interior tiles of the backward too.
+GQA_SHAPES = (
+    [(2, 12, 4, 1000, 64), (1, 6, 2, 513, 96), (1, 6, 3, 37, 96)]
+    if CUDA
+    else [(1, 6, 3, 37, 96), (2, 6, 2, 37, 64), (1, 4, 1, 67, 32)]
+)
+GQA_CASES = [(s, d, p) for s in GQA_SHAPES for d in DTYPES for p in (0.0, P_DROP)]
+
+
+def _qkv_gqa(B, H, H_kv, T, D, dtype, seed=0):
+    """As llama makes them: q a (B, T, H, D) view, k and v views of one (B, T, 2, H_kv, D) tensor."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype)
+    kv = torch.randn(B, T, 2, H_kv, D, generator=g).to(DEVICE, dtype)
+    return [t.transpose(1, 2).detach().requires_grad_() for t in (q, *kv.unbind(2))]
+
+
+def _gqa_case_id(case):
+    shape, dtype, p = case
+    B, H, H_kv, T, D = shape
+    return f"{B}x{H}/{H_kv}x{T}x{D}-{str(dtype).split('.')[-1]}-p{p}"
+
+
+@pytest.mark.parametrize("case", GQA_CASES, ids=_gqa_case_id)
+def test_gqa_matches_float64(case):
+    """GQA forward and dq/dk/dv against the float64 reference on K/V repeated to n_head heads (the
+    kernel never repeats them): dk, dv of kv head j are the sums over its r query heads."""
+    shape, dtype, p = case
+    _check(*_qkv_gqa(*shape, dtype, seed=6), dropout_p=p, seed=_seed(2**41 + 5) if p else None)
+
+
+def test_gqa_equals_the_kernel_on_repeated_kv():
+    """Query head h reads kv head h // r, and the dropout mask is still keyed by the query head: the
+    output is bit-equal to the MHA kernel on K/V repeated by hand; the gradients equal the repeated
+    run's, dk and dv summed over each group (fp32, so only the summation order differs)."""
+    B, H, H_kv, T, D, p = 2, 6, 2, 45, 64, P_DROP
+    q, k, v = _qkv_gqa(B, H, H_kv, T, D, torch.float32, seed=9)
+    kr, vr = (t.detach().repeat_interleave(H // H_kv, dim=1).requires_grad_() for t in (k, v))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    seed = _seed(4242)
+    with poisoned_outputs():
+        o = flash_attention(q, k, v, p, seed)
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+        o_rep = flash_attention(q, kr, vr, p, seed)
+        dq_rep, dk_rep, dv_rep = torch.autograd.grad(o_rep, (q, kr, vr), do)
+    assert torch.equal(o, o_rep)
+    torch.testing.assert_close(dq, dq_rep, rtol=0, atol=1e-6)
+    for d, d_rep in ((dk, dk_rep), (dv, dv_rep)):
+        assert d.shape == (B, H_kv, T, D)
+        torch.testing.assert_close(d, d_rep.view(B, H_kv, H // H_kv, T, D).sum(2), rtol=0, atol=1e-5)
+
+
+def test_gqa_dispatch_keeps_kv_heads_and_matches_sdpa():
+    """causal_attention(backend="triton") passes n_kv-head k, v straight to the kernel: dk, dv come back
+    with k's shape (nothing repeated on the way), and output and gradients match SDPA's enable_gqa."""
+    q, k, v = _qkv_gqa(2, 6, 2, 33, 64, torch.float32, seed=12)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    with poisoned_outputs():
+        out = causal_attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    out_sdpa = causal_attention(q, k, v, backend="torch")
+    grads_sdpa = torch.autograd.grad(out_sdpa, (q, k, v), do)
+    assert [tuple(g.shape) for g in grads] == [(2, 6, 33, 64), (2, 2, 33, 64), (2, 2, 33, 64)]
+    torch.testing.assert_close(out, out_sdpa, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_sdpa):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_rejects_bad_head_ratios():
+    q, k, v = _qkv_gqa(1, 6, 4, 16, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"q has 6 heads, k and v have 4: .* multiple of n_kv_head"):
+        flash_attention(q, k, v)
+    with pytest.raises(ValueError, match="q has 6 heads"):
+        causal_attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="share shape and dtype"):  # k and v must agree with each other
+        flash_attention(q, k[:, :3], v[:, :2])
+    with pytest.raises(ValueError, match="share shape and dtype"):  # only the head count may differ
+        flash_attention(q, k[:, :3, :8], v[:, :3, :8])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -236,8 +321,10 @@ def test_flash_attention_rejects_bad_inputs():
         flash_attention_forward(q, k, v, 0.1)
 
 
-def test_flash_attention_opcheck():
-    q, k, v = (t.detach().contiguous().requires_grad_() for t in _qkv(1, 1, 20, 64, torch.float32))
+@pytest.mark.parametrize("heads", [(1, 1), (4, 2)], ids=["mha", "gqa"])
+def test_flash_attention_opcheck(heads):
+    """Schema, fake tensors (under GQA the fake backward gives dk, dv k's shape) and autograd registration."""
+    q, k, v = (t.detach().contiguous().requires_grad_() for t in _qkv_gqa(1, *heads, 20, 64, torch.float32))
     seed = _seed(3)
     torch.library.opcheck(
         torch.ops.staged_fast.flash_attention.default, (q, k, v, 0.1, seed),
@@ -265,13 +352,16 @@ def test_flash_attention_compiles_fullgraph_with_dropout():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_compiled_path_equals_eager_path(dropout_p):
+def test_compiled_path_equals_eager_path(dropout_p, heads):
     """Eager calls use autograd.Function (low host overhead); compiled graphs use the torch.library op.
-    Same seed, same inputs: the same output and gradients, bit for bit."""
+    Same seed, same inputs: the same output and gradients, bit for bit (also with n_kv < n_head)."""
+    H, H_kv = heads
     g = torch.Generator(device="cpu").manual_seed(11)
-    q, k, v = (torch.randn(1, 2, 23, 64, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
-    do = torch.randn(1, 2, 23, 64, generator=g).to(DEVICE)
+    q = torch.randn(1, H, 23, 64, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, H_kv, 23, 64, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    do = torch.randn(1, H, 23, 64, generator=g).to(DEVICE)
     seed = new_seed(q.device) if dropout_p else None
 
     def run(fn):

@@ -147,13 +147,24 @@ def test_compiled_path_equals_eager_path_and_opcheck():
     torch.library.opcheck(torch.ops.staged_fast.swiglu.default, (gate, up), test_utils=utils)
 
 
-def test_llama_model_triton_equals_torch():
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+def test_llama_model_triton_equals_torch(n_kv_head, monkeypatch):
+    """Whole model, torch (SDPA enable_gqa) vs triton backend; the flash kernel gets the n_kv_head K/V heads."""
     from staged_fast.config import GPTConfig
+    from staged_fast.kernels import attention
     from staged_fast.model import GPT
 
+    kv_heads = []
+    kernel = attention.flash_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        kv_heads.append((q.shape[1], k.shape[1], v.shape[1]))
+        return kernel(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attention", spy)
     torch.manual_seed(0)
-    cfg = GPTConfig(arch="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=67,
-                    n_positions=16, dropout=0.0, attn_dropout=0.0)
+    cfg = GPTConfig(arch="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=n_kv_head, intermediate_size=192,
+                    vocab_size=67, n_positions=16, dropout=0.0, attn_dropout=0.0)
     model = GPT(cfg).to(DEVICE)
     idx = torch.randint(0, 67, (2, 16), device=DEVICE)
     loss_t = model(idx, idx)
@@ -161,6 +172,7 @@ def test_llama_model_triton_equals_torch():
     model.set_kernels("triton")
     loss_k = model(idx, idx)
     grads_k = torch.autograd.grad(loss_k, list(model.parameters()))
+    assert kv_heads == [(4, n_kv_head, n_kv_head)] * 2  # one call per layer, K/V not repeated
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_k, grads_t):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

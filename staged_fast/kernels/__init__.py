@@ -130,16 +130,14 @@ def apply_rope(x, cos, sin, backend: str = "torch"):
 
 def causal_attention(q, k, v, dropout_p: float = 0.0, backend: str = "torch"):
     """Causal self-attention on (B, nh, T, hs) tensors, softmax scale 1/sqrt(hs). k and v may have fewer
-    heads than q (grouped-query attention, kv head j serving q heads j*r .. j*r+r-1): SDPA reads them as
-    they are (enable_gqa); the Triton kernel gets them repeated to nh heads."""
-    if k.shape[1] != q.shape[1]:
-        if backend == "triton":
-            r = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
-        else:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+    heads than q (grouped-query attention, n_kv dividing nh, kv head j serving q heads j*r .. j*r+r-1):
+    both backends read them as they are, nothing repeated (SDPA with enable_gqa; the Triton kernel
+    indexes kv head h // r and returns dk, dv with k's shape). The Triton path raises ValueError when
+    nh is not a multiple of n_kv."""
     if backend == "triton":
         return _triton_module("attention", q.device).flash_attention(q, k, v, dropout_p=dropout_p)
+    if k.shape[1] != q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 

@@ -1,6 +1,12 @@
 """Causal flash attention (forward and backward) in Triton, with optional in-kernel dropout.
 
-    O = dropout(softmax(Q K^T / sqrt(hs) + causal mask)) V        Q, K, V, O: (B, nh, T, hs)
+    O = dropout(softmax(Q K^T / sqrt(hs) + causal mask)) V        Q, O: (B, nh, T, hs); K, V: (B, n_kv, T, hs)
+
+Grouped-query attention: n_kv divides nh and kv head j serves query heads j*r .. j*r+r-1 (r = nh / n_kv;
+n_kv = nh is plain multi-head attention). K and V are read in place with their own strides, never
+repeated: the forward program of query head h reads kv head h // r; the backward runs one program per
+(key block, kv head) that loops over its r query heads, summing their dK, dV in its registers (no
+atomics, no per-query-head dK/dV buffers; dQ stays per query head). dK, dV come out with K's shape.
 
 Forward (FlashAttention-2): one program per (BLOCK_M query rows, batch*head), heaviest (last) query
 blocks first. It streams key/value blocks, keeps the running max m and sum l of the softmax in fp32
@@ -12,12 +18,13 @@ causal mask, and only the query block's own load/store of Q, O, lse checks the t
 
 Backward (FlashAttention-2, 5 GEMMs per tile), after one small prep kernel that writes
 delta = rowsum(dO * O) (fp32) and zeroes the fp32 dQ accumulator:
-one program per (BLOCK_N key block, batch*head) holds K, V and the fp32 dK, dV accumulators and walks
-the query blocks at or after its diagonal. Per tile it recomputes S^T = K Q^T, P^T = exp2(S^T - lse),
-then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q and dQ_tile = dS K, which is
-atomically added (fp32, relaxed) into the dQ accumulator; fp16/bf16 dQ is one cast at the end (fp32
-inputs accumulate straight into dq). Tiles are split three ways: the diagonal query blocks (causal +
-bounds masks), the full interior blocks (no masks at all), and the one partial tail block (bounds only).
+one program per (BLOCK_N key block, batch*kv head) holds K, V and the fp32 dK, dV accumulators and, for
+each query head of its group, walks the query blocks at or after its diagonal. Per tile it recomputes
+S^T = K Q^T, P^T = exp2(S^T - lse), then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+dK += dS^T Q and dQ_tile = dS K, which is atomically added (fp32, relaxed) into the dQ accumulator;
+fp16/bf16 dQ is one cast at the end (fp32 inputs accumulate straight into dq). Tiles are split three
+ways: the diagonal query blocks (causal + bounds masks), the full interior blocks (no masks at all),
+and the one partial tail block (bounds only).
 Why atomics, not a separate dQ kernel: the separate kernel must recompute S and dP, i.e. 7 GEMMs per
 tile instead of 5 (+40% tensor-core work) and a second pass over K, V, Q, dO; the atomics cost
 BLOCK_M x hs fp32 reductions into L2 per tile, i.e. 1/BLOCK_N of the tile's MMA work (BLOCK_N 64-128),
@@ -25,11 +32,12 @@ which is what FlashAttention-2's own CUDA backward does. Price: dQ is not bitwis
 GPU (the order of the fp32 atomic adds varies); dK, dV are. The autotuner re-runs the kernel while
 benchmarking, so the accumulator is declared `reset_to_zero` and the dropout seed is read from a tensor.
 
-Autotuning: `triton.autotune` keyed on (T bucket = next power of two of T, head_dim, dropout flag; the
-autotuner also keys on the tensors' dtypes), so a training run tunes once per (shape, dtype) and
-variable-length sampling does not re-tune at every T. GPU config sets (BLOCK_M, BLOCK_N, warps, stages),
-checked offline with ptxas for sm_90 (bf16, head_dim 64/96/128: the backward ones are spill-free or
-nearly so at 64/128, while BLOCK_N 128 with only 4 warps spilled heavily and was dropped):
+Autotuning: `triton.autotune` keyed on (T bucket = next power of two of T, head_dim, dropout flag, and
+for the backward the GQA group r, which sets its program count and length; the autotuner also keys on
+the tensors' dtypes), so a training run tunes once per (shape, dtype) and variable-length sampling does
+not re-tune at every T. GPU config sets (BLOCK_M, BLOCK_N, warps, stages), checked offline with ptxas
+for sm_90 (bf16, head_dim 64/96/128: the backward ones are spill-free or nearly so at 64/128, while
+BLOCK_N 128 with only 4 warps spilled heavily and was dropped):
 forward  (128,64,8,3) (128,128,8,3) (128,64,4,3) (128,32,4,3) (64,64,4,3) (64,32,4,4);
 backward (32,128,8,3) (32,128,8,2) (64,128,8,2) (16,128,8,3) (64,64,8,3) (16,64,4,3).
 Configs whose own tile is taller than max(64, T bucket) are pruned. fp32 inputs (exact FMA dots, tests
@@ -45,8 +53,8 @@ one accumulator, and two accumulators each for O, dK, dV and two dQ atomic tiles
 K, N >= 16, so no padded lane is ever loaded or multiplied (padding to 128 wasted 25% of the MMAs).
 
 Dropout (p > 0): 8-bit thresholds, 16 decisions per Philox call. With seed the call's one 64-bit
-seed (Philox4x32-10 key = seed's low/high 32 bits), key column j of query row i of flattened head
-bh = b*nh + h belongs to group g = j // 16 and uses
+seed (Philox4x32-10 key = seed's low/high 32 bits), key column j of query row i of flattened query
+head bh = b*nh + h (the query head, also under GQA) belongs to group g = j // 16 and uses
     (r0, r1, r2, r3) = philox(key = seed, counter = (g, i, bh, 0)),   w = (j % 16) // 4,   k = j % 4
     keep(b, h, i, j) = ((r_w >> 8k) & 0xFF) >= t,     t = min(255, round(p * 256)).
 So every (seed, b, h, i, g) has its own counter, and different seeds are different keys: no two heads,
@@ -232,7 +240,7 @@ def _prune(block: str):
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    H, T, T_KEY, qk_scale, out_scale, threshold,
+    H, GROUP, T, T_KEY, qk_scale, out_scale, threshold,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -240,11 +248,12 @@ def _attn_fwd_kernel(
     tl.static_assert(D0 + D1 == HEAD_DIM)
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: better tail balance
-    bh = tl.program_id(1)
+    bh = tl.program_id(1)  # query head; dropout and O, lse are keyed by it
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
-    K_ptr = K + off_b * stride_kb + off_h * stride_kh
-    V_ptr = V + off_b * stride_vb + off_h * stride_vh
+    off_hkv = off_h // GROUP  # GQA: K, V have H / GROUP heads, read in place
+    K_ptr = K + off_b * stride_kb + off_hkv * stride_kh
+    V_ptr = V + off_b * stride_vb + off_hkv * stride_vh
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q0, q1 = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, T, D0, D1, True, UPCAST)
@@ -361,34 +370,40 @@ def _attn_bwd_tile(
     return dk0, dk1, dv0, dv1
 
 
-@triton.autotune(configs=_configs(_BWD_SHAPES, _BWD_FP32, _INTERPRETER_BWD), key=["T_KEY", "HEAD_DIM", "DROPOUT"],
+@triton.autotune(configs=_configs(_BWD_SHAPES, _BWD_FP32, _INTERPRETER_BWD),
+                 key=["T_KEY", "HEAD_DIM", "DROPOUT", "GROUP"],
                  reset_to_zero=["DQ"], prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit
 def _attn_bwd_kernel(
     Q, K, V, DO, LSE, Delta, DQ, DK, DV, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    H, T, T_KEY, qk_scale, ds_scale, dv_scale, threshold,
+    H, GROUP, T, T_KEY, qk_scale, ds_scale, dv_scale, threshold,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of one key block (stored) and its dQ contributions (atomically added to the fp32 DQ)."""
+    """dK, dV of one key block of one kv head (stored) and the dQ contributions of its GROUP query heads
+    (atomically added to the fp32 DQ).
+
+    GQA: the program loops over the GROUP query heads that share its kv head and sums their dK, dV in
+    the same registers, so K, V are loaded once, no atomics and no per-query-head dK/dV buffer are
+    needed, and dK, dV stay deterministic (the alternatives: fp32 atomics into dK/dV, or (B, nh, T, hs)
+    temporaries reduced afterwards). The price is GROUP times fewer, longer programs, which matters only
+    when B * n_kv * T / BLOCK_N is below the SM count. GROUP == 1 is the plain MHA kernel, op for op."""
     tl.static_assert(D0 + D1 == HEAD_DIM)
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
-    DO_ptr = DO + off_b * stride_dob + off_h * stride_doh
-    DQ_ptr = DQ + bh.to(tl.int64) * T * HEAD_DIM
-    LSE_ptr = LSE + bh.to(tl.int64) * T
-    Delta_ptr = Delta + bh.to(tl.int64) * T
+    bhkv = tl.program_id(1)
+    H_KV = H // GROUP
+    off_b = bhkv // H_KV
+    off_hkv = bhkv % H_KV
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0, k1 = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, T, D0, D1, True, UPCAST)
-    v0, v1 = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, T, D0, D1, True, UPCAST)
+    k0, k1 = _load_rows(K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh,
+                        offs_n, stride_kn, T, D0, D1, True, UPCAST)
+    v0, v1 = _load_rows(V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh,
+                        offs_n, stride_vn, T, D0, D1, True, UPCAST)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -400,29 +415,37 @@ def _attn_bwd_kernel(
     else:  # placeholders, never updated or stored
         dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-    # 1. Query blocks on this key block's diagonal (BLOCK_N % BLOCK_M == 0): causal and bounds masks.
-    for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M):
-        dk0, dk1, dv0, dv1 = _attn_bwd_tile(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
-            offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
-            True, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
-        )
-    # 2. Full query blocks strictly after the key block: no masks at all.
     t_full = (T // BLOCK_M) * BLOCK_M
-    for start_m in range(start_n + BLOCK_N, t_full, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _attn_bwd_tile(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
-            offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
-            False, False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
-        )
-    # 3. The partial last query block, when it lies after the diagonal (runs 0 or 1 times): bounds only.
-    for start_m in range(tl.maximum(t_full, start_n + BLOCK_N), T, BLOCK_M):
-        dk0, dk1, dv0, dv1 = _attn_bwd_tile(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
-            offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
-            False, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
-        )
-    out = bh.to(tl.int64) * T * HEAD_DIM  # DK, DV: contiguous (B, nh, T, hs)
+    for g in range(GROUP):
+        off_h = off_hkv * GROUP + g  # the query head: it keys Q, dO, lse, delta, dQ and the dropout mask
+        bh = off_b * H + off_h
+        Q_ptr = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        DO_ptr = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        DQ_ptr = DQ + bh.to(tl.int64) * T * HEAD_DIM
+        LSE_ptr = LSE + bh.to(tl.int64) * T
+        Delta_ptr = Delta + bh.to(tl.int64) * T
+        # 1. Query blocks on this key block's diagonal (BLOCK_N % BLOCK_M == 0): causal and bounds masks.
+        for start_m in range(start_n, tl.minimum(start_n + BLOCK_N, T), BLOCK_M):
+            dk0, dk1, dv0, dv1 = _attn_bwd_tile(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+                offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+                True, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+            )
+        # 2. Full query blocks strictly after the key block: no masks at all.
+        for start_m in range(start_n + BLOCK_N, t_full, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _attn_bwd_tile(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+                offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+                False, False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+            )
+        # 3. The partial last query block, when it lies after the diagonal (runs 0 or 1 times): bounds only.
+        for start_m in range(tl.maximum(t_full, start_n + BLOCK_N), T, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _attn_bwd_tile(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
+                offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
+                False, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+            )
+    out = bhkv.to(tl.int64) * T * HEAD_DIM  # DK, DV: contiguous (B, n_kv, T, hs)
     _store_rows(DK + out, offs_n, HEAD_DIM, T, dk0, dk1, D0, D1)
     _store_rows(DV + out, offs_n, HEAD_DIM, T, dv0 * dv_scale, dv1 * dv_scale, D0, D1)
 
@@ -449,10 +472,17 @@ def _check_qkv(q, k, v):
             raise ValueError(f"{op}: {name} must be (B, n_head, T, head_dim), got shape {tuple(t.shape)}.")
         if t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} needs a contiguous last (head_dim) dimension, got strides {t.stride()}.")
-    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+    same = k.shape == v.shape and q.shape[:1] + q.shape[2:] == k.shape[:1] + k.shape[2:]
+    if not (same and q.dtype == k.dtype == v.dtype):
         raise ValueError(
-            f"{op}: q, k, v must share shape and dtype, got {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} "
-            f"and {q.dtype}/{k.dtype}/{v.dtype}."
+            f"{op}: q, k, v must share shape and dtype (k and v may have fewer heads than q), got "
+            f"{tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} and {q.dtype}/{k.dtype}/{v.dtype}."
+        )
+    n_head, n_kv = q.shape[1], k.shape[1]
+    if (n_kv == 0 and n_head != 0) or (n_kv != 0 and n_head % n_kv != 0):
+        raise ValueError(
+            f"{op}: q has {n_head} heads, k and v have {n_kv}: grouped-query attention needs n_head to be a "
+            f"multiple of n_kv_head (each k/v head serves n_head / n_kv_head query heads)."
         )
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(
@@ -475,14 +505,20 @@ def _t_key(T: int) -> int:
     return max(16, triton.next_power_of_2(T))
 
 
+def _group(q, k) -> int:
+    """Query heads per k/v head (1 without GQA)."""
+    return q.shape[1] // k.shape[1] if k.shape[1] else 1
+
+
 def new_seed(device) -> torch.Tensor:
     """A dropout seed drawn from torch's RNG on `device` (reproducible under torch.manual_seed, no host sync)."""
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
 def flash_attention_forward(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
-    """Launch the forward. Returns (o, lse): o (B, nh, T, hs) contiguous in q's dtype, lse (B, nh, T)
-    fp32 in log2 units (lse2 = log2 sum_j exp2(s_ij), s in log2 units). `seed` is needed when dropout_p > 0."""
+    """Launch the forward. q (B, nh, T, hs); k, v (B, n_kv, T, hs) with nh % n_kv == 0. Returns (o, lse):
+    o (B, nh, T, hs) contiguous in q's dtype, lse (B, nh, T) fp32 in log2 units (lse2 = log2 sum_j
+    exp2(s_ij), s in log2 units). `seed` is needed when dropout_p > 0."""
     _check_qkv(q, k, v)
     _check_dropout(dropout_p)
     B, H, T, D = q.shape
@@ -500,15 +536,15 @@ def flash_attention_forward(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor 
         q, k, v, o, lse, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (1.0 - threshold / 256.0), threshold,
+        H, _group(q, k), T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (1.0 - threshold / 256.0), threshold,
         HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
     return o, lse
 
 
 def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
-    """Launch the backward (prep + one dK/dV/dQ kernel). Returns (dq, dk, dv), contiguous, in q's dtype.
-    `o` and `lse` are the forward's outputs (o contiguous)."""
+    """Launch the backward (prep + one dK/dV/dQ kernel). Returns (dq, dk, dv), contiguous, in q's dtype,
+    dk and dv with k's head count. `o` and `lse` are the forward's outputs (o contiguous)."""
     _check_qkv(q, k, v)
     if do.shape != q.shape:
         raise ValueError(f"flash_attention_backward: grad shape {tuple(do.shape)} != {tuple(q.shape)}.")
@@ -518,8 +554,9 @@ def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: 
     B, H, T, D = q.shape
     fp32 = q.dtype == torch.float32
     dq_acc = new_empty((B, H, T, D), dtype=torch.float32, device=q.device)  # zeroed by the prep kernel
-    dk = new_empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dv = new_empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    H_kv = k.shape[1]
+    dk = new_empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
+    dv = new_empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
     if dk.numel() == 0:
         return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
     threshold = dropout_threshold(dropout_p)
@@ -533,12 +570,14 @@ def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: 
         o, do, delta, dq_acc, do.stride(0), do.stride(1), do.stride(2), H, T, keep_frac,
         HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=64,
     )
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
+    # One program per (key block, kv head); it loops over the kv head's query heads (see the kernel).
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
     _attn_bwd_kernel[grid](
         q, k, v, do, lse, delta, dq_acc, dk, dv, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D)), 1.0 / keep_frac, threshold,
+        H, _group(q, k), T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D)), 1.0 / keep_frac,
+        threshold,
         HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
     return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
@@ -546,7 +585,8 @@ def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: 
 
 def dropout_mask(seed: torch.Tensor, B: int, H: int, T: int, dropout_p: float) -> torch.Tensor:
     """The (B, H, T, T) keep mask (bool) the kernels use for `seed` (tests and debugging only: O(T^2)).
-    Includes the entries above the diagonal, which the kernels never use."""
+    H is the number of query heads (under GQA too: the mask is keyed by the query head). Includes the
+    entries above the diagonal, which the kernels never use."""
     out = torch.empty((B, H, T, T), dtype=torch.int8, device=seed.device)
     if out.numel():
         _dropout_mask_kernel[(triton.cdiv(T, 32), triton.cdiv(T, 32), B * H)](
@@ -581,7 +621,7 @@ def _(q, k, v, dropout_p, seed):
 
 @_attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse, dropout_p, seed):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
 def _attn_setup(ctx, inputs, output):
@@ -621,7 +661,9 @@ class _FlashAttentionFunction(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
-    """Causal attention, softmax scale 1/sqrt(head_dim). q, k, v: (B, n_head, T, head_dim).
+    """Causal attention, softmax scale 1/sqrt(head_dim). q: (B, n_head, T, head_dim); k, v: (B, n_kv_head,
+    T, head_dim) with n_head % n_kv_head == 0 (grouped-query attention, kv head j serving query heads
+    j*r .. j*r+r-1, r = n_head / n_kv_head; read in place, never repeated). dk, dv have k's shape.
 
     dropout_p > 0 drops attention probabilities in-kernel with p_eff = round(256 p) / 256 (see the module
     docstring); the seed (a 1-element int64 tensor on the inputs' device) is drawn from torch's RNG
@@ -641,8 +683,12 @@ def flash_attention(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None =
 
 def flash_attention_reference(q, k, v, dropout_p: float = 0.0, keep: torch.Tensor | None = None):
     """Plain PyTorch causal attention materializing T x T (for tests). `keep`: the dropout mask to apply
-    (from `dropout_mask`); kept probabilities are scaled by 1/(1 - p_eff), as in the kernels."""
+    (from `dropout_mask`); kept probabilities are scaled by 1/(1 - p_eff), as in the kernels. k, v with
+    fewer heads than q (GQA) are repeated here, for the reference only."""
     T, D = q.shape[-2], q.shape[-1]
+    if k.shape[1] != q.shape[1]:
+        r = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
     s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
