@@ -15,7 +15,6 @@ Goal on H100 (issue 4): ours (kernels triton) >= 1.3x HF's tokens/s at GPT2_base
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -23,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, write_json  # noqa: E402
+from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, time_interleaved, write_json  # noqa: E402
 from staged_fast.config import PRESETS, preset_config  # noqa: E402
+from staged_fast.heap import keep_freed_heap  # noqa: E402
 from staged_fast.hf import hf_config, to_hf_state_dict  # noqa: E402
 from staged_fast.kernels import BACKENDS, resolve_backend  # noqa: E402
 from staged_fast.model import GPT  # noqa: E402
@@ -103,6 +103,27 @@ def loss_fns(ours, hf):
     }
 
 
+def make_step(model, fn_key, kernels, compiled, data, device, amp):
+    """One training step of a row: forward + backward + AdamW (fused, as our trainer and HF's Trainer use
+    by default on CPU and CUDA), with the row's kernels selected at each call (rows may share a model)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+    target = torch.compile(model) if compiled else model
+    loss_fn = loss_fns(target, target)[fn_key]
+
+    def step():
+        if kernels is not None and model.kernels_backend != kernels:
+            model.set_kernels(kernels)
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(data)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -114,10 +135,11 @@ def main(argv=None):
     amp = cuda  # bf16 autocast on CUDA; fp32 on CPU (CPU bf16 is slow and not what we claim)
     backend = resolve_backend(args.kernels, device)
     peak, device_name = device_peak(device)
+    heap = "" if cuda else f", glibc heap kept for reuse: {keep_freed_heap()} (as our trainer does; both rows)"
     prov = provenance()
     print(f"bench_train: {args.size} on {device_name}, batch {batch} x {seqlen}, "
           f"{'bf16 autocast' if amp else 'fp32'}, dropout {args.dropout}, kernels {backend}, "
-          f"torch {prov['torch']}, {prov['date']}")
+          f"torch {prov['torch']}, {torch.get_num_threads()} threads, {prov['date']}{heap}")
 
     config, ours, hf = build_models(args, device)
     n_matmul = ours.num_params(non_embedding=True) + ours.transformer.wte.weight.numel()
@@ -153,34 +175,22 @@ def main(argv=None):
         runs.append((f"ours_{backend}", ours, "ours", backend, False))
     if backend != "torch" and cuda and f"ours_{backend}_compile" in wanted:
         runs.append((f"ours_{backend}_compile", ours, "ours", backend, True))
+    steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp)
+                    for name, model, fn_key, kernels, compiled in runs}
+    if cuda:  # one row at a time: each owns the GPU while timed (compiled rows pay their compile in the warm-up)
+        timings = {name: time_fn(step, name=name, device=device, warmup=3, reps=steps)
+                   for name, step in steps_by_row.items()}
+    else:  # rounds over the rows, so the load of a shared CPU falls on every row alike
+        timings = time_interleaved(steps_by_row, warmup=3, reps=steps)
     rows = []
-    for name, model, fn_key, kernels, compiled in runs:
-        if kernels is not None:
-            model.set_kernels(kernels)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=cuda)
-        target = torch.compile(model) if compiled else model
-        loss_fn = loss_fns(target, target)[fn_key]
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(data)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        t = time_fn(step, name=name, device=device, warmup=3, reps=steps)
+    for name, step in steps_by_row.items():
+        t = timings[name]
         tokens_per_s = batch * seqlen / (t.median_ms * 1e-3)
         row = {"model": name, "ms/step": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms, "tokens/s": tokens_per_s,
                "MFU": 6 * n_matmul * tokens_per_s / peak if peak else None}
         if cuda:
             row["peak_GiB"] = peak_memory_cuda(step, device) / 2**30
         rows.append(row)
-        del opt
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
         print(f"{name}: {t.median_ms:.1f} ms/step, {tokens_per_s:.0f} tokens/s", flush=True)
     base = rows[0]["tokens/s"]
     for row in rows:

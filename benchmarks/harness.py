@@ -52,6 +52,25 @@ def time_fn(fn, *, name: str = "", device="cpu", warmup: int = 3, reps: int = 10
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
+    return _timing(name, samples)
+
+
+def time_interleaved(fns: dict, *, warmup: int = 3, reps: int = 10) -> dict[str, Timing]:
+    """Median CPU wall time of each fn in ms, timed in rounds (one call of each fn per round, in turn),
+    so a burst of load from another process lands on every fn alike instead of on whichever ran then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _timing(name, s) for name, s in samples.items()}
+
+
+def _timing(name: str, samples: list[float]) -> Timing:
     q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [min(samples)] * 4
     return Timing(name, statistics.median(samples), q[0], q[-1], len(samples))
 

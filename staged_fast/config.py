@@ -26,7 +26,11 @@ class GPTConfig:
     n_kv_head: int = 0  # llama: key/value heads (0 = n_head); n_head must be a multiple
     intermediate_size: int = 0  # llama: SwiGLU hidden (0 = the multiple of 64 nearest 8/3 * n_embd)
     rope_theta: float = 10000.0  # llama: RoPE base
-    tie_embeddings: bool = True  # llama: LM head tied to the token embedding (GPT-2 always ties)
+    tie_embeddings: bool = True  # LM head tied to the token embedding (GPT-2: untied only when imported so)
+    # GPT-2 options of HF's GPT2Config (defaults = GPT-2; hf.py imports and exports them exactly):
+    activation_function: str = "gelu_new"  # MLP activation, one of ACTIVATIONS (model.py)
+    scale_attn_weights: bool = True  # attention scores * 1/sqrt(head_dim); False: unscaled
+    scale_attn_by_inverse_layer_idx: bool = False  # scores additionally / (layer index + 1)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -35,6 +39,7 @@ class GPTConfig:
             from .llama import check_llama_config
 
             check_llama_config(self)
+        self._check_gpt2_options()
         for name in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -50,6 +55,18 @@ class GPTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}.")
+
+    def _check_gpt2_options(self) -> None:
+        from .model import ACTIVATIONS
+
+        if self.arch == "llama":
+            changed = [f"{f}={getattr(self, f)!r}" for f, default in GPT2_OPTIONS.items() if getattr(self, f) != default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} apply to --arch gpt2 only (llama has a SwiGLU MLP and "
+                                  f"1/sqrt(head_dim) attention); leave them at their defaults.")
+        elif self.activation_function not in ACTIVATIONS:
+            raise ConfigError(f"activation_function={self.activation_function!r} is not supported; choose one of "
+                              f"{', '.join(ACTIVATIONS)}.")
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +125,8 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 
 ARCHS = ("gpt2", "llama")
+# The GPT-2-only options and their defaults (a llama config keeps these).
+GPT2_OPTIONS = {"activation_function": "gelu_new", "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 # llama presets: (n_layer, n_embd, n_head, n_kv_head, intermediate_size). Each _div2_width halves d, heads,
 # kv heads and the SwiGLU hidden, so width growth lands exactly on the full preset. The GPT2_base/large

@@ -2,7 +2,8 @@
 
 Both store nn.Linear (out, in) weights, so the conversion is a renaming; RoPE uses HF's rotate-half layout
 on both sides, so q/k need no permutation. Import refuses (LlamaImportError, exit 2 in the CLIs) what our
-model cannot compute: biases, another activation, RoPE scaling, a head_dim other than hidden/heads.
+model cannot compute: biases, another activation, RoPE scaling, a head_dim other than hidden/heads, and weights
+that do not match the config (missing or extra ones; hf.load_pretrained checks the folder's files).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import torch
 
 from .config import GPTConfig
+from .hf import HFImportError, check_weights
 
 # ours -> HF, per block; outside the blocks: embedding, final norm, head
 _BLOCK = {
@@ -30,7 +32,7 @@ _BLOCK_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-class LlamaImportError(ValueError):
+class LlamaImportError(HFImportError):
     """A LlamaForCausalLM config our llama family cannot honour; the message names the field."""
 
 
@@ -169,10 +171,10 @@ def from_hf(hf_model, kernels_backend: str = "torch"):
             if not name.endswith("rotary_emb.inv_freq"):
                 unknown.append(name)
             continue
-        state[ours] = tensor
-    if unknown:
-        raise LlamaImportError(f"LlamaForCausalLM weights staged_fast's llama has no place for: {unknown[:5]}")
-    if config.tie_embeddings:
+        if not (ours == "lm_head.weight" and config.tie_embeddings):
+            state[ours] = tensor
+    if config.tie_embeddings and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
+    check_weights(sorted(set(model.state_dict()) - set(state)), unknown, type(hf_model).__name__)
     model.load_state_dict(state, strict=True)
     return model

@@ -1,5 +1,9 @@
 """GPT-2: pre-LN blocks, learned positions, tied embeddings, tanh-GELU.
 
+HF GPT2Config's options are honoured exactly (config.py): the MLP activation (`activation_function`, ACTIVATIONS
+below, numerically as transformers' ACT2FN), unscaled attention (`scale_attn_weights=False`), scores divided by
+layer index + 1 (`scale_attn_by_inverse_layer_idx`) and an untied LM head (`tie_embeddings=False`).
+
 Parameter names follow HF's GPT2LMHeadModel (transformer.wte, h.{i}.attn.c_attn, ...) so checkpoints
 map one to one; linear weights are nn.Linear's (out, in), HF's Conv1D stores the transpose.
 The model is written for one device; DDP/FSDP are applied from outside (staged_fast.distributed).
@@ -14,6 +18,37 @@ import torch.nn.functional as F
 
 from . import kernels
 from .config import GPTConfig
+
+
+def _tanh_gelu(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+# HF activation_function name -> function. gelu_new, gelu_pytorch_tanh and gelu_fast are the same tanh
+# approximation (HF writes it out; the results agree to float rounding); gelu is the exact erf GELU.
+ACTIVATIONS = {
+    "gelu_new": _tanh_gelu,
+    "gelu_pytorch_tanh": _tanh_gelu,
+    "gelu_fast": _tanh_gelu,
+    "gelu": F.gelu,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def attention_scale(config: GPTConfig, layer_idx: int) -> float | None:
+    """The softmax scale of layer `layer_idx` as HF GPT-2 computes it; None for the default 1/sqrt(head_dim)
+    (so the default path calls the attention kernels exactly as before)."""
+    if config.scale_attn_weights and not config.scale_attn_by_inverse_layer_idx:
+        return None
+    scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+    return scale / float(layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
 
 class LayerNorm(nn.Module):
@@ -33,9 +68,10 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.n_head = config.n_head
+        self.scale = attention_scale(config, layer_idx)  # None: 1/sqrt(head_dim)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v stacked along out
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = config.attn_dropout
@@ -48,6 +84,8 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         p = self.attn_dropout if self.training else 0.0
+        if self.scale is not None:  # both backends apply 1/sqrt(hs): fold the rest into q (the same scores)
+            q = q * (self.scale * (C // self.n_head) ** 0.5)
         y = kernels.causal_attention(q, k, v, dropout_p=p, backend=self.backend)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -59,16 +97,17 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = ACTIVATIONS[config.activation_function]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps)
         self.mlp = MLP(config)
 
@@ -95,12 +134,13 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.n_positions, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 ln_f=LayerNorm(config.n_embd, config.layer_norm_eps),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections (1/sqrt(2 * n_layer)).
         for name, p in self.named_parameters():
@@ -132,6 +172,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
         return n
 
     def _check_length(self, T: int) -> None:

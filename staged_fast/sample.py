@@ -115,7 +115,7 @@ class CachedDecoder:
             k_cache[:, :, past : past + T] = k
             v_cache[:, :, past : past + T] = v
             y = F.scaled_dot_product_attention(q, k_cache[:, :, : past + T], v_cache[:, :, : past + T],
-                                               attn_mask=mask, is_causal=causal)
+                                               attn_mask=mask, is_causal=causal, scale=attn.scale)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
             x = x + block.mlp(block.ln_2(x))
         self.length = past + T

@@ -18,6 +18,7 @@ import torch
 from . import distributed as D
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import ConfigError, GPTConfig, initial_lr, initial_lr_for
+from .heap import keep_freed_heap
 from .kernels import resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, device_peak_flops, flops_per_token
@@ -51,6 +52,8 @@ class Trainer:
         self.fsdp = getattr(args, "parallel", "ddp") == "fsdp"  # FSDP2 shards (staged_fast.sharded)
 
         self.backend = resolve_backend(args.kernels, self.device)  # first: may switch on Triton's interpreter
+        if self.device.type == "cpu":
+            keep_freed_heap()  # reuse each step's freed buffers instead of page-faulting fresh ones (heap.py)
         ckpt = self._load_resume_checkpoint()
         self._check_run_dir(ckpt)
         self._build_data()
@@ -176,10 +179,12 @@ class Trainer:
         a = self.args
         torch.manual_seed(a.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         if ckpt is None and not a.random and a.model not in ("gpt2", None):
-            from .hf import load_pretrained
+            from .hf import HFImportError, load_pretrained
 
             try:
-                pretrained = load_pretrained(a.model)  # a HF GPT-2 folder/name initializes the weights
+                pretrained = load_pretrained(a.model)  # a HF GPT-2/Llama folder/name initializes the weights
+            except HFImportError:  # a model we cannot represent exactly: its own message (exit 2)
+                raise
             except Exception as e:  # transformers/hub errors come in many types
                 raise UsageError(
                     f"--model {a.model}: could not load it as a Hugging Face GPT-2 model ({type(e).__name__}: "

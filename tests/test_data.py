@@ -85,6 +85,61 @@ def test_parquet(tok, tmp_path):
     assert_streams(prep([str(tmp_path / "a.parquet")], tok, tmp_path), DOCS, tok)
 
 
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_save_to_disk_folders(tok, tmp_path, monkeypatch):
+    """Dataset / DatasetDict save_to_disk folders are read with load_from_disk (text field, train split), left
+    untouched, cached, and the cache follows their files."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"id": list(range(len(DOCS))), "body": DOCS})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"validation": ds.select(range(2)), "train": ds}).save_to_disk(str(tmp_path / "dd"))
+    before = {name: _listing(tmp_path / name) for name in ("ds", "dd")}
+    p = prep([str(tmp_path / "ds")], tok, tmp_path, text_field="body")
+    assert_streams(p, DOCS, tok)
+    assert "datasets folder ds" in p.source
+    q = prep(str(tmp_path / "dd"), tok, tmp_path, text_field="body")
+    assert_streams(q, DOCS, tok)
+    assert "split train" in q.source and q.fingerprint != p.fingerprint
+    assert {name: _listing(tmp_path / name) for name in ("ds", "dd")} == before  # no cache files written there
+
+    def no_build(*a, **k):
+        raise AssertionError("rebuilt although cached")
+    monkeypatch.setattr(prepare_mod, "_build", no_build)
+    assert prep([str(tmp_path / "ds")], tok, tmp_path, text_field="body").fingerprint == p.fingerprint
+    datasets.Dataset.from_dict({"body": DOCS[:6]}).save_to_disk(str(tmp_path / "ds2"))
+    import shutil
+    shutil.rmtree(tmp_path / "ds")
+    (tmp_path / "ds2").rename(tmp_path / "ds")  # other contents in the same folder: a new cache entry
+    with pytest.raises(AssertionError, match="rebuilt"):
+        prep([str(tmp_path / "ds")], tok, tmp_path, text_field="body")
+
+
+def test_save_to_disk_folder_errors(tok, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"body": DOCS})
+    datasets.DatasetDict({"a": ds, "b": ds}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(DataError, match=r"no 'train' split \(its splits: a, b\)"):
+        prep([str(tmp_path / "two")], tok, tmp_path)
+    ds.save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match=r"no field 'text'.*body.*--text_field"):
+        prep([str(tmp_path / "one")], tok, tmp_path)
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    with pytest.raises(DataError, match="given alone"):
+        prep([str(tmp_path / "one"), str(tmp_path / "a.txt")], tok, tmp_path, text_field="body")
+    (tmp_path / "outer").mkdir()
+    ds.save_to_disk(str(tmp_path / "outer" / "inner"))
+    with pytest.raises(DataError, match="save_to_disk.*pass it alone"):
+        prep([str(tmp_path / "outer")], tok, tmp_path, text_field="body")
+    (tmp_path / "one" / "state.json").write_text("{not json")
+    with pytest.raises(DataError, match="state.json cannot be read"):
+        prep([str(tmp_path / "one")], tok, tmp_path, text_field="body")
+
+
 def test_folder_walk_mixed_types_and_empty_docs(tok, tmp_path):
     root = tmp_path / "corpus"
     (root / "sub").mkdir(parents=True)

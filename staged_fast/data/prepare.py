@@ -94,16 +94,21 @@ def split_documents(lengths: np.ndarray, *, val_fraction: float, min_val_tokens:
     return val_mask, cut_doc, cut_at
 
 
-def _tokenize(ds, tokenizer, eos_id: int, num_proc: int, fingerprint: str):
-    """Dataset.map: text -> ids (+ EOS) and their count; empty documents are dropped."""
+def _tokenize(ds, tokenizer, eos_id: int, num_proc: int, fingerprint: str, cache_dir: Path | None = None):
+    """Dataset.map: text -> ids (+ EOS) and their count; empty documents are dropped. `cache_dir`: where the
+    map's arrow cache goes (else next to the dataset's own files, e.g. inside a user's save_to_disk folder)."""
     def encode(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         ids = [x + [eos_id] if x else [] for x in ids]
         return {"ids": ids, "n": [len(x) for x in ids]}
 
+    where = {}
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        where = {"cache_file_name": str(cache_dir / f"staged_fast-{fingerprint}.arrow")}
     ds = ds.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
                 remove_columns=ds.column_names, new_fingerprint=f"staged_fast-{fingerprint}",
-                desc="tokenizing")
+                desc="tokenizing", **where)
     return ds.filter(lambda n: [k > 0 for k in n], input_columns="n", batched=True,
                      new_fingerprint=f"staged_fast-{fingerprint}-nonempty")
 
@@ -115,7 +120,8 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
     vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
     ds = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets", num_proc=num_proc)
-    ds = _tokenize(ds, tokenizer, eos_id, num_proc, fingerprint)
+    ds = _tokenize(ds, tokenizer, eos_id, num_proc, fingerprint,  # a saved folder is the user's: cache in ours
+                   cache_dir / "hf_datasets" if source.kind == "saved" else None)
     lengths = np.asarray(ds["n"], dtype=np.int64)
     if len(lengths) == 0:
         raise DataError(f"No text in {source.description}: every document is empty (0 tokens). Fix: pass "
@@ -198,7 +204,8 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
     """Tokenized, packed, cached train/val token arrays for `data`.
 
     data: local files/folders (.txt = one document per file; .jsonl/.json/.parquet = one per record, text in
-      `text_field`), or one hub dataset `name[:config]` (split train), or None for the bundled corpus.
+      `text_field`), or one folder written by datasets' save_to_disk (split train of a DatasetDict), or one hub
+      dataset `name[:config]` (split train), or None for the bundled corpus.
     tokenizer: a transformers tokenizer with an EOS token; `tokenizer_name` is recorded and keys the cache
       (together with a hash of the tokenizer's full definition).
     val_fraction / min_val_tokens: the validation share in tokens (whole documents, at least one).

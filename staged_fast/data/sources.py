@@ -1,9 +1,13 @@
-"""Where the text comes from: local files and folders, a hub dataset, or the bundled corpus.
+"""Where the text comes from: local files and folders, a saved `datasets` folder, a hub dataset, or the
+bundled corpus.
 
 `resolve_source` turns the user's `--data` list into a `Source` (cheap: stats files, loads nothing), whose
 `key` feeds the cache fingerprint; `load_texts` loads it as a `datasets.Dataset` with one column `text`,
 one row per document. Local files: `.txt` (one file = one document), `.jsonl`/`.json` and `.parquet`
-(one record = one document, text in `text_field`); folders are walked for those extensions.
+(one record = one document, text in `text_field`); folders are walked for those extensions. A folder written
+by `Dataset.save_to_disk` (state.json + dataset_info.json + data-*.arrow) or `DatasetDict.save_to_disk`
+(dataset_dict.json; its "train" split, or its only split) is read with `datasets.load_from_disk`, one row per
+document, text in `text_field`; it is given alone, and keyed by its files' stats.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class Source:
     files: list[Path] = field(default_factory=list)
     hub_name: str = ""
     hub_config: str | None = None
+    saved_split: str | None = None  # kind "saved": the DatasetDict split read (None: a Dataset folder)
 
 
 def _file_key(p: Path) -> list:
@@ -37,9 +42,54 @@ def _file_key(p: Path) -> list:
     return [str(p), st.st_size, st.st_mtime_ns]
 
 
+def _saved_kind(folder: Path) -> str | None:
+    """'dict' / 'dataset' for a folder written by DatasetDict / Dataset.save_to_disk, else None."""
+    if (folder / "dataset_dict.json").is_file():
+        return "dict"
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+        return "dataset"
+    return None
+
+
+def _saved_source(entry: str, folder: Path, text_field: str) -> Source:
+    """A save_to_disk folder: which split to read, and the files that make it up (their stats key the cache)."""
+    def read_json(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{entry!r} looks like a folder written by `datasets` save_to_disk, but {path.name} "
+                            f"cannot be read ({e}). Fix: save the dataset again with save_to_disk.") from e
+
+    split, files, ds_dir = None, [], folder
+    if _saved_kind(folder) == "dict":
+        splits = list(read_json(folder / "dataset_dict.json").get("splits", []))
+        split = "train" if "train" in splits else splits[0] if len(splits) == 1 else None
+        if split is None:
+            raise DataError(f"The DatasetDict folder {entry!r} has no 'train' split (its splits: "
+                            f"{', '.join(splits) or 'none'}) and more than one, so which to train on is not clear. "
+                            f"Fix: save the split you want on its own (dataset_dict[split].save_to_disk(folder)) "
+                            f"or name it 'train'.")
+        files.append(folder / "dataset_dict.json")
+        ds_dir = folder / split
+    state = read_json(ds_dir / "state.json")
+    data_files = [ds_dir / f["filename"] for f in state.get("_data_files", [])]
+    files += [ds_dir / "state.json", ds_dir / "dataset_info.json"] + data_files
+    absent = [f for f in files if not f.is_file()]
+    if absent or not data_files:
+        raise DataError(f"The datasets folder {entry!r} is incomplete: "
+                        f"{absent[0].name if absent else 'state.json lists no data files'}. Fix: save the dataset "
+                        f"again with save_to_disk.")
+    desc = f"datasets folder {folder.name}" + (f" (split {split})" if split else "")
+    return Source("saved", desc, {"saved": [_file_key(f) for f in files], "split": split, "text_field": text_field},
+                  files=[folder], saved_split=split)
+
+
 def _walk(folder: Path) -> list[Path]:
     found = []
     for root, dirs, names in os.walk(folder):
+        if _saved_kind(Path(root)):  # its json files are metadata, not documents
+            raise DataError(f"{root} inside --data folder {str(folder)!r} was written by `datasets` save_to_disk; "
+                            f"it cannot be mixed with other files. Fix: pass it alone (--data {root}).")
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / n for n in sorted(names)
                   if not n.startswith(".") and Path(n).suffix.lower() in SUPPORTED]
@@ -75,6 +125,12 @@ def resolve_source(data: list[str] | str | None, *, text_field: str = "text") ->
             f"Data path {missing[0]!r} does not exist. Fix: check the path passed to --data (files or folders "
             f"of {', '.join(SUPPORTED)}); a hub dataset is given alone as name[:config], e.g. "
             "'wikitext:wikitext-103-raw-v1'.")
+    saved = [e for e in entries if Path(e).expanduser().is_dir() and _saved_kind(Path(e).expanduser())]
+    if saved:
+        if len(entries) > 1:
+            raise DataError(f"{saved[0]!r} is a folder written by `datasets` save_to_disk; such a folder is given "
+                            f"alone to --data. Fix: pass only it, or save all the text into one dataset.")
+        return _saved_source(saved[0], Path(saved[0]).expanduser().resolve(), text_field)
     files: list[Path] = []
     for e in entries:
         p = Path(e).expanduser().resolve()
@@ -122,6 +178,15 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
                 "'wikitext:wikitext-103-raw-v1'), that huggingface.co is reachable, or pass local files; "
                 "if you meant a local path, it does not exist.") from e
         return _select_text(ds, text_field, f"Hub dataset {source.hub_name!r}")
+    if source.kind == "saved":
+        folder = source.files[0] / source.saved_split if source.saved_split else source.files[0]
+        try:
+            ds = datasets.load_from_disk(str(folder))
+        except Exception as e:  # corrupt arrow, version mismatch: many exception types
+            raise DataError(f"Could not read the datasets folder {str(folder)!r} with datasets.load_from_disk: "
+                            f"{type(e).__name__}: {e}. Fix: save it again with save_to_disk (same datasets "
+                            f"version).") from e
+        return _select_text(ds, text_field, f"The {source.description}")
 
     parts = []
     by_builder: dict[str, list[Path]] = {}

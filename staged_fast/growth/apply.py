@@ -32,8 +32,19 @@ class GrowthError(ValueError):
 
 # ------------------------------------------------------------------------------------------ configs
 def grown_config(config: GPTConfig, op: str) -> GPTConfig:
-    """The config after one growth op: width doubles n_embd and n_head (head_dim kept), depth n_layer."""
+    """The config after one growth op: width doubles n_embd and n_head (head_dim kept), depth n_layer.
+
+    GPT-2's options grow exactly (width keeps head_dim, so the attention scale; activations are elementwise;
+    an untied head grows like wte) except scale_attn_by_inverse_layer_idx under depth growth: a layer's scale
+    is 1/(index + 1), so only append_id (old layers keep their index, new ones are identities) keeps the
+    function, and the other depth ops are refused.
+    """
     check_op(op)
+    if config.scale_attn_by_inverse_layer_idx and op not in ("width", "append_id"):
+        raise GrowthError(
+            f"{op!r} cannot grow a model with scale_attn_by_inverse_layer_idx=True: its attention scores are divided "
+            f"by layer index + 1, and {op} gives layers new indices (or copies a layer to an index with another "
+            f"scale), which changes the function. Use depth op 'append_id' (old layers keep their index) or width.")
     if op == "width":
         if config.arch == "llama":  # kv heads and the SwiGLU hidden double too (head_dim kept)
             return config.replace(n_embd=2 * config.n_embd, n_head=2 * config.n_head, n_kv_head=2 * config.n_kv_head,
