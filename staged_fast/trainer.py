@@ -64,6 +64,7 @@ class Trainer:
             args, self.plan, n_params=self.config.n_params_non_embedding, batch_tokens=self.tokens_per_step,
             state=None if ckpt is None else ckpt.trainer_state,
         )
+        _grown(self.config, [r.op for r in self.growths.requests[self.growths.next:]])  # refuse now, not mid-run
 
         amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.autocast = (

@@ -281,6 +281,19 @@ def test_train_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, data_cache, 
         assert not run.exists()
 
 
+def test_a_depth_op_that_moves_layer_scaled_attention_is_refused_before_training(tmp_path, data_cache, capsys):
+    from train_utils import train
+
+    folder = _gpt2_folder(tmp_path / "hf", scale_attn_by_inverse_layer_idx=True)
+    run = tmp_path / "run"
+    code = train(run, data_cache, "--train_steps", "4", "--model", str(folder), "--seqlen", "24",
+                 "--grow_at", "2", "--grow_ops", "alternate_id")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "scale_attn_by_inverse_layer_idx" in err and "append_id" in err and "Traceback" not in err
+    assert not list(run.glob("step_*"))  # refused at start, not at update 2
+
+
 def test_evaluate_and_sample_clis_refuse_with_exit_2(tmp_path, capsys):
     from staged_fast.evaluate.common import run_cli
     from staged_fast.sample import main as sample_main
@@ -289,7 +302,8 @@ def test_evaluate_and_sample_clis_refuse_with_exit_2(tmp_path, capsys):
     _edit_weights(folder, add="transformer.h.0.attn.q_attn.weight")
     assert run_cli(sample_main, ["--checkpoint", str(folder), "--prompt", "a", "--max_new_tokens", "2"]) == 2
     err = capsys.readouterr().err
-    assert "transformer.h.0.attn.q_attn.weight" in err and "HFImportError" in err
+    assert "transformer.h.0.attn.q_attn.weight" in err
+    assert "could not load" not in err  # the refusal's own paragraph, not wrapped in a generic one
 
 
 def test_train_from_an_imported_folder_on_a_saved_dataset(tmp_path, data_cache):

@@ -57,6 +57,7 @@ def pick_device(device: str | None) -> torch.device:
 
 def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: str = "torch"):
     """Our GPT, in eval mode, from a staged_fast checkpoint / run folder, a HF GPT-2 folder or a hub name."""
+    from ..hf import HFImportError
     from ..kernels import resolve_backend
 
     backend = resolve_backend(kernels, device)
@@ -78,6 +79,8 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
             f"{e} A Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin, e.g. one "
             f"written by `python -m staged_fast.export`) works too."
         ) from e
+    except HFImportError as e:  # a HF folder we cannot compute exactly: its own paragraph names the fix
+        raise InputError(str(e)) from e
     except Exception as e:  # hub / transformers errors come in many types
         where = "a local folder" if p.exists() else "not a local path, and loading it as a hub model name failed"
         raise InputError(
