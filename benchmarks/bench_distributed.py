@@ -1,14 +1,19 @@
-"""Claim: --parallel fsdp holds less per rank than ddp; what an update and a growth cost under each.
+"""Claim: --parallel fsdp holds less per rank than ddp, and growth inside the shards less than gathering;
+what an update and a growth cost under each.
 
-For each of ddp and fsdp, N CPU processes (torchrun, gloo) build the same model (`--size`, dropout 0), take
-`--steps` AdamW updates on random tokens (after one warm-up update) and report per rank: the peak resident
-memory during the updates (VmHWM, reset through /proc/self/clear_refs after the model and optimizer are
-built; the figure includes the process's libraries, so the delta over the resident size before the updates
-is reported too), the median update time, and then the peak and time of one width growth (ddp: every rank
-grows its full copy; fsdp: gather-grow-reshard, staged_fast.sharded.grow_gather_reshard).
+For each of ddp, fsdp with growth inside the shards and fsdp with gather-grow-reshard, N CPU processes
+(torchrun, gloo) build the same model (`--size`, dropout 0), take `--steps` AdamW updates on random tokens
+(after one warm-up update) and report per rank: the peak resident memory during the updates (VmHWM, reset
+through /proc/self/clear_refs after the model and optimizer are built; the figure includes the process's
+libraries, so the delta over the resident size before the updates is reported too), the median update time,
+and then the peak and time of one width growth (`--grow_op`): ddp, every rank grows its full copy
+(grow_model); fsdp "sharded", each rank builds only its rows (staged_fast.sharded.grow_sharded, what the
+trainer runs); fsdp "gather", every rank gathers the full model and state, grows and reshards
+(grow_gather_reshard). The growth peak's delta is over the resident size right before growth.
 
     python benchmarks/bench_distributed.py                      # 2 processes, size small
     python benchmarks/bench_distributed.py --nproc 4 --size GPT2_base_div2_width --steps 3
+    python benchmarks/bench_distributed.py --size tiny --steps 1 --batch_size 1 --seqlen 16   # a smoke run
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def worker(args) -> None:
     from staged_fast.config import preset_config
     from staged_fast.growth import grow_model
     from staged_fast.model import GPT
-    from staged_fast.sharded import grow_gather_reshard, local_value, shard
+    from staged_fast.sharded import grow_gather_reshard, grow_sharded, local_value, shard
 
     info = D.init("cpu", args.parallel)
     torch.manual_seed(0)
@@ -87,18 +92,21 @@ def worker(args) -> None:
     rss1 = _status_kib("VmRSS")
     _reset_peak()
     t0 = time.perf_counter()
-    if args.parallel == "fsdp":
-        grown, _ = grow_gather_reshard(model, opt, "width", make_optimizer=make_optimizer)
+    if args.parallel == "ddp":
+        grown, _ = grow_model(model, opt, args.grow_op)
+    elif args.growth == "gather":
+        grown, _ = grow_gather_reshard(model, opt, args.grow_op, make_optimizer=make_optimizer)
     else:
-        grown, _ = grow_model(model, opt, "width")
+        grown, _ = grow_sharded(model, opt, args.grow_op)
     D.barrier(info)
     grow_s = time.perf_counter() - t0
     grow_peak = _status_kib("VmHWM")
-    out = dict(rank=info.rank, parallel=args.parallel, size=args.size, world_size=info.world_size,
+    out = dict(rank=info.rank, parallel=args.parallel, growth=args.growth if args.parallel == "fsdp" else "full",
+               grow_op=args.grow_op, size=args.size, world_size=info.world_size,
                update_s=statistics.median(times), peak_mib=peak / 1024, peak_over_start_mib=(peak - rss0) / 1024,
                grow_s=grow_s, grow_peak_mib=grow_peak / 1024, grow_peak_over_start_mib=(grow_peak - rss1) / 1024,
                n_params=sum(p.numel() for p in GPT(config).parameters()))
-    Path(args.out).joinpath(f"{args.parallel}-{info.rank}.json").write_text(json.dumps(out))
+    Path(args.out).joinpath(f"{out['parallel']}-{out['growth']}-{info.rank}.json").write_text(json.dumps(out))
     D.close(info)
 
 
@@ -109,6 +117,9 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--grow_op", default="width", help="the growth op measured (default width)")
+    p.add_argument("--growth", choices=("sharded", "gather"), default="sharded",
+                   help="(worker) fsdp growth: inside the shards or gather-grow-reshard")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="(worker) one mode")
     p.add_argument("--out", default=None, help="(worker) folder for per-rank JSON")
     p.add_argument("--json", default=None, help="write all rows here")
@@ -118,21 +129,25 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for parallel in ("ddp", "fsdp"):
+        for parallel, growth in (("ddp", "full"), ("fsdp", "sharded"), ("fsdp", "gather")):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    __file__, "--parallel", parallel, "--out", tmp, "--size", args.size, "--steps", str(args.steps),
-                   "--batch_size", str(args.batch_size), "--seqlen", str(args.seqlen)]
+                   "--batch_size", str(args.batch_size), "--seqlen", str(args.seqlen), "--grow_op", args.grow_op]
+            if parallel == "fsdp":
+                cmd += ["--growth", growth]
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                sys.exit(f"{parallel} failed:\n{proc.stderr[-3000:]}")
-            rows += [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"{parallel}-*.json"))]
+                sys.exit(f"{parallel} ({growth} growth) failed:\n{proc.stderr[-3000:]}")
+            rows += [json.loads(f.read_text()) for f in sorted(Path(tmp).glob(f"{parallel}-{growth}-*.json"))]
     print(f"{args.size}, {args.nproc} CPU processes (gloo), batch {args.batch_size} x {args.seqlen}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}")
-    print(f"{'mode':5} {'rank':>4} {'update s':>9} {'peak MiB':>9} {'+MiB':>7} {'grow s':>7} {'grow peak':>10} {'+MiB':>7}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, growth op {args.grow_op}")
+    print(f"{'mode':5} {'growth':>7} {'rank':>4} {'update s':>9} {'peak MiB':>9} {'+MiB':>7} {'grow s':>7} "
+          f"{'grow peak':>10} {'+MiB':>7}")
     for r in rows:
-        print(f"{r['parallel']:5} {r['rank']:>4} {r['update_s']:9.3f} {r['peak_mib']:9.0f} {r['peak_over_start_mib']:7.0f} "
-              f"{r['grow_s']:7.2f} {r['grow_peak_mib']:10.0f} {r['grow_peak_over_start_mib']:7.0f}")
+        print(f"{r['parallel']:5} {r['growth']:>7} {r['rank']:>4} {r['update_s']:9.3f} {r['peak_mib']:9.0f} "
+              f"{r['peak_over_start_mib']:7.0f} {r['grow_s']:7.2f} {r['grow_peak_mib']:10.0f} "
+              f"{r['grow_peak_over_start_mib']:7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -2,7 +2,8 @@
 // staged_fast/growth/index_maps.py, formula in grow_tiles.h).
 //
 // One launch per parameter writes its grown value and its grown Adam state: thread (x, y) owns VEC
-// consecutive columns x*VEC.. of the tiles of destination row y, reads each source element once per
+// consecutive columns x*VEC.. of the tiles of destination row row_begin + y (the destinations hold rows
+// [row_begin, row_end) only: all of them, or one rank's FSDP shard), reads each source element once per
 // tensor (into registers) and writes it to every column half of that row; warps read and write
 // consecutive addresses. Memory-bound, so: 16-byte loads and stores (VEC = 16 / sizeof(T)) whenever
 // the column count and every pointer allow it, else one element per thread; 32-bit index arithmetic
@@ -43,21 +44,22 @@ struct alignas(sizeof(T) * VEC) Vec {
 };
 
 template <typename T, int VEC, typename Index>
-__global__ void grow_tiles_kernel(TensorSet<T> p, const float* __restrict__ noise, Tiling t) {
+__global__ void grow_tiles_kernel(TensorSet<T> p, const float* __restrict__ noise, Tiling t, RowRange range) {
   using Acc = at::opmath_type<T>;
   using V = Vec<T, VEC>;
   const Index R = static_cast<Index>(t.rows), C = static_cast<Index>(t.cols);
   const Index c = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;
-  const Index rows = static_cast<Index>(t.dst_rows()), dcols = static_cast<Index>(t.dst_cols());
+  const Index row_begin = static_cast<Index>(range.begin), row_end = static_cast<Index>(range.end);
+  const Index dcols = static_cast<Index>(t.dst_cols());
   const Index row_halves = static_cast<Index>(t.row_halves), col_halves = static_cast<Index>(t.col_halves);
-  for (Index row = blockIdx.y; row < rows; row += gridDim.y) {
+  for (Index row = row_begin + blockIdx.y; row < row_end; row += gridDim.y) {
     const Index g = row / (row_halves * R);
     const Index rem = row - g * row_halves * R;
     const Index rh = rem / R;
     const Index r = rem - rh * R;
     const Index s_off = (g * R + r) * C + c;
-    const Index d_off = row * dcols + c;
+    const Index d_off = (row - row_begin) * dcols + c;
     for (int i = 0; i < p.n; ++i) {
       const Acc scale = static_cast<Acc>(p.scale[i]);
       const V xs = *reinterpret_cast<const V*>(p.src[i] + s_off);
@@ -85,16 +87,17 @@ __global__ void grow_tiles_kernel(TensorSet<T> p, const float* __restrict__ nois
 }
 
 template <typename T, int VEC, typename Index>
-void launch_with(const TensorSet<T>& p, const float* noise, const Tiling& t, cudaStream_t stream) {
+void launch_with(const TensorSet<T>& p, const float* noise, const Tiling& t, const RowRange& range,
+                 cudaStream_t stream) {
   const int64_t threads_x = (t.cols / VEC + kThreads - 1) / kThreads;
   const dim3 block(kThreads);
-  const dim3 grid(static_cast<unsigned>(threads_x), static_cast<unsigned>(std::min<int64_t>(t.dst_rows(), 65535)));
-  grow_tiles_kernel<T, VEC, Index><<<grid, block, 0, stream>>>(p, noise, t);
+  const dim3 grid(static_cast<unsigned>(threads_x), static_cast<unsigned>(std::min<int64_t>(range.size(), 65535)));
+  grow_tiles_kernel<T, VEC, Index><<<grid, block, 0, stream>>>(p, noise, t, range);
 }
 
 template <typename T>
 void launch(const std::vector<int64_t>& idx, at::TensorList src, at::TensorList dst, at::ArrayRef<double> scale,
-            const float* noise, const Tiling& t, cudaStream_t stream) {
+            const float* noise, const Tiling& t, const RowRange& range, cudaStream_t stream) {
   TensorSet<T> p{};
   p.n = static_cast<int>(idx.size());
   constexpr int kVec = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
@@ -105,21 +108,23 @@ void launch(const std::vector<int64_t>& idx, at::TensorList src, at::TensorList 
     p.scale[k] = static_cast<float>(scale[idx[k]]);
     aligned = aligned && reinterpret_cast<uintptr_t>(p.src[k]) % 16 == 0 && reinterpret_cast<uintptr_t>(p.dst[k]) % 16 == 0;
   }
-  // Largest offset the kernel forms: a destination element index (noise and source are smaller).
+  // Largest offset the kernel forms: below a whole destination's element count (a row range's, the
+  // noise's and the source's offsets are smaller).
   const bool fits32 = t.dst_numel() < (int64_t(1) << 31) - kThreads * kVec;
-  if (aligned && fits32) launch_with<T, kVec, int32_t>(p, noise, t, stream);
-  else if (aligned) launch_with<T, kVec, int64_t>(p, noise, t, stream);
-  else if (fits32) launch_with<T, 1, int32_t>(p, noise, t, stream);
-  else launch_with<T, 1, int64_t>(p, noise, t, stream);
+  if (aligned && fits32) launch_with<T, kVec, int32_t>(p, noise, t, range, stream);
+  else if (aligned) launch_with<T, kVec, int64_t>(p, noise, t, range, stream);
+  else if (fits32) launch_with<T, 1, int32_t>(p, noise, t, range, stream);
+  else launch_with<T, 1, int64_t>(p, noise, t, range, stream);
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "grow_tiles_ (CUDA): launch failed: ", cudaGetErrorString(err));
 }
 
 void grow_tiles_cuda(at::TensorList src, at::TensorList dst, at::ArrayRef<double> scale, int64_t groups, int64_t rows,
                      int64_t cols, int64_t row_halves, int64_t col_halves, bool block_diagonal,
-                     const c10::optional<at::Tensor>& noise) {
+                     const c10::optional<at::Tensor>& noise, int64_t row_begin, c10::optional<int64_t> row_end) {
   const Tiling t = make_tiling(groups, rows, cols, row_halves, col_halves, block_diagonal);
-  check_grow_args(src, dst, scale, t, noise);
+  const RowRange range = make_row_range(t, row_begin, row_end);
+  check_grow_args(src, dst, scale, t, range, noise);
   for (double s : scale) {
     TORCH_CHECK(static_cast<double>(static_cast<float>(s)) == s, "grow_tiles_ (CUDA): scale ", s,
                 " is not exact in float32");
@@ -135,6 +140,7 @@ void grow_tiles_cuda(at::TensorList src, at::TensorList dst, at::ArrayRef<double
   } guard(dst[0].device().index());
   const cudaStream_t stream = nullptr;  // legacy default stream
 #endif
+  if (range.size() == 0) return;  // an empty shard: nothing to write (and a grid of 0 rows is invalid)
   const float* nz = (noise.has_value() && noise->defined()) ? noise->data_ptr<float>() : nullptr;
   // Tensors of one dtype share a launch; noise goes with tensor 0 (the parameter), which leads its set.
   std::vector<bool> done(src.size(), false);
@@ -149,10 +155,10 @@ void grow_tiles_cuda(at::TensorList src, at::TensorList dst, at::ArrayRef<double
     }
     const float* set_noise = i == 0 ? nz : nullptr;
     switch (dst[i].scalar_type()) {
-      case at::kFloat: launch<float>(idx, src, dst, scale, set_noise, t, stream); break;
-      case at::kDouble: launch<double>(idx, src, dst, scale, set_noise, t, stream); break;
-      case at::kHalf: launch<at::Half>(idx, src, dst, scale, set_noise, t, stream); break;
-      case at::kBFloat16: launch<at::BFloat16>(idx, src, dst, scale, set_noise, t, stream); break;
+      case at::kFloat: launch<float>(idx, src, dst, scale, set_noise, t, range, stream); break;
+      case at::kDouble: launch<double>(idx, src, dst, scale, set_noise, t, range, stream); break;
+      case at::kHalf: launch<at::Half>(idx, src, dst, scale, set_noise, t, range, stream); break;
+      case at::kBFloat16: launch<at::BFloat16>(idx, src, dst, scale, set_noise, t, range, stream); break;
       default: TORCH_CHECK(false, "grow_tiles_: unsupported dtype ", dst[i].scalar_type());
     }
   }

@@ -22,9 +22,18 @@ inline Tiling make_tiling(int64_t groups, int64_t rows, int64_t cols, int64_t ro
   return t;
 }
 
-// src[i] -> dst[i] with scale[i]; noise (float32, (G, RH, R, C)) applies to the first pair only.
+// Destination rows [row_begin, row_end) (row_end absent: every row) of the tiling's t.dst_rows().
+inline RowRange make_row_range(const Tiling& t, int64_t row_begin, const c10::optional<int64_t>& row_end) {
+  RowRange r{row_begin, row_end.has_value() ? *row_end : t.dst_rows()};
+  TORCH_CHECK(r.valid_for(t), "grow_tiles_: invalid destination row range [", r.begin, ", ", r.end,
+              "): the tiling has ", t.dst_rows(), " destination rows (0 <= row_begin <= row_end <= rows)");
+  return r;
+}
+
+// src[i] -> dst[i] with scale[i]; noise (float32, (G, RH, R, C)) applies to the first pair only. dst[i]
+// holds destination rows [rows.begin, rows.end) only; src[i] and noise are whole.
 inline void check_grow_args(const at::TensorList& src, const at::TensorList& dst, const at::ArrayRef<double>& scale,
-                            const Tiling& t, const c10::optional<at::Tensor>& noise) {
+                            const Tiling& t, const RowRange& rows, const c10::optional<at::Tensor>& noise) {
   TORCH_CHECK(!src.empty() && src.size() <= 4, "grow_tiles_: give 1 to 4 tensors (param, exp_avg, exp_avg_sq, "
               "max_exp_avg_sq), got ", src.size());
   TORCH_CHECK(src.size() == dst.size() && src.size() == scale.size(),
@@ -39,8 +48,9 @@ inline void check_grow_args(const at::TensorList& src, const at::TensorList& dst
     TORCH_CHECK(src[i].is_contiguous() && dst[i].is_contiguous(), "grow_tiles_: tensors must be contiguous");
     TORCH_CHECK(src[i].numel() == t.src_numel(), "grow_tiles_: src[", i, "] has ", src[i].numel(),
                 " elements, the tiling needs ", t.src_numel());
-    TORCH_CHECK(dst[i].numel() == t.dst_numel(), "grow_tiles_: dst[", i, "] has ", dst[i].numel(),
-                " elements, the tiling writes ", t.dst_numel());
+    TORCH_CHECK(dst[i].numel() == rows.size() * t.dst_cols(), "grow_tiles_: dst[", i, "] has ", dst[i].numel(),
+                " elements, the tiling writes ", rows.size() * t.dst_cols(), " (rows [", rows.begin, ", ", rows.end,
+                ") of ", t.dst_cols(), ")");
     TORCH_CHECK(at::isFloatingType(dst[i].scalar_type()), "grow_tiles_: floating tensors only, got ",
                 dst[i].scalar_type());
     const char* s0 = static_cast<const char*>(src[i].data_ptr());

@@ -11,10 +11,14 @@ using staged_fast::Tiling;
 
 static int failures = 0;
 
-static std::vector<float> grow(const std::vector<float>& src, const Tiling& t, float scale, const float* noise) {
-  std::vector<float> dst(t.dst_numel(), -7.f);
-  for (int64_t row = 0; row < t.dst_rows(); ++row)
-    staged_fast::grow_row<float, float>(src.data(), dst.data(), noise, t, scale, row, 0, t.cols);
+// Destination rows [begin, end) (default: all) into a buffer holding just those rows.
+static std::vector<float> grow(const std::vector<float>& src, const Tiling& t, float scale, const float* noise,
+                               int64_t begin = 0, int64_t end = -1) {
+  if (end < 0) end = t.dst_rows();
+  std::vector<float> dst((end - begin) * t.dst_cols(), -7.f);
+  for (int64_t row = begin; row < end; ++row)
+    staged_fast::grow_row<float, float>(src.data(), dst.data() + (row - begin) * t.dst_cols(), noise, t, scale, row,
+                                        0, t.cols);
   return dst;
 }
 
@@ -60,10 +64,35 @@ int main() {
     Tiling t{1, 1, 4, 2, 2, true};
     std::vector<float> src = {1, 2, 3, 4}, dst(t.dst_numel(), -7.f);
     for (int64_t row = 0; row < t.dst_rows(); ++row) {
-      staged_fast::grow_row<float, float>(src.data(), dst.data(), nullptr, t, 1.f, row, 0, 2);
-      staged_fast::grow_row<float, float>(src.data(), dst.data(), nullptr, t, 1.f, row, 2, 4);
+      float* d = dst.data() + row * t.dst_cols();
+      staged_fast::grow_row<float, float>(src.data(), d, nullptr, t, 1.f, row, 0, 2);
+      staged_fast::grow_row<float, float>(src.data(), d, nullptr, t, 1.f, row, 2, 4);
     }
     expect("chunks", dst, grow(src, t, 1.f, nullptr));
+  }
+  // Row ranges (one FSDP shard of the destination): rows [1, 3) of MATRIX are the middle rows of the whole.
+  expect("matrix rows [1,3)", grow({1, 2, 3, 4}, Tiling{1, 2, 2, 2, 2, true}, 1.f, nullptr, 1, 3),
+         {3, 4, 0, 0, 0, 0, 1, 2});
+  // ... with noise: a range reads the whole noise at its global rows
+  expect("matrix+noise rows [1,2)", grow({1, 2}, Tiling{1, 1, 2, 2, 2, true}, 1.f, noise, 1, 2), {1, 2, 0, 0});
+  // QKV_BIAS as one element per row (groups 3, rows n, cols 1): rows [3, 5) of [bq, bq, bk, bk, bv, bv]
+  expect("qkv_bias column rows [3,5)", grow({1, 2, 3, 4, 5, 6}, Tiling{3, 2, 1, 2, 1, false}, 1.f, nullptr, 3, 5),
+         {2, 3});
+  // An empty range writes nothing; ranges that tile the rows compose to the whole.
+  expect("empty range", grow({1, 2, 3, 4}, Tiling{1, 2, 2, 2, 2, true}, 1.f, nullptr, 2, 2), {});
+  {
+    const Tiling t{3, 2, 3, 2, 2, true};
+    std::vector<float> src(t.src_numel());
+    for (size_t i = 0; i < src.size(); ++i) src[i] = float(i + 1);
+    std::vector<float> joined = grow(src, t, 0.5f, nullptr, 0, 5), tail = grow(src, t, 0.5f, nullptr, 5, t.dst_rows());
+    joined.insert(joined.end(), tail.begin(), tail.end());
+    expect("ranges compose", joined, grow(src, t, 0.5f, nullptr));
+  }
+  if (!(staged_fast::RowRange{0, 4}.valid_for(Tiling{1, 2, 2, 2, 2, true})) ||
+      staged_fast::RowRange{2, 5}.valid_for(Tiling{1, 2, 2, 2, 2, true}) ||
+      staged_fast::RowRange{3, 2}.valid_for(Tiling{1, 2, 2, 2, 2, true})) {
+    ++failures;
+    std::printf("FAIL RowRange::valid_for\n");
   }
   std::printf(failures ? "%d FAILED\n" : "all passed\n", failures);
   return failures ? 1 : 0;

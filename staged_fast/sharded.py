@@ -20,10 +20,13 @@ Resharding: DCP stores global shapes and offsets, so a checkpoint written by N r
   * non-sharded run (DDP, single process, export/evaluate/sample): `consolidate` rebuilds the full state in
     one process, with no process group, in the layout of a full checkpoint.
 
-Growth under fsdp is gather-grow-reshard (`gather_full` + the unchanged single-process `grow_model` + a fresh
-`fully_shard`): every rank briefly holds the full old model and state and the full grown ones; the result is
-the single-process growth bit for bit. Growth inside the shards (each rank building only its own rows) is
-not implemented yet.
+Growth under fsdp happens inside the shards (`grow_sharded`, what the trainer runs): each rank builds only its
+own rows of every grown parameter and of its AdamW state, with the fused op's destination row range, from the
+old tensors it needs, one at a time; no rank holds the full grown model. Per-rank peak: its grown shard plus
+one full old parameter and its state (docs/growth.md). The result, consolidated, is the single-process
+`grow_model` bit for bit. `grow_gather_reshard` (every rank gathers the full model and state, grows it with
+`grow_model` and shards the result: full old + full grown per rank) stays as the reference of the tests and
+the baseline of benchmarks/bench_distributed.py.
 """
 from __future__ import annotations
 
@@ -228,12 +231,13 @@ def save_sharded(save_dir: str | os.PathLike, *, step: int, model: nn.Module, op
 
 
 # ---------------------------------------------------------------- growth
-def grow_gather_reshard(model: nn.Module, optimizer, op: str, *, make_optimizer, bf16: bool = False, check=None,
+def grow_gather_reshard(model: nn.Module, optimizer, op: str, *, make_optimizer, bf16: bool = False,
                         **grow_kwargs):
     """Gather-grow-reshard: every rank gathers the full model and AdamW state, grows them with the
     single-process `grow_model` (hence bit-equal to it), and shards the grown model in place again, keeping
     its slice of the grown state. Peak memory per rank: the full old and the full grown model and state.
-    `make_optimizer(model, lr=...)` builds the run's AdamW; `check(model, optimizer)` sees the full grown ones."""
+    `make_optimizer(model, lr=...)` builds the run's AdamW. The reference of the tests and the baseline of
+    benchmarks/bench_distributed.py; runs grow inside the shards (`grow_sharded`)."""
     from .growth import grow_model
     from .model import GPT
 
@@ -252,8 +256,6 @@ def grow_gather_reshard(model: nn.Module, optimizer, op: str, *, make_optimizer,
     del osd
     grown, grown_opt = grow_model(plain, plain_opt, op, **grow_kwargs)
     del plain, plain_opt
-    if check is not None:
-        check(grown, grown_opt)
     ids = {id(p): n for n, p in grown.named_parameters()}
     names = [ids[id(p)] for g in grown_opt.param_groups for p in g["params"]]
     full_state = grown_opt.state_dict()
@@ -262,3 +264,164 @@ def grow_gather_reshard(model: nn.Module, optimizer, op: str, *, make_optimizer,
     sharded_opt = make_optimizer(grown, lr=lr)
     load_full(grown, sharded_opt, None, full_state, names)
     return grown, sharded_opt
+
+
+def grow_sharded(model: nn.Module, optimizer, op: str, *, bf16: bool = False, width_noise: float = 0.0,
+                 generator: torch.Generator | None = None, optimizer_step: int | None = None, target=None,
+                 backend: str = "auto"):
+    """Growth inside the shards: `grow_model`'s contract (same arguments, the old model and optimizer consumed,
+    the new optimizer of the same class, param groups and hyperparameters) for a model sharded by `shard`.
+
+    The grown model is built on the meta device and sharded (`bf16`: the run's mixed-precision policy), so
+    it holds nothing yet; then, parameter by parameter in the model's order, each rank writes its own rows
+    of the grown value and AdamW state (a collective: every rank calls it):
+      * width: the old tensor is gathered whole (one at a time: the value, then each state tensor, each
+        freed before the next; an embedding's rows grow from the same rows, so its own shard suffices) and
+        the fused op writes the rank's destination rows; the noise E is drawn whole on every rank, so the
+        generator advances exactly as in one process;
+      * depth: a new layer's shard is the same rows of its source layer's: copied (or zeroed) locally, or
+        taken over as is for the originals; nothing is gathered.
+    Each old shard is freed as soon as it has been used (its storage released, even while the consumed old
+    model still refers to it), so the per-rank peak is the grown shard plus one full old parameter and its
+    state (and, with width_noise, the parameter's noise: twice its size, alive with the gathered value only)."""
+    from .growth import apply as A
+
+    with torch.no_grad():
+        for m in model.modules():  # no parameter left unsharded by a forward without backward
+            if is_sharded(m):
+                m.reshard()
+        new_config, groups, state, backend = A._consume(model, optimizer, op, width_noise, target, backend)
+        new = shard(A._meta_gpt(new_config, model.kernels_backend), bf16=bf16)
+        if op == "width":
+            params, new_state = _grow_width_sharded(model, new, state, width_noise, generator, backend)
+            renamed = {name: [name] for name in params}
+        else:
+            params, new_state, renamed = _grow_depth_sharded(model, new, state, op, backend)
+        new_optimizer = A._finish(new, model, optimizer, groups, renamed, params, new_state, optimizer_step)
+        left = [n for n, p in new.named_parameters() if p.to_local().is_meta]
+        if left:
+            raise RuntimeError(f"grow_sharded left parameters unset: {left}; a bug.")
+        return new, new_optimizer
+
+
+def shard_rows(t) -> tuple[int, int]:
+    """[begin, end) of dim 0 held by this rank's local tensor of the FSDP2 parameter (or state) `t`: Shard(0)
+    over a 1-D mesh splits like torch.chunk, ceil(N / world) rows per rank, the last ranks short or empty."""
+    from torch.distributed.tensor import Shard
+
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise ValueError(f"expected a DTensor sharded on dim 0 over one mesh dimension, got {t.placements}")
+    n, world = t.shape[0], t.device_mesh.size()
+    chunk = -(-n // world)
+    begin = min(n, t.device_mesh.get_local_rank() * chunk)
+    end = min(n, begin + chunk)
+    if t.to_local().shape[0] != end - begin:
+        raise RuntimeError(f"the local shard has {t.to_local().shape[0]} rows of {n}, not rows [{begin}, {end}); "
+                           f"this torch splits Shard(0) differently than staged_fast.sharded assumes")
+    return begin, end
+
+
+def _like(target, local: torch.Tensor):
+    """`local` as this rank's shard of a DTensor laid out like `target` (no copy)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, target.device_mesh, target.placements, run_check=False, shape=target.shape,
+                              stride=target.stride())
+
+
+def _install(new: nn.Module, name: str, local: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """Make `local` this rank's shard of the sharded meta-built `new`'s parameter `name`; returns the parameter.
+    load_state_dict(assign=True) is how FSDP2 takes over a new sharded tensor (its post-load hook re-points its
+    buffers at it; a short last shard is copied into FSDP's padded buffer)."""
+    from .growth.apply import _owner
+
+    module, leaf = _owner(new, name)
+    module.load_state_dict({leaf: _like(module._parameters[leaf], local)}, strict=False, assign=True)
+    param = module._parameters[leaf]
+    param.requires_grad_(requires_grad)
+    return param
+
+
+def _free(t: torch.Tensor) -> None:
+    """Release a consumed old shard's memory now, whoever still refers to it (the old model's FSDP buffers)."""
+    t.untyped_storage().resize_(0)
+
+
+def _grow_width_sharded(model: nn.Module, new: nn.Module, state: dict, width_noise: float, generator, backend: str):
+    import dataclasses
+
+    from .growth import fused as ops
+    from .growth import index_maps as im
+    from .growth.apply import _draw_noise, _scales, _state_tensors
+    from .heap import release_free_heap
+
+    named = dict(model.named_parameters())
+    targets = dict(new.named_parameters())
+    if width_noise and generator is None:
+        generator = torch.Generator().manual_seed(0)  # as grow_model
+    params, new_state = {}, {}
+    for name in list(named):
+        old = named.pop(name)
+        rule = im.width_rule(name, tuple(old.shape), model.config.n_embd)
+        tiling = im.dim0_tiling(rule)
+        target = targets[name]
+        rows = shard_rows(target)
+        s = state.pop(name, {})
+        keys = _state_tensors(s)
+        sources = [old.detach()] + [s.pop(k) for k in keys]
+        scales = _scales(rule, keys)
+        local_shape = target.to_local().shape
+        # Destination row i grows from source row i (an embedding): the rank's own source rows suffice.
+        own_rows = tiling.row_halves == 1 and tiling.groups == 1 and shard_rows(old) == rows
+        outs = []
+        for i, src in enumerate(sources):  # the value, then each state tensor: one old tensor alive at a time
+            local = src.to_local()
+            whole = local if own_rows else src.full_tensor()  # a collective (every rank, every tensor)
+            if whole is not local:
+                _free(local)
+            # drawn whole by every rank, after the gather (whose buffers are gone): the generator advances alike
+            noise = _draw_noise(rule, width_noise, generator, old.device) if i == 0 else None
+            out = torch.empty(local_shape, dtype=local.dtype, device=local.device)
+            if not own_rows:
+                ops.grow_tiles_([whole], [out], [scales[i]], tiling, noise, rows=rows, backend=backend)
+            elif rows[1] > rows[0]:  # the same op on the rank's rows alone
+                part = None if noise is None else noise.view(tiling.dst_rows, tiling.cols)[rows[0]:rows[1]]
+                ops.grow_tiles_([local], [out], [scales[i]], dataclasses.replace(tiling, rows=rows[1] - rows[0]),
+                                part, backend=backend)
+            _free(local)
+            del whole, local, noise
+            release_free_heap()
+            outs.append(out)
+        del sources
+        params[name] = _install(new, name, outs[0], old.requires_grad)
+        if s or keys:
+            s.update({k: _like(target, t) for k, t in zip(keys, outs[1:])})
+            new_state[name] = s
+    return params, new_state
+
+
+def _grow_depth_sharded(model: nn.Module, new: nn.Module, state: dict, op: str, backend: str):
+    from .growth.apply import _copy_tensors, _depth_moves, _inserted_state, _state_tensors
+
+    named = dict(model.named_parameters())
+    targets = dict(new.named_parameters())
+    params, new_state, renamed = {}, {}, {}
+    for new_name, old_name, scale in _depth_moves(list(named), model.config.n_layer, op):
+        renamed.setdefault(old_name, []).append(new_name)
+        old, target, s = named[old_name], targets[new_name], state.get(old_name, {})
+        if shard_rows(old) != shard_rows(target):  # same shape, same mesh: cannot happen
+            raise RuntimeError(f"{new_name} is not split like {old_name}; a bug.")
+        keys = _state_tensors(s)
+        if scale is None:  # an original layer (or a parameter outside the blocks): the shard itself moves
+            local = old.to_local()
+            params[new_name] = _install(new, new_name, local, old.requires_grad)
+            if params[new_name].to_local().untyped_storage().data_ptr() != local.untyped_storage().data_ptr():
+                _free(local)  # FSDP copied a short last shard into its padded buffer: the old one is spare
+            if s:
+                new_state[new_name] = dict(s, **{k: _like(target, s[k].to_local()) for k in keys})
+            continue
+        outs = _copy_tensors([old.to_local()] + [s[k].to_local() for k in keys], scale, backend)
+        params[new_name] = _install(new, new_name, outs[0], old.requires_grad)
+        if s:
+            new_state[new_name] = _inserted_state(s, keys, [_like(target, t) for t in outs[1:]])
+    return params, new_state, renamed

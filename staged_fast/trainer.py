@@ -383,12 +383,12 @@ class Trainer:
                      "--width_noise (e.g. 0.01, still function-preserving) or keep dropout on")
         generator = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iteration)
         noise = a.width_noise if op == "width" else 0.0  # it splits width growths; depth ones stay exact
-        if self.fsdp:  # gather-grow-reshard (staged_fast.sharded): the single-process operator on full copies
-            from .sharded import grow_gather_reshard
+        if self.fsdp:  # inside the shards (staged_fast.sharded): each rank builds only its rows of the grown state
+            from .sharded import grow_sharded
 
-            model, optimizer = grow_gather_reshard(
-                self.model, self.optimizer, op, make_optimizer=self._new_optimizer, bf16=self.args.bf16,
-                check=self._check_ranks_agree, width_noise=noise, generator=generator, optimizer_step=restart,
+            model, optimizer = grow_sharded(
+                self.model, self.optimizer, op, bf16=self.args.bf16, width_noise=noise, generator=generator,
+                optimizer_step=restart,
             )
         else:
             model, optimizer = grow_model(

@@ -1,5 +1,6 @@
 """--parallel fsdp (FSDP2 on gloo, CPU): equivalence with DDP and one process, sharded checkpoints that reshard
-(N ranks -> M ranks, ddp <-> fsdp), export of a sharded checkpoint, growth under fsdp (gather-grow-reshard)."""
+(N ranks -> M ranks, ddp <-> fsdp), export of a sharded checkpoint, growth under fsdp inside the shards (bit-equal
+to one-process growth, per-rank memory bound) and by gather-grow-reshard (the reference)."""
 import json
 import os
 import shutil
@@ -139,41 +140,79 @@ def test_growth_in_an_fsdp_run_preserves_the_loss(tmp_path, data_cache):
     assert final.sharded and final.config.n_embd == 256
 
 
-def test_gather_grow_reshard_is_bit_equal_to_single_process_growth(tmp_path, fsdp_half):
-    """Every operator (width with and without noise, all four depth ops) on 2 fsdp ranks, consolidated,
-    equals grow_model in one process bit for bit, weights and AdamW state."""
+def grow_worker(*args: str, env: dict | None = None) -> None:
+    """tests/fsdp_grow_worker.py on 2 gloo ranks."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).with_name("fsdp_grow_worker.py")), *args],
+                          env=dict(env or ENV, PYTHONPATH=os.pathsep.join(sys.path)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_sharded_growth_is_bit_equal_to_single_process_growth(tmp_path, fsdp_half):
+    """Every operator (width with and without noise, all four depth ops) on 2 fsdp ranks, inside the shards
+    (grow_sharded) and by gather-grow-reshard, consolidated, equals grow_model in one process bit for bit:
+    weights, AdamW state and step, parameter order; for a checkpoint, a model whose every dim 0 is odd (rank 1's
+    shards one row short) and an untied llama. The loss on one batch after growth equals one-process growth's exactly,
+    and the loss before growth to float rounding for the function-preserving ops."""
     from fsdp_grow_worker import CASES, make_optimizer
     from staged_fast.growth import grow_model
     from staged_fast.model import GPT
 
-    src = fsdp_half
     out = tmp_path / "grown.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).with_name("fsdp_grow_worker.py")), str(src), str(out)],
-                          env=dict(ENV, PYTHONPATH=os.pathsep.join(sys.path)), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    grow_worker("equal", str(fsdp_half), str(out))
     results = torch.load(out, weights_only=False)
-    ck = load_checkpoint(src)
-    for op, noise in CASES:
-        model = GPT(ck.config)
-        model.load_state_dict(ck.model_state)
-        opt = make_optimizer(model, lr=1e-3)
-        opt.load_state_dict(ck.optimizer_state)
-        grown, grown_opt = grow_model(model, opt, op, width_noise=noise, generator=torch.Generator().manual_seed(7))
-        msd, osd, names, local = results[f"{op}-{noise}"]
-        want = grown.state_dict()
-        for k, v in want.items():
-            assert torch.equal(msd[k], v), (op, noise, k)
-        ids = {id(p): n for n, p in grown.named_parameters()}
-        want_names = [ids[id(p)] for g in grown_opt.param_groups for p in g["params"]]
-        assert names == want_names
-        want_osd = grown_opt.state_dict()
-        for i, st in want_osd["state"].items():
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(osd["state"][i][key], st[key]), (op, noise, names[i], key)
-        # each rank held only its shard of the grown model afterwards
-        total = sum(p.numel() for p in grown.parameters())
-        assert sum(local.values()) < 0.6 * total
+    ck = load_checkpoint(fsdp_half)
+    starts = {"checkpoint": (ck.config, ck.model_state, ck.optimizer_state), **results["starts"]}
+    for source, (config, model_state, optimizer_state) in starts.items():
+        for op, noise in CASES:
+            model = GPT(config)
+            model.load_state_dict(model_state)
+            opt = make_optimizer(model, lr=1e-3)
+            opt.load_state_dict(optimizer_state)
+            grown, grown_opt = grow_model(model, opt, op, width_noise=noise, generator=torch.Generator().manual_seed(7))
+            row = results[f"{source}/{op}-{noise}"]
+            want = grown.state_dict()
+            ids = {id(p): n for n, p in grown.named_parameters()}
+            want_names = [ids[id(p)] for g in grown_opt.param_groups for p in g["params"]]
+            want_osd = grown_opt.state_dict()
+            for how, (msd, osd, names) in (("sharded", (row["msd"], row["osd"], row["names"])),
+                                           ("gathered", row["gathered"])):
+                case = (source, op, noise, how)
+                assert set(msd) == set(want), case
+                for k, v in want.items():
+                    assert torch.equal(msd[k], v), (*case, k)
+                assert names == want_names, case
+                assert len(osd["state"]) == len(want_osd["state"]), case
+                for i, st in want_osd["state"].items():
+                    for key in ("exp_avg", "exp_avg_sq", "step"):
+                        assert torch.equal(osd["state"][i][key], st[key]), (*case, names[i], key)
+            # each rank held only its shard of the grown model afterwards
+            total = sum(p.numel() for p in grown.parameters())
+            assert sum(row["local"].values()) < 0.6 * total
+            assert row["loss_after"] == row["loss_single"], (source, op, noise, row)
+            if op == "width" or op.endswith("_id"):  # function-preserving
+                assert abs(row["loss_after"] - row["loss_before"]) <= 1e-6 * row["loss_before"], (source, op, row)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
+@pytest.mark.parametrize("allocator", ["default", "mmap_64k"])
+@pytest.mark.parametrize("op,noise", [("width", 0.01), ("append_id", 0.0)])
+def test_sharded_growth_peak_memory_per_rank_within_bound(tmp_path, op, noise, allocator):
+    """Per rank: peak resident memory over grow_sharded (VmHWM reset right before it) above the resident size
+    before the old model was built <= the rank's grown shard (weights + AdamW state) + one full old parameter
+    and its state (3x the largest) + 5% of the grown shard. A model of 4 MiB matrices (75 MiB of old shard
+    per rank); gathering the full grown state (as gather-grow-reshard does) would exceed it 1.5-fold at least."""
+    env = {k: v for k, v in ENV.items() if not k.startswith("MALLOC_")}
+    if allocator == "mmap_64k":  # every allocation >= 64 KiB mmapped: freed tensors go back to the OS at once
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    grow_worker("memory", op, str(noise), str(tmp_path), env=env)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        bound = 1.05 * r["grown_shard"] + 3 * r["largest_old"]
+        assert r["peak"] >= r["old"]  # the reset peak starts from the old shards held in memory
+        assert r["full_grown"] > 1.5 * bound  # the bound excludes holding the full grown state
+        print(f"{op} {allocator} rank {rank}: peak / bound = {r['peak'] / bound:.3f}")
+        assert r["peak"] <= bound, f"rank {rank}: peak {r['peak'] / 2**20:.1f} > bound {bound / 2**20:.1f} MiB ({r})"
 
 
 def test_two_nodes_of_two_processes_resume_a_two_rank_checkpoint(tmp_path, data_cache, reference, fsdp_half):

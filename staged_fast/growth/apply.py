@@ -198,6 +198,19 @@ def grow_model(
     and optimizer are consumed (module docstring). `target`: the expected grown config (checked).
     `backend`: 'auto' (fused kernels if built), 'fused' or 'reference' (see staged_fast.growth.fused).
     """
+    new_config, groups, state, backend = _consume(model, optimizer, op, width_noise, target, backend)
+    new = _meta_gpt(new_config, model.kernels_backend)
+    if op == "width":
+        params, new_state = _grow_width(model, state, width_noise, generator, backend)
+        renamed = {name: [name] for name in params}
+    else:
+        params, new_state, renamed = _grow_depth(model, state, op, backend)
+    return new, _finish(new, model, optimizer, groups, renamed, params, new_state, optimizer_step)
+
+
+def _consume(model: GPT, optimizer, op: str, width_noise: float, target: GPTConfig | None, backend: str):
+    """Check a growth request, then consume the old model and optimizer (gradients dropped, optimizer emptied):
+    (grown config, param groups, {name: state}, resolved backend). Shared with staged_fast.sharded."""
     from . import fused as ops
 
     new_config = check_target(model.config, op, target)
@@ -216,12 +229,12 @@ def grow_model(
         optimizer.state.clear()
         for g in optimizer.param_groups:
             g["params"] = []
-    new = _meta_gpt(new_config, model.kernels_backend)
-    if op == "width":
-        params, new_state = _grow_width(model, state, width_noise, generator, backend)
-        renamed = {name: [name] for name in params}
-    else:
-        params, new_state, renamed = _grow_depth(model, state, op, backend)
+    return new_config, groups, state, backend
+
+
+def _finish(new: GPT, model: GPT, optimizer, groups, renamed, params, new_state, optimizer_step):
+    """Put the grown `params` into `new` (head tied, the old model's train mode) and return the new optimizer
+    over them (None without one) holding `new_state`, its steps set. Shared with staged_fast.sharded."""
     if groups is not None:  # each old parameter's group now holds its grown parameter(s), in the model's order
         rank = {name: i for i, (name, _) in enumerate(new.named_parameters())}  # (a checkpoint resumes by it)
         groups = [(hyper, sorted((n for old in names for n in renamed[old]), key=rank.__getitem__))
@@ -233,12 +246,25 @@ def grow_model(
     for s in new_state.values():
         if "step" in s:
             s["step"] = _step_value(s["step"], optimizer_step)
-    new_optimizer = None if optimizer is None else _new_optimizer(optimizer, groups, params, new_state)
-    return new, new_optimizer
+    return None if optimizer is None else _new_optimizer(optimizer, groups, params, new_state)
 
 
 def _state_tensors(s: dict) -> list[str]:
     return [k for k in STATE_KEYS if k in s]
+
+
+def _scales(rule: im.Rule, keys: list[str]) -> list[float]:
+    """The scales of a parameter's value and of its state tensors `keys` under `rule`."""
+    return [rule.param_scale] + [rule.exp_avg_scale if k == "exp_avg" else rule.exp_avg_sq_scale for k in keys]
+
+
+def _draw_noise(rule: im.Rule, width_noise: float, generator, device) -> torch.Tensor | None:
+    """The [W - E, E] split's E of one parameter (None if it takes none), drawn whole from `generator`."""
+    if not (width_noise and rule.noise):
+        return None
+    noise = torch.empty(rule.tiling.noise_shape(), dtype=torch.float32, device=generator.device)
+    noise.normal_(0.0, width_noise, generator=generator)
+    return noise.to(device)
 
 
 def _grow_width(model: GPT, state: dict, width_noise: float, generator, backend: str):
@@ -271,12 +297,8 @@ def _grow_width(model: GPT, state: dict, width_noise: float, generator, backend:
         keys = _state_tensors(s)
         sources = [old.detach()] + [s.pop(k) for k in keys]
         del old
-        scales = [rule.param_scale] + [rule.exp_avg_scale if k == "exp_avg" else rule.exp_avg_sq_scale for k in keys]
-        noise = None
-        if width_noise and rule.noise:
-            noise = torch.empty(rule.tiling.noise_shape(), dtype=torch.float32, device=generator.device)
-            noise.normal_(0.0, width_noise, generator=generator)
-            noise = noise.to(device)
+        scales = _scales(rule, keys)
+        noise = _draw_noise(rule, width_noise, generator, device)
         old_bytes = sum(t.numel() * t.element_size() for t in sources)
         noise_bytes = 0 if noise is None else noise.numel() * 4
         outs = []
@@ -308,50 +330,59 @@ def _grow_width(model: GPT, state: dict, width_noise: float, generator, backend:
 
 
 def _grow_depth(model: GPT, state: dict, op: str, backend: str):
-    from . import fused as ops
-
-    identity = op.endswith("_id")
     named = dict(model.named_parameters())
     params, new_state, renamed = {}, {}, {}
-    block_params = {}  # old layer index -> {suffix: name}
-    for name in named:
-        if name.startswith("transformer.h."):
-            i, suffix = name[len("transformer.h."):].split(".", 1)
-            block_params.setdefault(int(i), {})[suffix] = name
-    # Inserted layers first (they read the old tensors), then the originals move without a copy.
-    layer_map = im.depth_layer_map(model.config.n_layer, op)
-    for new_i, old_i, inserted in sorted(layer_map, key=lambda m: not m[2]):
-        for suffix, old_name in block_params[old_i].items():
-            new_name = f"transformer.h.{new_i}.{suffix}"
-            renamed.setdefault(old_name, []).append(new_name)
-            old = named[old_name]
-            s = state.get(old_name, {})
-            if not inserted:
-                params[new_name] = old
-                if s:
-                    new_state[new_name] = s
-                continue
-            scale = im.depth_scale(suffix, True, identity)
-            rule = im.copy_rule(tuple(old.shape), scale)
-            keys = _state_tensors(s)
-            sources = [old.detach()] + [s[k] for k in keys]
-            if backend == "reference":  # the seed's way: clone (deepcopy) or zeros_like
-                outs = [src.clone() if scale else torch.zeros_like(src) for src in sources]
-            else:
-                outs = [torch.empty(rule.dst_shape, dtype=t.dtype, device=t.device) for t in sources]
-                ops.grow_tiles_(sources, outs, [scale] * len(sources), rule.tiling, backend="fused")
-            params[new_name] = nn.Parameter(outs[0], requires_grad=old.requires_grad)
+    for new_name, old_name, scale in _depth_moves(list(named), model.config.n_layer, op):
+        renamed.setdefault(old_name, []).append(new_name)
+        old, s = named[old_name], state.get(old_name, {})
+        if scale is None:  # an original layer (or a parameter outside the blocks) moves without a copy
+            params[new_name] = old
             if s:
-                extra = {k: v for k, v in s.items() if k not in STATE_KEYS}
-                extra = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in extra.items()}
-                new_state[new_name] = dict(extra, **dict(zip(keys, outs[1:])))
-    for name, p in named.items():
-        if not name.startswith("transformer.h."):
-            params[name] = p
-            renamed[name] = [name]
-            if name in state:
-                new_state[name] = state[name]
+                new_state[new_name] = s
+            continue
+        keys = _state_tensors(s)
+        outs = _copy_tensors([old.detach()] + [s[k] for k in keys], scale, backend)
+        params[new_name] = nn.Parameter(outs[0], requires_grad=old.requires_grad)
+        if s:
+            new_state[new_name] = _inserted_state(s, keys, outs[1:])
     for name in named:
         _set_param(model, name, None)
     model.lm_head._parameters["weight"] = None
     return params, new_state, renamed
+
+
+def _depth_moves(names: list[str], n_layer: int, op: str) -> list[tuple[str, str, float | None]]:
+    """(new name, old name, scale) of every parameter after depth op `op`: the inserted layers' first (they
+    read the old tensors; scale 1: a copy, 0: zeros), then the originals and the parameters outside the
+    blocks (scale None: the old tensor itself, moved without a copy). Shared with staged_fast.sharded."""
+    block_params = {}  # old layer index -> {suffix: name}
+    for name in names:
+        if name.startswith("transformer.h."):
+            i, suffix = name[len("transformer.h."):].split(".", 1)
+            block_params.setdefault(int(i), {})[suffix] = name
+    identity = op.endswith("_id")
+    moves = []
+    for new_i, old_i, inserted in sorted(im.depth_layer_map(n_layer, op), key=lambda m: not m[2]):
+        for suffix, old_name in block_params[old_i].items():
+            scale = im.depth_scale(suffix, True, identity) if inserted else None
+            moves.append((f"transformer.h.{new_i}.{suffix}", old_name, scale))
+    return moves + [(name, name, None) for name in names if not name.startswith("transformer.h.")]
+
+
+def _copy_tensors(sources: list[torch.Tensor], scale: float, backend: str) -> list[torch.Tensor]:
+    """`scale * t` (scale 1: a copy, 0: +0.0 zeros) of each tensor: an inserted layer's value and state."""
+    from . import fused as ops
+
+    if backend == "reference":  # the seed's way: clone (deepcopy) or zeros_like
+        return [src.clone() if scale else torch.zeros_like(src) for src in sources]
+    outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in sources]
+    if sources[0].numel():  # (an empty FSDP shard has nothing to write)
+        rule = im.copy_rule(tuple(sources[0].shape), scale)
+        ops.grow_tiles_(sources, outs, [scale] * len(sources), rule.tiling, backend="fused")
+    return outs
+
+
+def _inserted_state(s: dict, keys: list[str], tensors: list[torch.Tensor]) -> dict:
+    """An inserted layer's optimizer state: its source's (step and other entries cloned) with `tensors` as `keys`."""
+    extra = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items() if k not in STATE_KEYS}
+    return dict(extra, **dict(zip(keys, tensors)))

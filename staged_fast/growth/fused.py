@@ -79,17 +79,22 @@ def grow_tiles_(
     tiling: Tiling,
     noise: torch.Tensor | None = None,
     *,
+    rows: tuple[int, int] | None = None,
     backend: str = "auto",
 ) -> None:
     """Write the grown form of each srcs[i] (times scales[i]) into the preallocated dsts[i].
 
     srcs/dsts: 1 to 4 contiguous tensors (param, exp_avg, exp_avg_sq[, max_exp_avg_sq]); noise: float32
     (groups, row_halves, rows, cols), applied to the first tensor only (its block rows become [W - E, E]).
+    rows: (begin, end) of the destination viewed as 2-D (tiling.dst_rows x tiling.dst_cols): each dsts[i]
+    then holds only those rows (one rank's shard, staged_fast.sharded); srcs and noise stay whole.
     """
     if resolve_backend(backend, dsts[0].device) == "fused":
-        torch.ops.staged_fast.grow_tiles_(list(srcs), list(dsts), [float(s) for s in scales], *tiling.as_args(), noise)
+        begin, end = (0, None) if rows is None else rows
+        torch.ops.staged_fast.grow_tiles_(list(srcs), list(dsts), [float(s) for s in scales], *tiling.as_args(), noise,
+                                          begin, end)
     else:
-        grow_tiles_reference(srcs, dsts, scales, tiling, noise)
+        grow_tiles_reference(srcs, dsts, scales, tiling, noise, rows)
 
 
 def grow_tensor(

@@ -26,6 +26,7 @@ of every copied element equal to its source's. Off-diagonal tiles get zero state
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,15 @@ class Tiling:
     @property
     def dst_numel(self) -> int:
         return self.src_numel * self.row_halves * self.col_halves
+
+    @property
+    def dst_rows(self) -> int:
+        """Rows of the destination viewed as 2-D (G*RH*R, CH*C); a kernel call may write a range of them."""
+        return self.groups * self.row_halves * self.rows
+
+    @property
+    def dst_cols(self) -> int:
+        return self.col_halves * self.cols
 
     def as_args(self) -> tuple[int, int, int, int, int, bool]:
         """The arguments the C++/CUDA kernels take, in their order."""
@@ -113,6 +123,19 @@ def width_rule(name: str, shape: tuple[int, ...], n_embd: int) -> Rule:
     if name.endswith((".bias", ".weight")) and len(shape) == 1:
         return Rule(Kind.VECTOR, Tiling(1, 1, shape[0], 2, 1, False), shape, (2 * shape[0],))
     raise KeyError(f"no width-growth rule for parameter {name!r} of shape {shape}")
+
+
+def dim0_tiling(rule: Rule) -> Tiling:
+    """The rule's tiling with destination rows = dim 0 of `rule.dst_shape` (the dim FSDP shards), so that one
+    rank's shard is a destination row range of the kernels. A 2-D tensor's tiling already is; a 1-D tensor's
+    (one source row, one column half: (G, 1, n) -> (G, RH, 1, 1, n)) is rewritten as the same element map with
+    one element per row, (G, n, 1) -> (G, RH, n, 1, 1); its noise layout (G, RH, n) is unchanged."""
+    t = rule.tiling
+    if len(rule.dst_shape) == 1 and t.rows == 1 and t.col_halves == 1:
+        t = Tiling(t.groups, t.cols, 1, t.row_halves, 1, t.block_diagonal)
+    if t.dst_rows != rule.dst_shape[0] or t.dst_numel != math.prod(rule.dst_shape):
+        raise ValueError(f"the {rule.kind.value} tiling {t} does not have dim 0 of {rule.dst_shape} as its rows")
+    return t
 
 
 def copy_rule(shape: tuple[int, ...], scale: float) -> Rule:

@@ -42,7 +42,20 @@ def grow_tensor_reference(
     return torch.cat(groups, dim=0).to(src.dtype).reshape(-1)
 
 
-def grow_tiles_reference(srcs, dsts, scales, tiling: Tiling, noise: torch.Tensor | None = None) -> None:
-    """Same contract as the fused op staged_fast::grow_tiles_: writes into preallocated `dsts`."""
+def row_range(tiling: Tiling, rows: tuple[int, int] | None) -> tuple[int, int]:
+    """(begin, end) of the destination rows a call writes (None: all `tiling.dst_rows`), checked."""
+    begin, end = (0, tiling.dst_rows) if rows is None else rows
+    if not 0 <= begin <= end <= tiling.dst_rows:
+        raise ValueError(f"invalid destination row range [{begin}, {end}): the tiling has {tiling.dst_rows} "
+                         f"destination rows (0 <= row_begin <= row_end <= rows)")
+    return begin, end
+
+
+def grow_tiles_reference(srcs, dsts, scales, tiling: Tiling, noise: torch.Tensor | None = None,
+                         rows: tuple[int, int] | None = None) -> None:
+    """Same contract as the fused op staged_fast::grow_tiles_: writes into preallocated `dsts`, which hold the
+    destination rows `rows` = (begin, end) only (None: all); it builds each whole grown tensor, then slices."""
+    begin, end = row_range(tiling, rows)
     for i, (s, d, k) in enumerate(zip(srcs, dsts, scales)):
-        d.view(-1).copy_(grow_tensor_reference(s, tiling, k, noise if i == 0 else None))
+        grown = grow_tensor_reference(s, tiling, k, noise if i == 0 else None)
+        d.view(-1).copy_(grown.view(tiling.dst_rows, tiling.dst_cols)[begin:end].reshape(-1))
