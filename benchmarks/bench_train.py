@@ -54,7 +54,8 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
     return None, name
 
 
-ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_triton", "ours_triton_compile")
+ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_torch_compile", "ours_triton",
+        "ours_triton_compile")
 
 
 def parse_args(argv=None):
@@ -171,6 +172,8 @@ def main(argv=None):
         runs.append(("hf_sdpa_compiled", hf, "hf", None, True))
     if "ours_torch" in wanted:
         runs.append(("ours_torch", ours, "ours", "torch", False))
+    if cuda and "ours_torch_compile" in wanted:  # inductor fuses our torch ops (as it does HF's): the like-for-like
+        runs.append(("ours_torch_compile", ours, "ours", "torch", True))  # match for hf_sdpa_compiled
     if backend != "torch" and f"ours_{backend}" in wanted:
         runs.append((f"ours_{backend}", ours, "ours", backend, False))
     if backend != "torch" and cuda and f"ours_{backend}_compile" in wanted:
