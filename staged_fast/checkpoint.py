@@ -197,8 +197,11 @@ def prune(save_dir: str | os.PathLike, keep_last: int) -> None:
 
 
 def _tensor_bytes(obj) -> int:
-    """Bytes of the tensors inside a (nested) state: what a checkpoint file of it needs, roughly."""
+    """Bytes of the tensors inside a (nested) state: what a checkpoint file of it needs, roughly. A DTensor
+    counts its local shard (what this rank writes)."""
     if torch.is_tensor(obj):
+        if hasattr(obj, "to_local"):
+            obj = obj.to_local()
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
         return sum(_tensor_bytes(v) for v in obj.values())

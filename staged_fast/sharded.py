@@ -30,6 +30,7 @@ the baseline of benchmarks/bench_distributed.py.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -160,7 +161,8 @@ def save_sharded(save_dir: str | os.PathLike, *, step: int, model: nn.Module, op
 
     from . import distributed as D
     from .checkpoint import (
-        _TMP_PREFIX, FORMAT_VERSION, CheckpointError, _fsync_dir, _fsync_file, _is_no_space, _sha256, commit,
+        _TMP_PREFIX, FORMAT_VERSION, CheckpointError, _disk_full_error, _free_bytes, _fsync_dir, _fsync_file,
+        _is_no_space, _sha256, _tensor_bytes, commit,
     )
 
     save_dir = Path(save_dir)
@@ -179,9 +181,22 @@ def save_sharded(save_dir: str | os.PathLike, *, step: int, model: nn.Module, op
     if error is not None:
         raise CheckpointError(error)
 
+    msd, osd = get_state_dict(model, optimizer)
+    # Space: every rank's shards plus trainer.pt land in one folder (a shared filesystem on several nodes), so
+    # rank 0 checks the sum against its free bytes before anyone writes.
+    needed = sum(D.gather_objects(_tensor_bytes(msd) + _tensor_bytes(osd), info)) + _tensor_bytes(trainer_state)
+    needed += 1 << 20
+    if info.is_main:
+        free = _free_bytes(save_dir)
+        if free is not None and free < needed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = str(_disk_full_error(save_dir, final.name, needed, free, None))
+    error = D.broadcast_object(error, info)
+    if error is not None:
+        raise CheckpointError(error)
+
     mine, local_error = {}, None
     try:
-        msd, osd = get_state_dict(model, optimizer)
         dcp.save({"model": msd, "optim": osd}, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
         own = sorted((tmp / DCP_DIR).glob(f"__{info.rank}_*.distcp"))
         if info.is_main:
@@ -198,6 +213,9 @@ def save_sharded(save_dir: str | os.PathLike, *, step: int, model: nn.Module, op
     path = None
     if info.is_main:
         try:
+            if any(err.startswith("disk full") for err in errors):
+                raise CheckpointError(str(_disk_full_error(save_dir, final.name, needed, _free_bytes(save_dir),
+                                                           OSError(errno.ENOSPC, "; ".join(errors)))))
             if errors:
                 raise CheckpointError(f"sharded checkpoint {final.name} could not be written: " + "; ".join(errors))
             files = {}

@@ -305,3 +305,44 @@ def test_sharded_save_is_atomic_and_round_trips(tmp_path, one_rank_group):
     plain = GPT(config)
     plain.load_state_dict(full.model_state)
     assert full.param_names == [n for n, _ in plain.named_parameters()]
+
+
+def test_sharded_save_refuses_a_full_disk_before_writing_and_after_a_failed_write(tmp_path, one_rank_group,
+                                                                                 monkeypatch):
+    """Disk full under fsdp: the summed shard size is checked against the free bytes first; a write that still
+    runs out of space (ENOSPC from the storage writer) leaves no partial folder; both name the filesystem, the
+    bytes needed and free; the earlier checkpoint stays listed and loadable."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from staged_fast.config import preset_config
+    from staged_fast.model import GPT
+    from staged_fast.sharded import load_sharded, save_sharded, shard
+
+    torch.manual_seed(0)
+    config = preset_config("tiny", vocab_size=512, dropout=0.0, attn_dropout=0.0)
+    model = shard(GPT(config))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    x = torch.randint(0, 512, (2, 16))
+    model(x, x).backward()
+    opt.step()
+    save = lambda step: save_sharded(tmp_path, step=step, model=model, optimizer=opt, config=config,  # noqa: E731
+                                     trainer_state={"step": step}, info=one_rank_group)
+    first = save(1)
+
+    total = shutil.disk_usage(tmp_path).total
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(total, total - 5000, 5000))
+        with pytest.raises(CheckpointError, match=r"disk full: checkpoint step_00000002 .* has 5,000 bytes free"):
+            save(2)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(dcp, "save", no_space)
+        with pytest.raises(CheckpointError, match=r"disk full: checkpoint step_00000003 .*needs about [\d,]+ bytes"):
+            save(3)
+    assert list_checkpoints(tmp_path) == [first] and not list(tmp_path.glob(".tmp-*"))
+    load_sharded(first, shard(GPT(config)))
