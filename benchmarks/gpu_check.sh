@@ -12,7 +12,8 @@
 #
 # Steps: env (card, versions, measured copy bandwidth); install (the package and its CUDA extension
 # against the installed torch, no deps); tests_kernels (the Triton kernel tests, compiled for the GPU);
-# bench_kernels --quick; bench_train --quick (GPT2_base bf16: HF eager/SDPA/compiled vs ours torch/
+# bench_kernels --quick; tests_ext (the growth extension on CUDA); fsdp_nccl (one-rank FSDP2 over nccl:
+# bf16, growth inside the shards, a sharded checkpoint resumed); bench_train --quick (GPT2_base bf16: HF eager/SDPA/compiled vs ours torch/
 # triton/triton+compile); bench_growth --device cuda (GPT2_large halves); profile (profile_ops.py: device
 # kernels vs host time per op); tests_rest (the rest of the suite);
 # then a summary table. Outputs under $OUT (or ./gpu_check_out): at most 8 files (logs are appended to
@@ -26,7 +27,7 @@ LOG="$OUT_DIR/steps.log"
 unset TRITON_INTERPRET  # compile the kernels for the GPU
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-530}
-STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext bench_train bench_growth profile tests_rest"}
+STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext fsdp_nccl bench_train bench_growth profile tests_rest"}
 PY=${PYTHON:-python3}
 SUMMARY=()
 
@@ -63,7 +64,7 @@ step() {  # step NAME SECONDS CMD...: run with a timeout inside the budget; log;
   SUMMARY+=("$(printf '%-14s %-12s %5ss' "$name" "$status" "$took")")
 }
 
-KERNEL_TESTS="tests/test_kernels_layer_norm.py tests/test_kernels_attention.py tests/test_kernels_linear_ce.py tests/test_kernels_model.py tests/test_train_mixed_precision.py"
+KERNEL_TESTS="tests/test_kernels_layer_norm.py tests/test_kernels_attention.py tests/test_kernels_linear_ce.py tests/test_kernels_model.py tests/test_kernels_llama.py tests/test_train_mixed_precision.py"
 step env 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
   '"$PY"' -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())";
   '"$PY"' -c "import transformers; print(\"transformers\", transformers.__version__)";
@@ -98,6 +99,12 @@ step tests_kernels 120 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
 step bench_kernels 100 "$PY" benchmarks/bench_kernels.py --quick --json "$OUT_DIR/bench_kernels.json"
 install_wait
 step tests_ext 30 "$PY" -m pytest -q -x tests/test_ext_ops.py
+# FSDP2 on one GPU over nccl (a one-rank group): bf16 mixed precision, growth inside the shards at update 3,
+# a sharded checkpoint, then the same command resumed from it.
+FSDP_ARGS="--parallel fsdp --device cuda --size tiny_div2_width --bf16 --train_steps 6 --warmup_steps 1 --grow_at 3
+  --grow_ops width --save_every 3 --val_every 3 --val_batches 1 --no_progress --save_prefix /tmp/fsdp_nccl"
+step fsdp_nccl 60 bash -c "rm -rf /tmp/fsdp_nccl && $PY -m staged_fast.train $FSDP_ARGS --stop_at_step 3 &&
+  $PY -m staged_fast.train $FSDP_ARGS --resume latest && tail -n 3 /tmp/fsdp_nccl/metrics.jsonl"
 step bench_train 110 "$PY" benchmarks/bench_train.py --quick ${BENCH_TRAIN_ROWS:+--rows $BENCH_TRAIN_ROWS} \
   --json "$OUT_DIR/bench_train.json"
 step bench_growth 40 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"

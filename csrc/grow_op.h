@@ -46,6 +46,11 @@ inline void check_grow_args(const at::TensorList& src, const at::TensorList& dst
     TORCH_CHECK(src[i].scalar_type() == dst[i].scalar_type(), "grow_tiles_: src[", i, "] is ", src[i].scalar_type(),
                 " but dst[", i, "] is ", dst[i].scalar_type());
     TORCH_CHECK(src[i].is_contiguous() && dst[i].is_contiguous(), "grow_tiles_: tensors must be contiguous");
+    for (const at::Tensor* x : {&src[i], &dst[i]}) {  // a storage freed (resized to 0) under a live tensor
+      TORCH_CHECK(x->storage().nbytes() >= static_cast<size_t>((x->storage_offset() + x->numel()) * x->itemsize()),
+                  "grow_tiles_: a tensor's storage holds ", x->storage().nbytes(), " bytes, fewer than its ",
+                  x->numel(), " elements need (was its memory released?)");
+    }
     TORCH_CHECK(src[i].numel() == t.src_numel(), "grow_tiles_: src[", i, "] has ", src[i].numel(),
                 " elements, the tiling needs ", t.src_numel());
     TORCH_CHECK(dst[i].numel() == rows.size() * t.dst_cols(), "grow_tiles_: dst[", i, "] has ", dst[i].numel(),

@@ -395,8 +395,8 @@ def _grow_width_sharded(model: nn.Module, new: nn.Module, state: dict, width_noi
         for i, src in enumerate(sources):  # the value, then each state tensor: one old tensor alive at a time
             local = src.to_local()
             whole = local if own_rows else src.full_tensor()  # a collective (every rank, every tensor)
-            if whole is not local:
-                _free(local)
+            if whole.untyped_storage().data_ptr() != local.untyped_storage().data_ptr():
+                _free(local)  # (one rank: full_tensor() may be the shard itself, which must live on)
             # drawn whole by every rank, after the gather (whose buffers are gone): the generator advances alike
             noise = _draw_noise(rule, width_noise, generator, old.device) if i == 0 else None
             out = torch.empty(local_shape, dtype=local.dtype, device=local.device)

@@ -346,3 +346,39 @@ def test_sharded_save_refuses_a_full_disk_before_writing_and_after_a_failed_writ
             save(3)
     assert list_checkpoints(tmp_path) == [first] and not list(tmp_path.glob(".tmp-*"))
     load_sharded(first, shard(GPT(config)))
+
+
+@pytest.mark.parametrize("op", ["width", "alternate_id"])
+def test_sharded_growth_in_a_one_rank_group_equals_single_process_growth(one_rank_group, op):
+    """One rank (`--parallel fsdp` without torchrun, or one GPU over nccl): full_tensor() of a whole shard may
+    be the shard itself, which growth must not release before reading it (it once did: a segfault)."""
+    import copy
+
+    from staged_fast.config import preset_config
+    from staged_fast.growth import grow_model
+    from staged_fast.model import GPT
+    from staged_fast.sharded import gather_full, grow_sharded, load_full, shard
+
+    torch.manual_seed(0)
+    config = preset_config("tiny_div2_width", vocab_size=515, dropout=0.0, attn_dropout=0.0)
+    plain = GPT(config)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    x = torch.randint(0, 515, (2, 16))
+    plain(x, x).backward()
+    plain_opt.step()
+    sharded = shard(copy.deepcopy(plain))
+    opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
+    load_full(sharded, opt, None, copy.deepcopy(plain_opt.state_dict()), [n for n, _ in plain.named_parameters()])
+    grown, grown_opt = grow_sharded(sharded, opt, op, width_noise=0.01 if op == "width" else 0.0,
+                                    generator=torch.Generator().manual_seed(5))
+    ref, ref_opt = grow_model(plain, plain_opt, op, width_noise=0.01 if op == "width" else 0.0,
+                              generator=torch.Generator().manual_seed(5))
+    msd, osd, names = gather_full(grown, grown_opt)
+    for name, p in ref.named_parameters():
+        assert torch.equal(msd[name], p.detach()), name
+    ref_state = ref_opt.state_dict()["state"]
+    for i, name in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(osd["state"][i][key], ref_state[i][key]), (name, key)
+    with torch.no_grad():
+        assert torch.equal(grown(x, x), ref(x, x))

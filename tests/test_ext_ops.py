@@ -146,3 +146,14 @@ def test_cuda_kernel_is_bit_equal_to_cpu(case, dtype, with_noise):
                                           None if noise is None else noise.cuda(), begin, end)
         for c, d in zip(cpu, gpu):
             assert torch.equal(c, d.cpu()), f"{case[0]} {dtype} rows [{begin}, {end}): CUDA differs from CPU"
+
+
+def test_a_released_storage_is_refused_not_read():
+    """A tensor whose memory was released (storage resized to 0, as sharded growth frees old shards) must raise,
+    not be read: the shapes still look right, so only the storage size tells."""
+    src = torch.randn(4, 8)
+    dst = torch.empty(8, 16)
+    t = im.Tiling(groups=1, rows=4, cols=8, row_halves=2, col_halves=2, block_diagonal=False)
+    src.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="storage holds 0 bytes"):
+        ops.grow_tiles_([src], [dst], [1.0], t, backend="fused")
