@@ -12,8 +12,9 @@ place that builds a model from a config (trainer, checkpoints, growth, evaluatio
 
 Attention runs through kernels.causal_attention: SDPA reads the n_kv_head K/V heads as they are
 (enable_gqa, nothing repeated); so does the Triton flash kernel (q head h reads kv head h // r; the dK/dV
-program of a kv head sums over its r query heads in registers). RoPE is applied to q and k before attention (kernels.apply_rope: one Triton kernel per
-tensor with --kernels triton). RMSNorm (+ residual) and SwiGLU use the Triton kernels of kernels/rmsnorm.py
+program of a kv head sums over its r query heads in registers). RoPE is applied to q and k before attention
+by one fused op (kernels.apply_rope_qk: with --kernels triton one launch covers both tensors each way, reading
+the projections' strided views). RMSNorm (+ residual) and SwiGLU use the Triton kernels of kernels/rmsnorm.py
 and kernels/fused_swiglu.py with --kernels triton.
 """
 from __future__ import annotations
@@ -112,7 +113,8 @@ class LlamaAttention(nn.Module):
         self.backend = "torch"
 
     def qkv(self, x, positions):
-        """q (B, nh, T, hs), k and v (B, n_kv, T, hs), RoPE applied to q and k at `positions`."""
+        """q (B, nh, T, hs), k and v (B, n_kv, T, hs), RoPE applied to q and k at `positions` (one fused op,
+        kernels.apply_rope_qk: one Triton launch for both tensors each way with --kernels triton)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -120,9 +122,8 @@ class LlamaAttention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
         half = self.head_dim // 2
         cos, sin = cos[:, :half], sin[:, :half]  # the two halves repeat the same frequencies
-        q = kernels.apply_rope(q, cos, sin, self.backend).transpose(1, 2)
-        k = kernels.apply_rope(k, cos, sin, self.backend).transpose(1, 2)
-        return q, k, v
+        q, k = kernels.apply_rope_qk(q, k, cos, sin, self.backend)
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def repeat_kv(self, t):
         r = self.n_head // self.n_kv_head

@@ -1,6 +1,7 @@
-"""Triton RMSNorm (+ fused residual) and fused SwiGLU against float64 references (rule of tests/README.md),
-fp32/bf16/fp16, poisoned outputs, under autocast, compiled path == eager path, and the llama model with
---kernels triton equal to --kernels torch. CPU: TRITON_INTERPRET=1 (set by conftest), small shapes."""
+"""Triton RMSNorm (+ fused residual), fused SwiGLU and RoPE (one tensor; q and k in one launch) against
+float64 references (rule of tests/README.md), fp32/bf16/fp16, poisoned outputs, under autocast, compiled
+path == eager path, and the llama model with --kernels triton equal to --kernels torch. CPU: TRITON_INTERPRET=1
+(set by conftest), small shapes."""
 import pytest
 import torch
 
@@ -200,3 +201,115 @@ def test_rope_matches_float64(dtype, heads, head_dim):
     assert_within_torch_error(grads[0], t_grads[0], r_grads[0], name="dx", atol=ATOL[dtype] * 4)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.staged_fast.rope.default, (x, cos, sin, False), test_utils=utils)
+
+
+def _qk_views(B, T, n_head, n_kv_head, head_dim, dtype, gen):
+    """q (B, T, n_head, hd) and k (B, T, n_kv_head, hd) as strided views of one projection output
+    (B, T, (n_head + 2 n_kv_head) hd), as a fused q/k/v projection makes them."""
+    proj = torch.randn(B, T, (n_head + 2 * n_kv_head) * head_dim, generator=gen).to(DEVICE, dtype)
+    q = proj[..., : n_head * head_dim].view(B, T, n_head, head_dim)
+    k = proj[..., n_head * head_dim: (n_head + n_kv_head) * head_dim].view(B, T, n_kv_head, head_dim)
+    return q, k
+
+
+def _cos_sin(T, head_dim, dtype):
+    from staged_fast.llama import rope_cos_sin
+
+    return [t[:, : head_dim // 2] for t in rope_cos_sin(torch.arange(T, device=DEVICE), head_dim, 500.0, dtype)]
+
+
+class _LaunchSpy:
+    """Stands in for rope._rope_kernel and records the grid of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [96, 64])
+def test_rope_qk_matches_float64(dtype, head_dim, monkeypatch):
+    """One launch forward, one backward, for q with 6 heads and k with 2 (GQA), both strided views of a
+    projection output; the gradients arrive in the transposed layout attention's backward gives them."""
+    from staged_fast.kernels import rope as rope_module
+    from staged_fast.kernels.rope import rope_qk, rope_qk_reference
+
+    B, T, nh, nkv = 2, 37, 6, 2
+    gen = torch.Generator(device="cpu").manual_seed(6)
+    q, k = (t.requires_grad_() for t in _qk_views(B, T, nh, nkv, head_dim, dtype, gen))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    grads = [torch.randn(B, h, T, head_dim, generator=gen).to(DEVICE, dtype).transpose(1, 2) for h in (nh, nkv)]
+    cos, sin = _cos_sin(T, head_dim, dtype)
+    spy = _LaunchSpy(rope_module._rope_kernel)
+    monkeypatch.setattr(rope_module, "_rope_kernel", spy)
+    with poisoned_outputs():
+        outs, dqk = _run(lambda q, k: rope_qk(q, k, cos, sin), (q, k), grads, [q, k])
+    assert len(spy.grids) == 2 and spy.grids[0] == spy.grids[1]  # forward, backward: one launch each
+    t_outs, t_dqk = _run(lambda q, k: rope_qk_reference(q, k, cos, sin), (q, k), grads, [q, k])
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    r_outs, r_dqk = _run(lambda q, k: rope_qk_reference(q, k, cos.double(), sin.double()), (q64, k64),
+                         [g.double() for g in grads], [q64, k64])
+    for name, a, t, r, like in zip(("q_rot", "k_rot", "dq", "dk"), outs + dqk, t_outs + t_dqk, r_outs + r_dqk,
+                                   (q, k, q, k)):
+        assert a.dtype == dtype and a.shape == like.shape, name
+        assert_within_torch_error(a, t, r, name=name, atol=ATOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_qk_under_autocast(dtype):
+    """q and k out of Linears under autocast, rotated by kernels.apply_rope_qk with the triton and the torch
+    backend in the same autocast (cos/sin in the autocast dtype, as LlamaAttention.qkv computes them)."""
+    from staged_fast import kernels
+
+    B, T, d, nh, nkv, hd = 2, 37, 48, 6, 2, 64
+    gen = torch.Generator(device="cpu").manual_seed(8)
+    q_proj = torch.nn.Linear(d, nh * hd, bias=False).to(DEVICE)
+    k_proj = torch.nn.Linear(d, nkv * hd, bias=False).to(DEVICE)
+    h = torch.randn(B, T, d, generator=gen).to(DEVICE)
+    grad_q, grad_k = (torch.randn(B, T, n, hd, generator=gen).to(DEVICE) for n in (nh, nkv))
+    params = [q_proj.weight, k_proj.weight]
+
+    def run(backend):
+        with torch.autocast(DEVICE, dtype=dtype):
+            q, k = q_proj(h).view(B, T, nh, hd), k_proj(h).view(B, T, nkv, hd)
+            cos, sin = _cos_sin(T, hd, q.dtype)
+            q_rot, k_rot = kernels.apply_rope_qk(q, k, cos, sin, backend)
+        ((q_rot.float() * grad_q).sum() + (k_rot.float() * grad_k).sum()).backward(inputs=params)
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return (q, k), (q_rot, k_rot), (cos, sin), grads
+
+    with poisoned_outputs():
+        (q, k), outs, (cos, sin), grads = run("triton")
+    _, ref_outs, _, ref_grads = run("torch")
+    ref64 = [kernels.rope_torch(x.detach().double(), cos.double(), sin.double()) for x in (q, k)]
+    for name, a, t, r in zip(("q_rot", "k_rot"), outs, ref_outs, ref64):
+        assert a.dtype == dtype and t.dtype == dtype
+        assert_within_torch_error(a, t, r, name=name, atol=ATOL[dtype] * 4)
+    for name, a, r in zip(("dq_proj", "dk_proj"), grads, ref_grads):
+        err = ((a - r).norm() / r.norm()).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), f"{name}: relative error {err:.2e}"
+
+
+def test_rope_qk_compiled_path_equals_eager_path_and_opcheck():
+    from staged_fast.kernels.rope import rope_qk
+
+    gen = torch.Generator(device="cpu").manual_seed(9)
+    T, hd = 37, 64
+    q, k = (t.requires_grad_() for t in _qk_views(2, T, 6, 2, hd, torch.float32, gen))
+    cos, sin = _cos_sin(T, hd, torch.float32)
+    grads = [torch.randn(2, h, T, hd, generator=gen).to(DEVICE).transpose(1, 2) for h in (6, 2)]
+
+    def fn(q, k):
+        return rope_qk(q, k, cos, sin)
+
+    eager = _run(fn, (q, k), grads, [q, k])
+    compiled = _run(torch.compile(fn, backend="aot_eager", fullgraph=True), (q, k), grads, [q, k])
+    for a, c in zip(eager[0] + eager[1], compiled[0] + compiled[1]):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.staged_fast.rope_qk.default, (q, k, cos, sin, False), test_utils=utils)

@@ -117,15 +117,29 @@ def swiglu(gate, up, backend: str = "torch"):
     return F.silu(gate) * up
 
 
+def rope_torch(x, cos, sin):
+    """The PyTorch RoPE (rotate-half layout) of apply_rope / apply_rope_qk's torch path, in x's dtype."""
+    half = x.shape[-1] // 2
+    c = torch.cat((cos, cos), dim=-1)[None, :, None, :]
+    s = torch.cat((sin, sin), dim=-1)[None, :, None, :]
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+
 def apply_rope(x, cos, sin, backend: str = "torch"):
     """RoPE (rotate-half layout) on x (B, T, H, head_dim) with cos/sin (T, head_dim / 2); one kernel on the
     Triton path."""
     if backend == "triton":
         return _triton_module("rope", x.device).rope(x, cos, sin)
-    half = x.shape[-1] // 2
-    c = torch.cat((cos, cos), dim=-1)[None, :, None, :]
-    s = torch.cat((sin, sin), dim=-1)[None, :, None, :]
-    return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+    return rope_torch(x, cos, sin)
+
+
+def apply_rope_qk(q, k, cos, sin, backend: str = "torch"):
+    """(q_rot, k_rot): RoPE on q (B, T, n_head, head_dim) and k (B, T, n_kv_head, head_dim), any strides, with
+    cos/sin (T, head_dim / 2). Triton: one fused kernel launch for both tensors (one for the backward);
+    torch: rope_torch on each tensor."""
+    if backend == "triton":
+        return _triton_module("rope", q.device).rope_qk(q, k, cos, sin)
+    return rope_torch(q, cos, sin), rope_torch(k, cos, sin)
 
 
 def causal_attention(q, k, v, dropout_p: float = 0.0, backend: str = "torch"):
