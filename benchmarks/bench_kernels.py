@@ -55,6 +55,7 @@ from staged_fast.kernels.attention import flash_attention, flash_attention_refer
 from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference  # noqa: E402
 from staged_fast.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 from staged_fast.kernels.fused_swiglu import swiglu, swiglu_reference  # noqa: E402
+from staged_fast.kernels.rope import rope_qk, rope_qk_reference  # noqa: E402
 from staged_fast.kernels.fused_linear_ce import (  # noqa: E402
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -458,7 +459,8 @@ def bench_linear_ce(rows, peaks):
 
 
 def bench_llama(rows, peaks):
-    """Triton RMSNorm (+ fused residual) and fused SwiGLU vs their plain-PyTorch twins (GB/s of ideal traffic)."""
+    """Triton RMSNorm (+ fused residual), fused SwiGLU and RoPE on q and k (one launch) vs their plain-PyTorch twins
+    (GB/s of ideal traffic)."""
     shapes = [(2, 32, 384)] if CPU else ([(16, 1024, 768)] if ARGS.quick else [(16, 1024, 768), (16, 1024, 1536)])
     eps = 1e-6
     for B, T, C in shapes:
@@ -496,6 +498,24 @@ def bench_llama(rows, peaks):
         add_rows(rows, "swiglu", f"{B}x{T}x{F_}", "triton", time_modes(lambda: swiglu(g, u), [g, u], [dout]),
                  traffic_sw.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb))
         add_rows(rows, "swiglu", f"{B}x{T}x{F_}", "torch", tb, traffic_sw.get, "GB/s", peaks["bandwidth_Bps"])
+        # RoPE on q (n_head heads) and k (n_kv = n_head / 3 heads, GQA) in one launch, head_dim 64, read as the
+        # strided views of one projection output the model makes
+        H, KV, D = C // 64, max(1, C // 192), 64
+        proj = torch.randn(B, T, (H + KV) * D, device=DEVICE, dtype=DTYPE).requires_grad_()
+        q, k = proj[..., :H * D].view(B, T, H, D), proj[..., H * D:].view(B, T, KV, D)
+        angle = torch.arange(T, device=DEVICE)[:, None] * 10000.0 ** (-torch.arange(D // 2, device=DEVICE) / (D // 2))
+        cos, sin = angle.cos().to(DTYPE), angle.sin().to(DTYPE)
+        dq, dk = torch.randn(B, T, H, D, device=DEVICE, dtype=DTYPE), torch.randn(B, T, KV, D, device=DEVICE, dtype=DTYPE)
+        qk = B * T * (H + KV) * D * e
+        traffic_rope = {"fwd": 2 * qk, "bwd": 2 * qk, "fwd+bwd": 4 * qk}
+        ours, base = (lambda: rope_qk(q, k, cos, sin)), (lambda: rope_qk_reference(q, k, cos, sin))
+        validate(f"rope_qk {shape}", ours, base, lambda p_: rope_qk_reference(
+            p_[..., :H * D].view(B, T, H, D), p_[..., H * D:].view(B, T, KV, D), cos, sin), [proj], [dq, dk])
+        tb = time_modes(base, [proj], [dq, dk])
+        label = f"{B}x{T}x{H}+{KV}x{D}"
+        add_rows(rows, "rope_qk", label, "triton", time_modes(ours, [proj], [dq, dk]), traffic_rope.get, "GB/s",
+                 peaks["bandwidth_Bps"], baseline=("torch", tb))
+        add_rows(rows, "rope_qk", label, "torch", tb, traffic_rope.get, "GB/s", peaks["bandwidth_Bps"])
 
 
 def main():
