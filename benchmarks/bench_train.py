@@ -180,14 +180,13 @@ def main(argv=None):
         runs.append((f"ours_{backend}_compile", ours, "ours", backend, True))
     steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp)
                     for name, model, fn_key, kernels, compiled in runs}
-    if cuda:  # one row at a time: each owns the GPU while timed (compiled rows pay their compile in the warm-up)
-        timings = {name: time_fn(step, name=name, device=device, warmup=3, reps=steps)
-                   for name, step in steps_by_row.items()}
-    else:  # rounds over the rows, so the load of a shared CPU falls on every row alike
-        timings = time_interleaved(steps_by_row, warmup=3, reps=steps)
+    # CPU: rounds over the rows, so the load of a shared CPU falls on every row alike. CUDA: one row at a time
+    # (each owns the GPU while timed; compiled rows pay their compile in the warm-up), printed as measured so a
+    # run cut short by a time limit still reports its first rows.
+    timings = {} if cuda else time_interleaved(steps_by_row, warmup=3, reps=steps)
     rows = []
     for name, step in steps_by_row.items():
-        t = timings[name]
+        t = timings[name] if name in timings else time_fn(step, name=name, device=device, warmup=3, reps=steps)
         tokens_per_s = batch * seqlen / (t.median_ms * 1e-3)
         row = {"model": name, "ms/step": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms, "tokens/s": tokens_per_s,
                "MFU": 6 * n_matmul * tokens_per_s / peak if peak else None}
