@@ -176,20 +176,28 @@ def _local_model_type(path_or_name):
     return data.get("model_type", "") if isinstance(data, dict) else None
 
 
-def load_pretrained(path_or_name, kernels_backend: str = "torch") -> GPT:
-    """Our model from a HF folder or hub name, dispatched by model_type (gpt2 / llama). The config is checked
-    before any weights are read; the weights must match it exactly (HFImportError otherwise)."""
-    from transformers import AutoConfig, GPT2LMHeadModel, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+def pretrained_config(path_or_name) -> GPTConfig:
+    """Our config for a HF folder or hub name, from its config.json alone (no weights read); HFImportError for
+    what we cannot compute exactly. The trainer calls it before preparing data, so a refusal costs nothing."""
+    from transformers import AutoConfig
 
     local_type = _local_model_type(path_or_name)
     if local_type is not None and local_type not in MODEL_TYPES:  # before transformers, which may not know it
         raise HFImportError(f"{path_or_name}: {_unsupported_type(local_type or None)}")
     hf_cfg = AutoConfig.from_pretrained(path_or_name)
     try:
-        config = config_from_hf(hf_cfg)
+        return config_from_hf(hf_cfg)
     except HFImportError as e:
         raise HFImportError(f"{path_or_name}: {e}") from e
+
+
+def load_pretrained(path_or_name, kernels_backend: str = "torch") -> GPT:
+    """Our model from a HF folder or hub name, dispatched by model_type (gpt2 / llama). The config is checked
+    before any weights are read; the weights must match it exactly (HFImportError otherwise)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    config = pretrained_config(path_or_name)
     cls = LlamaForCausalLM if config.arch == "llama" else GPT2LMHeadModel
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report ("newly initialized") is replaced by our refusal

@@ -56,6 +56,10 @@ class Trainer:
             keep_freed_heap()  # reuse each step's freed buffers instead of page-faulting fresh ones (heap.py)
         ckpt = self._load_resume_checkpoint()
         self._check_run_dir(ckpt)
+        if ckpt is None and not args.random and args.model not in ("gpt2", None) and Path(args.model).is_dir():
+            from .hf import pretrained_config
+
+            pretrained_config(args.model)  # a folder we cannot compute exactly is refused before data preparation
         self._build_data()
         self.config = self._decide_config(ckpt)
         self._build_model_and_optimizer(ckpt)

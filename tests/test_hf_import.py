@@ -281,6 +281,19 @@ def test_train_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, data_cache, 
         assert not run.exists()
 
 
+def test_a_config_level_refusal_comes_before_data_preparation(tmp_path, capsys):
+    """A folder refused by its config.json alone (another model_type, an unknown activation) costs no
+    tokenization: the data cache stays untouched."""
+    from train_utils import train
+
+    cache = tmp_path / "cache"
+    for folder in (_bert_folder(tmp_path / "bert"), _gpt2_folder(tmp_path / "act", activation_function="mish")):
+        assert train(tmp_path / f"run-{folder.name}", str(cache), "--train_steps", "1", "--model", str(folder),
+                     "--seqlen", "24") == 2
+        assert "Traceback" not in capsys.readouterr().err
+        assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_a_depth_op_that_moves_layer_scaled_attention_is_refused_before_training(tmp_path, data_cache, capsys):
     from train_utils import train
 
