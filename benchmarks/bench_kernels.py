@@ -35,9 +35,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (interpreter)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype of the kernels (GPU)")
-    p.add_argument("--only", default="all", choices=["all", "layer_norm", "attention", "linear_ce", "llama"])
+    p.add_argument("--only", default="all", help="comma-separated groups of " + ",".join(GROUPS) + " (default all)")
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(GROUPS) - {"all"}
+    if unknown:
+        p.error(f"--only: unknown group(s) {sorted(unknown)}; choose from {', '.join(GROUPS)}")
+    return args
+
+
+GROUPS = ("layer_norm", "attention", "linear_ce", "llama")
 
 
 ARGS = parse_args()
@@ -530,7 +537,7 @@ def main():
     rows = []
     for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce),
                      ("llama", bench_llama)):
-        if ARGS.only in ("all", name):
+        if ARGS.only == "all" or name in ARGS.only.split(","):
             fn(rows, peaks)
     columns = ["kernel", "shape", "impl", "mode", "ms", "GB/s", "TFLOP/s", "frac_peak", "frac_spec", "vs", "speedup",
                "peak_MiB", "mem_vs_torch"]

@@ -15,7 +15,8 @@
 # bench_kernels --quick; tests_ext (the growth extension on CUDA); fsdp_nccl (one-rank FSDP2 over nccl:
 # bf16, growth inside the shards, a sharded checkpoint resumed); bench_train --quick (GPT2_base bf16: HF eager/SDPA/compiled vs ours torch/
 # triton/triton+compile); bench_growth --device cuda (GPT2_large halves); profile (profile_ops.py: device
-# kernels vs host time per op); tests_rest (the rest of the suite);
+# kernels vs host time per op); bench_kernels_ce_llama (fused CE, RMSNorm, SwiGLU, RoPE q+k);
+# tests_rest (the rest of the suite);
 # then a summary table. Outputs under $OUT (or ./gpu_check_out): at most 8 files (logs are appended to
 # one file; the benchmark JSONs and the summary stand alone; staged_gpu adds 3). Copy the tables, card and date into RESULTS.md.
 set -u -o pipefail
@@ -27,7 +28,7 @@ LOG="$OUT_DIR/steps.log"
 unset TRITON_INTERPRET  # compile the kernels for the GPU
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-530}
-STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext fsdp_nccl bench_train bench_growth profile tests_rest"}
+STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext fsdp_nccl bench_train bench_growth profile bench_kernels_ce_llama tests_rest"}
 PY=${PYTHON:-python3}
 SUMMARY=()
 
@@ -96,7 +97,10 @@ install_wait() {
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
 step tests_kernels 120 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
-step bench_kernels 100 "$PY" benchmarks/bench_kernels.py --quick --json "$OUT_DIR/bench_kernels.json"
+# bench_kernels in two steps: layer norm and attention (the open goals) first; the fused CE and the llama
+# kernels (RMSNorm, SwiGLU, RoPE q+k) after the growth and training steps, their rows in steps.log.
+step bench_kernels 110 "$PY" benchmarks/bench_kernels.py --quick --only layer_norm,attention \
+  --json "$OUT_DIR/bench_kernels.json"
 install_wait
 step tests_ext 30 "$PY" -m pytest -q -x tests/test_ext_ops.py
 # FSDP2 on one GPU over nccl (a one-rank group): bf16 mixed precision, growth inside the shards at update 3,
@@ -109,6 +113,7 @@ step bench_train 110 "$PY" benchmarks/bench_train.py --quick ${BENCH_TRAIN_ROWS:
   --json "$OUT_DIR/bench_train.json"
 step bench_growth 40 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
 step profile 40 "$PY" benchmarks/profile_ops.py
+step bench_kernels_ce_llama 80 "$PY" benchmarks/bench_kernels.py --quick --only linear_ce,llama
 IGNORES=""
 for f in $KERNEL_TESTS tests/test_ext_ops.py; do IGNORES="$IGNORES --ignore=$f"; done
 # Not in the default list (about 6 minutes alone): one seed of the staged-vs-direct sweep at GPU speed.
