@@ -168,6 +168,8 @@ class LlamaBlock(nn.Module):
 class Llama(GPT):
     """The llama family; GPT's forward (fused LM-head loss) and hidden_states contract are kept."""
 
+    kernel_modules = (LlamaAttention, RMSNorm, SwiGLU)  # GPT.set_kernels switches these
+
     def __init__(self, config: GPTConfig, kernels_backend: str = "torch"):
         nn.Module.__init__(self)
         if config.arch != "llama":
@@ -189,16 +191,6 @@ class Llama(GPT):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_kernels(kernels_backend)
-
-    def set_kernels(self, backend: str) -> None:
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"backend must be 'torch' or 'triton' (resolve 'auto' first), got {backend!r}")
-        self.kernels_backend = backend
-        if backend == "triton":
-            kernels.preload_triton()
-        for m in self.modules():
-            if isinstance(m, (LlamaAttention, RMSNorm, SwiGLU)):
-                m.backend = backend
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

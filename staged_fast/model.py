@@ -157,6 +157,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    kernel_modules = (LayerNorm, CausalSelfAttention)  # the layers whose ops set_kernels switches
+
     def set_kernels(self, backend: str) -> None:
         """Select 'torch' or 'triton' ops for every layer norm, attention and the LM-head loss."""
         if backend not in ("torch", "triton"):
@@ -165,7 +167,7 @@ class GPT(nn.Module):
         if backend == "triton":
             kernels.preload_triton()
         for m in self.modules():
-            if isinstance(m, (LayerNorm, CausalSelfAttention)):
+            if isinstance(m, self.kernel_modules):
                 m.backend = backend
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -65,10 +65,11 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(
+def _norm_bwd_kernel(
     DY, X, W, Mean, Rstd, DS, DX, DW_partial, DB_partial,  # DS: grad of the residual sum, if HAS_DS
     stride_dy, stride_x, stride_ds, stride_dx,
     M, N, n_tiles,
+    RMS: tl.constexpr,  # RMSNorm (staged_fast.kernels.rmsnorm): no mean, no bias; Mean and DB_partial unused
     HAS_DS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -89,21 +90,28 @@ def _layer_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if RMS:
+            xhat = x * rstd[:, None]  # masked lanes load 0
+        else:
+            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dy
         dw += dy * xhat
-        db += dy
-        # dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat))
+        # dx = rstd * (w*dy - xhat * mean(w*dy*xhat) [- mean(w*dy) for LayerNorm])
         c1 = tl.sum(xhat * wdy, axis=1) / N
-        c2 = tl.sum(wdy, axis=1) / N
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if RMS:
+            dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            db += dy
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
-    tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
+    if not RMS:
+        tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -213,29 +221,39 @@ def layer_norm_forward(x, weight, bias, eps: float, residual=None, out_dtype: to
 def layer_norm_backward(dy, x, weight, mean, rstd, ds=None):
     """Launch the backward kernels. x is the normalized input (s with a residual); ds the gradient
     reaching s directly (with a residual), added to dx. Returns (dx in x's dtype, dweight, dbias)."""
+    return norm_backward("layer_norm_backward", dy, x, weight, mean, rstd, ds)
+
+
+def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None):
+    """The LayerNorm backward, or RMSNorm's with mean=None (no mean, no bias): (dx, dweight[, dbias])."""
+    rms = mean is None
     n = x.shape[-1]
-    check_device("layer_norm_backward", dy, x, weight, mean, rstd, *([ds] if ds is not None else []))
+    check_device(op, dy, x, weight, rstd, *([mean] if not rms else []), *([ds] if ds is not None else []))
     if dy.shape != x.shape or (ds is not None and ds.shape != x.shape):
-        raise ValueError(f"layer_norm_backward: gradient shape {tuple(dy.shape)} does not match {tuple(x.shape)}.")
+        raise ValueError(f"{op}: gradient shape {tuple(dy.shape)} does not match {tuple(x.shape)}.")
     x2, dy2 = _as_rows(x, n), _as_rows(dy, n)
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     m = x2.shape[0]
     dx = new_empty((m, n), dtype=x.dtype, device=x.device)
     dw = new_empty((n,), dtype=weight.dtype, device=x.device)
-    db = new_empty((n,), dtype=weight.dtype, device=x.device)
+    db = None if rms else new_empty((n,), dtype=weight.dtype, device=x.device)
     if m == 0:
-        return dx.view(x.shape), dw.zero_(), db.zero_()
+        dw.zero_()
+        return (dx.view(x.shape), dw) if rms else (dx.view(x.shape), dw, db.zero_())
     block_m, block_n, warps = _tile(n)
     n_tiles = triton.cdiv(m, block_m)
     groups = max(1, min(n_tiles, PROGRAMS_PER_SM * num_sms(x.device)))
     dw_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
-    db_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(groups,)](
-        dy2, x2, weight, mean, rstd, ds2, dx, dw_partial, db_partial,
+    db_partial = dw_partial if rms else new_empty((groups, n), dtype=torch.float32, device=x.device)
+    _norm_bwd_kernel[(groups,)](
+        dy2, x2, weight, rstd if rms else mean, rstd, ds2, dx, dw_partial, db_partial,
         dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
         m, n, n_tiles,
-        HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        RMS=rms, HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
+    if rms:
+        sum_partials(dw_partial, dw)
+        return dx.view(x.shape), dw
     sum_partials(dw_partial, dw, db_partial, db)
     return dx.view(x.shape), dw, db
 

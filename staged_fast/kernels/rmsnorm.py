@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, new_empty, num_sms
-from .layernorm import MAX_HIDDEN, PROGRAMS_PER_SM, _as_rows, _output_dtype, _rows, _tile, sum_partials
+from ._common import check_device, check_dtype, new_empty
+from .layernorm import MAX_HIDDEN, _as_rows, _output_dtype, _rows, _tile, norm_backward
 
 
 @triton.jit
@@ -49,40 +49,6 @@ def _rms_norm_fwd_kernel(
     y = x * rstd[:, None] * w[None, :]
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Rstd + rows, rstd, mask=row_ok)
-
-
-@triton.jit
-def _rms_norm_bwd_kernel(
-    DY, X, W, Rstd, DS, DX, DW_partial,
-    stride_dy, stride_x, stride_ds, stride_dx,
-    M, N, n_tiles,
-    HAS_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tile in range(pid, n_tiles, n_programs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = x * rstd[:, None]
-        wdy = w[None, :] * dy
-        dw += dy * xhat
-        c1 = tl.sum(xhat * wdy, axis=1) / N
-        dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
 def _check(op: str, x, weight, residual=None) -> int:
@@ -125,28 +91,9 @@ def rms_norm_forward(x, weight, eps: float, residual=None, out_dtype: torch.dtyp
 
 
 def rms_norm_backward(dy, x, weight, rstd, ds=None):
-    """(dx in x's dtype, dweight); x is the normalized input (s with a residual), ds added to dx."""
-    n = x.shape[-1]
-    check_device("rms_norm_backward", dy, x, weight, rstd, *([ds] if ds is not None else []))
-    if dy.shape != x.shape or (ds is not None and ds.shape != x.shape):
-        raise ValueError(f"rms_norm_backward: gradient shape {tuple(dy.shape)} does not match {tuple(x.shape)}.")
-    x2, dy2 = _as_rows(x, n), _as_rows(dy, n)
-    ds2 = _as_rows(ds, n) if ds is not None else dy2
-    m = x2.shape[0]
-    dx = new_empty((m, n), dtype=x.dtype, device=x.device)
-    dw = new_empty((n,), dtype=weight.dtype, device=x.device)
-    if m == 0:
-        return dx.view(x.shape), dw.zero_()
-    block_m, block_n, warps = _tile(n)
-    n_tiles = triton.cdiv(m, block_m)
-    groups = max(1, min(n_tiles, PROGRAMS_PER_SM * num_sms(x.device)))
-    dw_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
-    _rms_norm_bwd_kernel[(groups,)](
-        dy2, x2, weight, rstd, ds2, dx, dw_partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
-        m, n, n_tiles, HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-    )
-    sum_partials(dw_partial, dw)
-    return dx.view(x.shape), dw
+    """(dx in x's dtype, dweight); x is the normalized input (s with a residual), ds added to dx. The
+    LayerNorm backward kernel without its mean and bias terms (layernorm.norm_backward)."""
+    return norm_backward("rms_norm_backward", dy, x, weight, None, rstd, ds)
 
 
 # ---- torch.library ops (torch.compile) ----
