@@ -11,11 +11,15 @@ Goals on H100 (issue 4): LayerNorm fwd+bwd >= 80% of measured bandwidth and fast
 768-1536; attention fwd+bwd >= 0.9x SDPA flash at head_dim 64/128 (and it serves head_dim 96); fused CE
 peak memory <= 1/4 of unfused at equal or better speed. Grouped-query attention (issue 13, shape
 B x n_head/n_kv x T x hd) is timed against SDPA with enable_gqa=True and against our kernel on repeated K/V.
+On CPU the group linear_ce_cpu times the torch backend's CPU training path for the LM-head loss (transposed
+logits, gradient in the forward: staged_fast/kernels/cpu_linear_ce.py) against F.linear + F.cross_entropy at
+real GPT-2 shapes (plain PyTorch ops, so no interpreter is involved and the times mean something).
 
     python benchmarks/bench_kernels.py                  # GPU, GPT-2 shapes (~2-4 min on an H100)
     python benchmarks/bench_kernels.py --quick          # GPU, fewer shapes
     python benchmarks/bench_kernels.py --quick --device cpu   # toy shapes under the Triton interpreter:
                                                                # proves the script runs; times mean nothing
+    python benchmarks/bench_kernels.py --device cpu --only linear_ce_cpu   # the CPU LM-head loss, real shapes
 Notes: the fused CE computes its gradients inside the forward (so its "bwd" is a scaling only and its
 fwd includes the gradient matmuls); compare fwd+bwd. Backward alone is timed with retain_graph.
 """
@@ -44,7 +48,7 @@ def parse_args(argv=None):
     return args
 
 
-GROUPS = ("layer_norm", "attention", "linear_ce", "llama")
+GROUPS = ("layer_norm", "attention", "linear_ce", "llama", "linear_ce_cpu")
 
 
 ARGS = parse_args()
@@ -462,6 +466,38 @@ def bench_linear_ce(rows, peaks):
         del h, w
 
 
+def bench_linear_ce_cpu(rows, peaks):
+    """The CPU training path of the LM-head loss vs F.linear + F.cross_entropy, fp32, GPT-2's vocabulary."""
+    if not CPU:
+        print("note: linear_ce_cpu is the CPU training path; skipped on", DEVICE)
+        return
+    from staged_fast.kernels.cpu_linear_ce import linear_cross_entropy_cpu
+
+    V = 50257
+    shapes = [(128, 256)] if ARGS.quick else [(128, 256), (512, 256), (512, 768)]
+    for N, d in shapes:
+        shape = f"{N}x{d}x{V}"
+        h = torch.randn(N, d).requires_grad_()
+        w = (torch.randn(V, d) / math.sqrt(d)).requires_grad_()
+        t = torch.randint(0, V, (N,))
+        g = torch.ones(())
+        flops = {"fwd": 2 * N * V * d, "bwd": 4 * N * V * d, "fwd+bwd": 6 * N * V * d}
+        ours = lambda: linear_cross_entropy_cpu(h, w, t)  # noqa: E731
+        plain = lambda: linear_cross_entropy_reference(h, w, t)  # noqa: E731
+        validate(f"linear_ce_cpu {shape}", ours, plain, lambda h_, w_: linear_cross_entropy_reference(h_, w_, t),
+                 [h, w], [g])
+        # interleaved rounds: a shared CPU's load drifts, and both rows should see the same drift
+        times = {"cpu_transposed": [], "torch": []}
+        for _ in range(3):
+            times["cpu_transposed"].append(time_modes(ours, [h, w], [g]))
+            times["torch"].append(time_modes(plain, [h, w], [g]))
+        med = {impl: {mode: sorted(r[mode] for r in runs)[1] for mode in runs[0]} for impl, runs in times.items()}
+        for impl in ("torch", "cpu_transposed"):
+            add_rows(rows, "linear_ce_cpu", shape, impl, med[impl], flops.get, "TFLOP/s", peaks["matmul_flops"],
+                     baseline=None if impl == "torch" else ("torch", med["torch"]))
+        del h, w
+
+
 # ---- llama: RMSNorm (+ residual), SwiGLU ----
 
 
@@ -536,7 +572,7 @@ def main():
           f"matmul ({peaks['matmul_dtype']}) {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s")
     rows = []
     for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce),
-                     ("llama", bench_llama)):
+                     ("llama", bench_llama), ("linear_ce_cpu", bench_linear_ce_cpu)):
         if ARGS.only == "all" or name in ARGS.only.split(","):
             fn(rows, peaks)
     columns = ["kernel", "shape", "impl", "mode", "ms", "GB/s", "TFLOP/s", "frac_peak", "frac_spec", "vs", "speedup",

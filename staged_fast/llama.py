@@ -200,11 +200,11 @@ class Llama(GPT):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def hidden_states(self, idx):
+    def hidden_states(self, idx, head_link=None):
         B, T = idx.shape
         self._check_length(T)
         positions = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx))
+        x = self.transformer.drop(self.token_embeddings(idx, head_link))
         for block in self.transformer.h:
             x = block(x, positions)
         return self.transformer.ln_f(x)

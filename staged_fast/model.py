@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import cpu_linear_ce
 from .config import GPTConfig
 
 
@@ -185,12 +186,18 @@ class GPT(nn.Module):
                 f"use a shorter --seqlen or a model with more positions."
             )
 
-    def hidden_states(self, idx):
+    def token_embeddings(self, idx, head_link=None):
+        """wte(idx); with `head_link` (CPU training, tied head) its gradient goes into the head's in place."""
+        if head_link is None:
+            return self.transformer.wte(idx)
+        return cpu_linear_ce.tied_embedding(self.transformer.wte.weight, idx, head_link)
+
+    def hidden_states(self, idx, head_link=None):
         """Final-layer-normed hidden states, (B, T, d)."""
         B, T = idx.shape
         self._check_length(T)
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.token_embeddings(idx, head_link) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
@@ -201,6 +208,13 @@ class GPT(nn.Module):
         With targets the LM head and the loss are one op, so the Triton backend never materializes
         the (B*T, V) logits.
         """
+        weight = self.lm_head.weight
+        if (targets is not None and self.kernels_backend == "torch" and self.config.tie_embeddings
+                and cpu_linear_ce.tied_eligible(weight)):
+            # CPU training with GPT-2's tied embedding: one gradient buffer for both uses of the weight
+            link = cpu_linear_ce.HeadGradLink()
+            h = self.hidden_states(idx, link).reshape(-1, weight.shape[1])
+            return cpu_linear_ce.linear_cross_entropy_cpu(h, weight, targets.reshape(-1), link=link)
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)

@@ -3,7 +3,9 @@ the llama family RMSNorm (+ residual) and SwiGLU.
 
 `--kernels torch` uses PyTorch (F.layer_norm, SDPA, F.cross_entropy); `--kernels triton` uses the fused
 Triton kernels of this package (on CPU they run under TRITON_INTERPRET=1, slow, for checking);
-`--kernels auto` picks Triton on CUDA and torch elsewhere. The Triton modules are imported lazily so
+`--kernels auto` picks Triton on CUDA and torch elsewhere. On CPU the torch backend trains the LM-head loss
+through `cpu_linear_ce` (the same math in plain PyTorch ops, laid out for MKL: transposed logits, the gradient
+made in the forward, a tied embedding's gradient added into the head's in place). The Triton modules are imported lazily so
 the torch path never needs Triton installed.
 
 Routing rules of the triton backend (no silent fallbacks):
@@ -160,5 +162,9 @@ def linear_cross_entropy(hidden, weight, targets, backend: str = "torch", ignore
     if backend == "triton":
         module = _triton_module("fused_linear_ce", hidden.device)
         return module.fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
+    from . import cpu_linear_ce
+
+    if cpu_linear_ce.eligible(hidden, weight):  # CPU training: transposed logits, gradient in the forward
+        return cpu_linear_ce.linear_cross_entropy_cpu(hidden, weight, targets, ignore_index)
     logits = F.linear(hidden, weight)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
