@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, time_interleaved, write_json  # noqa: E402
+from benchmarks.harness import peak_memory_cuda, print_table, provenance, paired_ratio, time_fn, time_interleaved, write_json  # noqa: E402
 from staged_fast.config import PRESETS, preset_config  # noqa: E402
 from staged_fast.heap import keep_freed_heap  # noqa: E402
 from staged_fast.hf import hf_config, to_hf_state_dict  # noqa: E402
@@ -197,11 +197,15 @@ def main(argv=None):
     base = rows[0]["tokens/s"]
     for row in rows:
         row["vs_hf"] = row["tokens/s"] / base
-    print_table(rows, ["model", "ms/step", "p20", "p80", "tokens/s", "vs_hf", "MFU", "peak_GiB"])
+        if timings:  # CPU: also the median of the per-round ratios (each round's steps shared the same load)
+            row["vs_hf_paired"] = paired_ratio(timings[rows[0]["model"]], timings[row["model"]])
+    print_table(rows, ["model", "ms/step", "p20", "p80", "tokens/s", "vs_hf"] + (["vs_hf_paired"] if timings else [])
+                + ["MFU", "peak_GiB"])
     if peak is None:
         print(f"note: no bf16 peak known for {device_name}: MFU not reported (add it to DEVICE_PEAKS_BF16).")
     print(f"MFU = 6 x {n_matmul / 1e6:.1f}M matmul params x tokens/s / {peak or 0:.3g} FLOP/s; "
-          f"vs_hf = tokens/s / HF's (same run).")
+          f"vs_hf = tokens/s / HF's (same run)" + ("; vs_hf_paired = median over rounds of HF's step time / "
+                                                    "this row's in the same round." if timings else "."))
     if args.json:
         write_json(args.json, {"size": args.size, "batch": batch, "seqlen": seqlen, "device": device_name,
                                "kernels": backend, "amp_bf16": amp, "peak_flops": peak, "rows": rows})

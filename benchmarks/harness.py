@@ -22,6 +22,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    samples: list | None = None  # per-call ms, in order (interleaved timings: call i of every fn is round i)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.median_ms:.3f} ms (p20 {self.p20_ms:.3f}, p80 {self.p80_ms:.3f}, n={self.reps})"
@@ -67,12 +68,18 @@ def time_interleaved(fns: dict, *, warmup: int = 3, reps: int = 10) -> dict[str,
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: _timing(name, s) for name, s in samples.items()}
+    return {name: _timing(name, s, keep=True) for name, s in samples.items()}
 
 
-def _timing(name: str, samples: list[float]) -> Timing:
+def paired_ratio(baseline: Timing, other: Timing) -> float:
+    """Median over rounds of baseline ms / other ms, from interleaved timings: each round's two calls saw the
+    same load, so a slow stretch of the machine cancels out instead of landing in one row's median."""
+    return statistics.median(b / o for b, o in zip(baseline.samples, other.samples))
+
+
+def _timing(name: str, samples: list[float], keep: bool = False) -> Timing:
     q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [min(samples)] * 4
-    return Timing(name, statistics.median(samples), q[0], q[-1], len(samples))
+    return Timing(name, statistics.median(samples), q[0], q[-1], len(samples), samples if keep else None)
 
 
 def time_kernel(fn, *, name: str = "", device="cpu", warmup: int = 3, reps: int = 10) -> Timing:

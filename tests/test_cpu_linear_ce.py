@@ -16,6 +16,15 @@ from staged_fast.model import GPT
 SHAPES = [(70, 64, 1000), (37, 96, 2053)]
 
 
+@pytest.fixture(autouse=True, params=["one_block", "many_blocks"])
+def vocab_blocks(request, monkeypatch):
+    """Every test runs with the vocabulary in one block and in several of 256 rows (the last one partial),
+    as GPT-2's 50257 rows are at training shapes."""
+    if request.param == "many_blocks":
+        monkeypatch.setattr(cpu_linear_ce, "BLOCK_BYTES", 1)
+    return request.param
+
+
 def _inputs(n, d, v, dtype, seed=0, ignore_every=7):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g)

@@ -76,47 +76,77 @@ def tied_embedding(weight, idx, link: HeadGradLink):
     return TiedEmbedding.apply(weight, idx, link)
 
 
-def loss_and_grad_logits_t(hidden, weight, targets, ignore_index: int = -100):
-    """(loss, g) with g (V, N) the gradient of the mean loss with respect to the transposed logits W @ h.T.
+BLOCK_BYTES = 1 << 22  # a block of transposed logits stays in L2/L3 between its GEMM and its softmax passes
 
-    Mean over targets != ignore_index, like F.cross_entropy (NaN when none is counted, as it is).
-    """
+
+def block_rows(n: int, vocab: int, itemsize: int) -> int:
+    return max(256, min(vocab, BLOCK_BYTES // max(1, n * itemsize)))
+
+
+def exp_blocks(hidden, weight):
+    """The transposed logits W @ h.T made block by block of vocabulary rows, each block exponentiated against its
+    own column max while it is still in cache. Returns (e, block_max, block_sum, rows): e (V, N) holds
+    exp(logit - block_max[k]) for the rows of block k, block_sum[k] its column sums."""
     n = hidden.shape[0]
-    g = weight @ hidden.t()  # (V, N): the logits, overwritten in place by their gradient below
-    valid = targets != ignore_index
-    cols = torch.arange(n, device=hidden.device)
-    rows = torch.where(valid, targets, 0)
-    target_logit = g[rows, cols]
-    m = g.amax(dim=0)
-    g.sub_(m).exp_()
-    total = g.sum(dim=0)
-    per_token = total.log() + m - target_logit
-    n_valid = valid.sum().to(g.dtype)
-    loss = torch.where(valid, per_token, 0).sum() / n_valid
-    # softmax / n_valid, minus 1 / n_valid at the target; ignored columns contribute nothing
-    scale = torch.where(valid, 1.0 / (total * n_valid), 0)
-    g.mul_(scale)
-    g[rows[valid], cols[valid]] -= 1.0 / n_valid
-    return loss, g
+    vocab = weight.shape[0]
+    rows = block_rows(n, vocab, hidden.element_size())
+    e = torch.empty((vocab, n), dtype=hidden.dtype)
+    h_t = hidden.t()
+    maxes, sums = [], []
+    for start in range(0, vocab, rows):
+        block = e[start:start + rows]
+        torch.mm(weight[start:start + rows], h_t, out=block)
+        m = block.amax(dim=0)
+        block.sub_(m).exp_()
+        maxes.append(m)
+        sums.append(block.sum(dim=0))
+    return e, torch.stack(maxes), torch.stack(sums), rows
+
+
+def blocks_of(e, rows):
+    return [e[start:start + rows] for start in range(0, e.shape[0], rows)]
 
 
 class TransposedLinearCrossEntropy(torch.autograd.Function):
+    """softmax(W @ h.T) kept as per-block exponentials plus per-block column scales: the probabilities of block k
+    are e[k] * scale[k] (scale = exp(block_max - max) / total), so no pass over the (V, N) block normalises it.
+    The backward folds scale[k], the loss scale and 1/n_valid into the small (N, d) operands of each block's
+    GEMMs and subtracts the one-hot part as N row updates; ignored tokens get a zero scale."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, link):
-        loss, g = loss_and_grad_logits_t(hidden, weight, targets, ignore_index)
-        ctx.save_for_backward(hidden, weight, g)
-        ctx.link = link
+        e, block_max, block_sum, rows = exp_blocks(hidden, weight)
+        valid = targets != ignore_index
+        target_rows = torch.where(valid, targets, 0)
+        target_logit = (weight[target_rows] * hidden).sum(dim=1)
+        top = block_max.amax(dim=0)
+        rescale = torch.exp(block_max - top)
+        total = (block_sum * rescale).sum(dim=0)
+        n_valid = valid.sum().to(hidden.dtype)
+        per_token = total.log() + top - target_logit
+        loss = torch.where(valid, per_token, 0).sum() / n_valid  # NaN when nothing is counted, as F.cross_entropy
+        ctx.save_for_backward(hidden, weight, e, rescale / total, target_rows, valid.to(hidden.dtype) / n_valid)
+        ctx.rows, ctx.link = rows, link
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, g = ctx.saved_tensors
-        grad_hidden = grad_weight = None
-        # the loss scale goes onto the small (N, d) operands, never over the (V, N) block
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (g.t() @ weight).mul_(grad_loss)
-        if ctx.needs_input_grad[1]:
-            grad_weight = g @ (hidden * grad_loss)
+        hidden, weight, e, block_scale, target_rows, token_scale = ctx.saved_tensors
+        s = token_scale * grad_loss  # (N,): d loss / d logit column, before the softmax - one-hot factor
+        e_blocks, w_blocks = blocks_of(e, ctx.rows), blocks_of(weight, ctx.rows)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = -weight[target_rows] * s[:, None] if want_h else None
+        grad_weight = torch.empty_like(weight) if want_w else None
+        # one walk over the blocks: each block of e feeds both GEMMs while it is in cache
+        for k, (e_k, w_k) in enumerate(zip(e_blocks, w_blocks)):
+            scale_k = block_scale[k] * s
+            if want_h:
+                grad_hidden.addcmul_(e_k.t() @ w_k, scale_k[:, None])
+            if want_w:
+                start = k * ctx.rows
+                torch.mm(e_k, hidden * scale_k[:, None], out=grad_weight[start:start + e_k.shape[0]])
+        if want_w:
+            grad_weight.index_add_(0, target_rows, hidden * -s[:, None])
             if ctx.link is not None:
                 ctx.link.grad = grad_weight
         return grad_hidden, grad_weight, None, None, None
