@@ -13,7 +13,8 @@ formula and crossing rule: see that file's docstring). Reported per (seed, op, s
 over seeds: FLOPs each run needs to reach the tuned direct run's final loss L*, the saving, the final-loss
 difference at equal FLOPs (the staged run's final loss minus the direct curve's loss at the staged run's
 total FLOPs; negative = staged ahead), and the wall-clock to L* of both runs (same thread count, run back
-to back; each run's load average is recorded).
+to back; each run's load average is recorded), measured and at each model shape's median throughput (the
+figure that a burst of other load on a shared machine does not move).
 
 Resumable: every run checkpoints every tenth of its updates and is started with `--resume latest` (a fresh
 start when it has no checkpoint), and finished runs are skipped, so an interrupted sweep continues where
@@ -157,6 +158,7 @@ def analyze(out: Path, cfg: dict, seeds, ops, strategies, vocab_size: int, loads
             summary = {}
             for name, get in (("flops_saving", lambda r: r.get("flops_saving")),
                               ("wall_saving", lambda r: r.get("wall_saving")),
+                              ("wall_nominal_saving", lambda r: r.get("wall_nominal_saving")),
                               ("final_loss_diff_at_equal_flops", lambda r: r.get("final_loss_diff_at_equal_flops"))):
                 mean, sd = mean_sd([get(r) for r in runs])
                 summary[name] = dict(mean=mean, sd=sd)
@@ -172,7 +174,8 @@ def _pct(x) -> str:
 
 def tables(res: dict, seeds, ops, strategies) -> str:
     lines = ["| seed | tuned LR | op | growth by | FLOPs to L*: direct | staged | saving | loss diff at equal FLOPs "
-             "| wall to L*: direct | staged |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| wall to L*: direct | staged | at median throughput: direct | staged |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for seed in seeds:
         e = res["seeds"][str(seed)]
         for op in ops:
@@ -184,9 +187,11 @@ def tables(res: dict, seeds, ops, strategies) -> str:
                     f"| {seed} | {e['tuned_lr']:g} | {op} | {strategy} | {svd._fmt_flops(d.get('flops'))} | "
                     f"{svd._fmt_flops(s.get('flops'))} | {_pct(r.get('flops_saving'))} | "
                     f"{'n/a' if diff is None else f'{diff:+.4f}'} | {svd._fmt_s(d.get('wall_s'))} | "
-                    f"{svd._fmt_s(s.get('wall_s'))} |")
+                    f"{svd._fmt_s(s.get('wall_s'))} | {svd._fmt_s(d.get('wall_nominal_s'))} | "
+                    f"{svd._fmt_s(s.get('wall_nominal_s'))} |")
     lines += ["", "| op | growth by | FLOPs saving, mean +/- sd | wall-clock saving, mean +/- sd | "
-              "loss diff at equal FLOPs, mean +/- sd | seeds reaching L* |", "|---|---|---:|---:|---:|---:|"]
+              "wall-clock saving at median throughput, mean +/- sd | loss diff at equal FLOPs, mean +/- sd "
+              "| seeds reaching L* |", "|---|---|---:|---:|---:|---:|---:|"]
     for op in ops:
         for strategy in strategies:
             sm = res["summary"][f"{op}_{strategy}"]
@@ -198,6 +203,7 @@ def tables(res: dict, seeds, ops, strategies) -> str:
                 return f"{100 * m:.1f}% +/- {100 * sd:.1f}" if pct else f"{m:+.4f} +/- {sd:.4f}"
 
             lines.append(f"| {op} | {strategy} | {fmt('flops_saving')} | {fmt('wall_saving')} | "
+                         f"{fmt('wall_nominal_saving')} | "
                          f"{fmt('final_loss_diff_at_equal_flops', pct=False)} | {sm['reached']}/{len(seeds)} |")
     return "\n".join(lines)
 

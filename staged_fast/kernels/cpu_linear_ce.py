@@ -1,19 +1,23 @@
-"""The LM head + cross-entropy for CPU training: logits computed transposed, the gradient made in the forward.
+"""The LM head + cross-entropy for CPU training: logits computed transposed, in vocabulary blocks.
 
 Why (measured on AVX-512 x86 with MKL, `benchmarks/bench_kernels.py --only linear_ce_cpu`): at the training
 shapes (N = B*T of a few hundred tokens, d a few hundred, V = 50257) MKL runs `W @ h.T` (a tall V x N
 output) ~1.7x faster than the usual `h @ W.T` (a wide N x V output), and a row-major (V, N) block makes the
-softmax a reduction over rows that vectorises across the N samples. Making the gradient in the forward
-(softmax - one-hot, already divided by the number of counted targets) needs one (V, N) buffer instead of the
-logits, the log-probabilities and their gradient, and the backward is then two plain GEMMs.
+softmax a reduction over rows that vectorises across the N samples. The forward makes the logits one block
+of ~4 MB of vocabulary rows at a time and exponentiates each block against its own column max while it is
+still in cache; what normalises the softmax (one scale per block and column), 1/n_valid and the incoming
+loss scale are folded into the small (N, d) operands of the backward's two GEMMs per block, and the one-hot
+part is N row updates, so no pass over the (V, N) buffer normalises it. One (V, N) buffer is kept instead of
+the logits, the log-probabilities and their gradient.
 
 With a tied embedding (GPT-2) the LM head's weight gradient is also the buffer the embedding's gradient rows
 are added into (`tied_embedding`): the usual path zero-fills a dense (V, d) embedding gradient and then adds
 it to the head's, two more passes over 50257 x d floats per update for a few hundred rows.
 
 Used by `kernels.linear_cross_entropy` on the torch backend for CPU tensors of float32/float64 when a
-gradient is wanted and CPU autocast is off; everything else (evaluation, autocast) keeps F.linear +
-F.cross_entropy, the reference this path is tested against (tests/test_kernels_linear_ce.py).
+gradient is wanted, CPU autocast is off and nothing is being compiled; everything else (evaluation,
+autocast) keeps F.linear + F.cross_entropy, the reference this path is tested against
+(tests/test_cpu_linear_ce.py).
 """
 from __future__ import annotations
 
