@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -466,6 +467,9 @@ def bench_linear_ce(rows, peaks):
         del h, w
 
 
+ROUNDS_CPU = 3 if ARGS.quick else 7  # interleaved rounds of the CPU group (each round: 2 timed calls per mode)
+
+
 def bench_linear_ce_cpu(rows, peaks):
     """The CPU training path of the LM-head loss vs F.linear + F.cross_entropy, fp32, GPT-2's vocabulary."""
     if not CPU:
@@ -488,10 +492,10 @@ def bench_linear_ce_cpu(rows, peaks):
                  [h, w], [g])
         # interleaved rounds: a shared CPU's load drifts, and both rows should see the same drift
         times = {"cpu_transposed": [], "torch": []}
-        for _ in range(3):
+        for _ in range(ROUNDS_CPU):
             times["cpu_transposed"].append(time_modes(ours, [h, w], [g]))
             times["torch"].append(time_modes(plain, [h, w], [g]))
-        med = {impl: {mode: sorted(r[mode] for r in runs)[1] for mode in runs[0]} for impl, runs in times.items()}
+        med = {impl: {mode: statistics.median(r[mode] for r in runs) for mode in runs[0]} for impl, runs in times.items()}
         for impl in ("torch", "cpu_transposed"):
             add_rows(rows, "linear_ce_cpu", shape, impl, med[impl], flops.get, "TFLOP/s", peaks["matmul_flops"],
                      baseline=None if impl == "torch" else ("torch", med["torch"]))
