@@ -209,15 +209,12 @@ class GPT(nn.Module):
         the (B*T, V) logits.
         """
         weight = self.lm_head.weight
-        if (targets is not None and self.kernels_backend == "torch" and self.config.tie_embeddings
-                and cpu_linear_ce.tied_eligible(weight)):
-            # CPU training with GPT-2's tied embedding: one gradient buffer for both uses of the weight
-            link = cpu_linear_ce.HeadGradLink()
-            h = self.hidden_states(idx, link).reshape(-1, weight.shape[1])
-            return cpu_linear_ce.linear_cross_entropy_cpu(h, weight, targets.reshape(-1), link=link)
-        h = self.hidden_states(idx)
+        # CPU training with GPT-2's tied embedding: one gradient buffer for both uses of the weight
+        link = (cpu_linear_ce.HeadGradLink() if targets is not None and self.kernels_backend == "torch"
+                and self.config.tie_embeddings and cpu_linear_ce.tied_eligible(weight) else None)
+        h = self.hidden_states(idx, link)
         if targets is None:
             return self.lm_head(h)
         return kernels.linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), backend=self.kernels_backend
+            h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), backend=self.kernels_backend, head_link=link
         )

@@ -88,9 +88,9 @@ def test_routing_uses_the_cpu_path_only_for_fp32_fp64_training(monkeypatch):
     assert calls == [1]
 
 
-def _tiny(tied=True, arch="gpt2"):
-    cfg = GPTConfig(n_layer=2, n_embd=96, n_head=1, vocab_size=2053, n_positions=40, dropout=0.0,
-                    attn_dropout=0.0, tie_embeddings=tied, arch=arch)
+def _tiny(tied=True, arch="gpt2", dropout=0.0):
+    cfg = GPTConfig(n_layer=2, n_embd=96, n_head=1, vocab_size=2053, n_positions=40, dropout=dropout,
+                    attn_dropout=dropout, tie_embeddings=tied, arch=arch)
     torch.manual_seed(0)
     return GPT(cfg).double()
 
@@ -101,20 +101,24 @@ def _plain_loss(model, x, y):
     return F.cross_entropy(model.lm_head(h).flatten(0, 1), y.flatten())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("tied,arch", [(True, "gpt2"), (False, "gpt2"), (True, "llama")])
-def test_model_gradients_match_the_plain_path(tied, arch):
+def test_model_gradients_match_the_plain_path(tied, arch, dropout):
     """Tied: the embedding's gradient rows are added into the head's gradient in place (duplicated tokens
-    included); untied: only the transposed loss. Two backwards: the second accumulates onto .grad."""
-    ours = _tiny(tied, arch)
+    included); untied: only the transposed loss. Two backwards: the second accumulates onto .grad. With
+    dropout on, both paths draw the same masks (the loss itself draws no random numbers)."""
+    ours = _tiny(tied, arch, dropout)
     plain = copy.deepcopy(ours)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 2053, (3, 37), generator=g)
     x[1, :5] = x[0, 3]  # one token many times across rows
     y = torch.randint(0, 2053, (3, 37), generator=g)
     y[2, ::5] = -100
-    for _ in range(2):
+    for step in range(2):
+        torch.manual_seed(10 + step)
         loss = ours(x, y)
         loss.backward()
+        torch.manual_seed(10 + step)
         ref = _plain_loss(plain, x, y)
         ref.backward()
         torch.testing.assert_close(loss, ref, rtol=1e-13, atol=1e-13)
@@ -148,12 +152,17 @@ def test_tied_embedding_frozen_or_autocast_or_no_grad():
     loss = model(x, x)
     loss.backward()
     assert model.transformer.wte.weight.grad is None and model.transformer.h[0].attn.c_attn.weight.grad is not None
-    model = _tiny().float()
-    plain = copy.deepcopy(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain path, as before
-        loss = model(x, x)
-        ref = _plain_loss(plain, x, x)
-    torch.testing.assert_close(loss, ref.float())
+    for dtype in (torch.bfloat16, torch.float16):  # autocast: the plain path, gradients and all
+        model = _tiny().float()
+        plain = copy.deepcopy(model)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = model(x, x)
+            ref = _plain_loss(plain, x, x).float()
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=f"{dtype} {name}")
 
 
 def test_head_without_its_embedding_falls_back_to_a_dense_gradient():

@@ -4,8 +4,8 @@ the llama family RMSNorm (+ residual) and SwiGLU.
 `--kernels torch` uses PyTorch (F.layer_norm, SDPA, F.cross_entropy); `--kernels triton` uses the fused
 Triton kernels of this package (on CPU they run under TRITON_INTERPRET=1, slow, for checking);
 `--kernels auto` picks Triton on CUDA and torch elsewhere. On CPU the torch backend trains the LM-head loss
-through `cpu_linear_ce` (the same math in plain PyTorch ops, laid out for MKL: transposed logits, the gradient
-made in the forward, a tied embedding's gradient added into the head's in place). The Triton modules are imported lazily so
+through `cpu_linear_ce` (the same math in plain PyTorch ops, laid out for MKL: transposed logits made and
+exponentiated in vocabulary blocks, a tied embedding's gradient added into the head's in place). The Triton modules are imported lazily so
 the torch path never needs Triton installed.
 
 Routing rules of the triton backend (no silent fallbacks):
@@ -157,14 +157,16 @@ def causal_attention(q, k, v, dropout_p: float = 0.0, backend: str = "torch"):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
-def linear_cross_entropy(hidden, weight, targets, backend: str = "torch", ignore_index: int = -100):
-    """Mean cross-entropy of logits = hidden @ weight.T against targets; hidden (N, d), targets (N,)."""
+def linear_cross_entropy(hidden, weight, targets, backend: str = "torch", ignore_index: int = -100, head_link=None):
+    """Mean cross-entropy of logits = hidden @ weight.T against targets; hidden (N, d), targets (N,).
+    head_link: the tied embedding's cpu_linear_ce.HeadGradLink, handed the weight gradient on the CPU path (a
+    tied embedding whose link is never fed makes its own dense gradient)."""
     if backend == "triton":
         module = _triton_module("fused_linear_ce", hidden.device)
         return module.fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index)
     from . import cpu_linear_ce
 
-    if cpu_linear_ce.eligible(hidden, weight):  # CPU training: transposed logits, gradient in the forward
-        return cpu_linear_ce.linear_cross_entropy_cpu(hidden, weight, targets, ignore_index)
+    if cpu_linear_ce.eligible(hidden, weight):  # CPU training: transposed logits in vocabulary blocks
+        return cpu_linear_ce.linear_cross_entropy_cpu(hidden, weight, targets, ignore_index, link=head_link)
     logits = F.linear(hidden, weight)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
