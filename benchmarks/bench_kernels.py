@@ -64,11 +64,13 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, time_kernel, write_json  # noqa: E402
 from staged_fast.kernels._common import assert_within_torch_error  # noqa: E402
 from staged_fast.kernels.attention import flash_attention, flash_attention_reference  # noqa: E402
+from staged_fast.kernels import layernorm  # noqa: E402
 from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference  # noqa: E402
 from staged_fast.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 from staged_fast.kernels.fused_swiglu import swiglu, swiglu_reference  # noqa: E402
 from staged_fast.kernels.rope import rope_qk, rope_qk_reference  # noqa: E402
 from staged_fast.kernels.fused_linear_ce import (  # noqa: E402
+    fp32_output_mode,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
@@ -193,6 +195,14 @@ def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, 
 # ---- LayerNorm ----
 
 
+def norm_bwd_config() -> dict:
+    """The backward config the last norm call ran (autotuned on a GPU): a column of the triton rows."""
+    c = getattr(layernorm._norm_bwd_kernel, "best_config", None)
+    if c is None or CPU:
+        return {}
+    return {"bwd_config": f"rows{c.kwargs['BLOCK_M']}/warps{c.num_warps}/per_sm{c.kwargs['PROGRAMS_PER_SM']}"}
+
+
 def bench_layer_norm(rows, peaks):
     shapes = [(2, 32, 384), (2, 32, 768)] if CPU else (
         [(16, 1024, 768), (16, 1024, 1536)] if ARGS.quick
@@ -225,9 +235,12 @@ def bench_layer_norm(rows, peaks):
                 torch_fn = lambda p=params: F.layer_norm(x, (C,), p[1], p[2], eps)  # noqa: E731
                 validate(f"layer_norm {impl} {shape}", fn, torch_fn, ref, params, [dy])
             results[impl] = time_modes(fn, params, [dy])
+            if impl == "triton":
+                config = norm_bwd_config()
         for impl, times in results.items():
             add_rows(rows, "layer_norm", shape, impl, times, traffic.get, "GB/s", peaks["bandwidth_Bps"],
-                     baseline=None if impl == "torch" else ("torch", results["torch"]))
+                     baseline=None if impl == "torch" else ("torch", results["torch"]),
+                     extra=config if impl == "triton" else None)
 
         # Fused residual add: s = x + r, y = LN(s) in one pass vs torch's two ops. Bytes: fwd reads x, r,
         # writes s, y; bwd reads dy, ds, s and writes dsum (the gradient of both x and r): 4 tensors.
@@ -240,7 +253,7 @@ def bench_layer_norm(rows, peaks):
         validate(f"layer_norm_residual {shape}", fused, unfused, ref_res, [x, w, b, r], [dy, ds])
         base = time_modes(unfused, [x, w, b, r], [dy, ds])
         add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(fused, [x, w, b, r], [dy, ds]),
-                 traffic_res.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base))
+                 traffic_res.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config())
         add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
         if not CPU:
             bench_layer_norm_as_trained(rows, peaks, B, T, C, eps)
@@ -282,15 +295,16 @@ def bench_layer_norm_as_trained(rows, peaks, B, T, C, eps):
     traffic = {"fwd": n * (4 + 2), "bwd": n * (4 + 2 + 4), "fwd+bwd": n * (4 + 2 + 4 + 2 + 4)}
     base = time_modes(torch_ln, [resid, w, b], [dy])
     add_rows(rows, "layer_norm", shape, "triton", time_modes(ours_ln, [resid, w, b], [dy]), traffic.get, "GB/s",
-             peaks["bandwidth_Bps"], baseline=("torch", base))
+             peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config())
     add_rows(rows, "layer_norm", shape, "torch", base, traffic.get, "GB/s", peaks["bandwidth_Bps"])
     # ln_2 with the residual: fwd reads x (16-bit), r (fp32), writes s (fp32), y (16-bit); bwd reads dy
-    # (16-bit), ds, s (fp32), writes dsum (fp32), and the branch's gradient is dsum in 16 bits (one cast).
-    traffic = {"fwd": n * (2 + 4 + 4 + 2), "bwd": n * (2 + 4 + 4 + 4), "fwd+bwd": n * (12 + 14)}
+    # (16-bit), ds, s (fp32), writes dsum (fp32) and the branch's gradient, dsum in 16 bits (ours in the
+    # same pass; torch by a cast, whose extra read of dsum is not counted).
+    traffic = {"fwd": n * (2 + 4 + 4 + 2), "bwd": n * (2 + 4 + 4 + 4 + 2), "fwd+bwd": n * (12 + 16)}
     params = [branch, resid, w, b]
     base = time_modes(torch_res, params, [dy, ds])
     add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(ours_res, params, [dy, ds]), traffic.get,
-             "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base))
+             "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config())
     add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic.get, "GB/s", peaks["bandwidth_Bps"])
 
 
@@ -462,6 +476,8 @@ def bench_linear_ce(rows, peaks):
             extra = {}
             if impl in peak_mb:
                 extra = {"peak_MiB": peak_mb[impl], "mem_vs_torch": peak_mb[impl] / peak_mb["torch"]}
+            if impl == "triton" and not CPU:  # how the fp32 gradient GEMMs ran (fused_linear_ce.fp32_output_mode)
+                extra["fp32_gemm"] = fp32_output_mode(h.device, DTYPE)
             add_rows(rows, "linear_ce", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"],
                      baseline=None if impl == "torch" else ("torch", results["torch"]), extra=extra)
         del h, w
@@ -522,7 +538,7 @@ def bench_llama(rows, peaks):
         validate(f"rms_norm {shape}", ours, base, lambda x_, w_: rms_norm_reference(x_, w_, eps), [x, w], [dy])
         tb = time_modes(base, [x, w], [dy])
         add_rows(rows, "rms_norm", shape, "triton", time_modes(ours, [x, w], [dy]), traffic.get, "GB/s",
-                 peaks["bandwidth_Bps"], baseline=("torch", tb))
+                 peaks["bandwidth_Bps"], baseline=("torch", tb), extra=norm_bwd_config())
         add_rows(rows, "rms_norm", shape, "torch", tb, traffic.get, "GB/s", peaks["bandwidth_Bps"])
         traffic_res = {"fwd": 4 * n * e, "bwd": 4 * n * e, "fwd+bwd": 8 * n * e}
         ours = lambda: rms_norm(x, w, eps, residual=r)  # noqa: E731
@@ -531,7 +547,7 @@ def bench_llama(rows, peaks):
                  lambda x_, w_, r_: rms_norm_reference(x_, w_, eps, residual=r_), [x, w, r], [dy, ds])
         tb = time_modes(base, [x, w, r], [dy, ds])
         add_rows(rows, "rms_norm+residual", shape, "triton", time_modes(ours, [x, w, r], [dy, ds]), traffic_res.get,
-                 "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb))
+                 "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb), extra=norm_bwd_config())
         add_rows(rows, "rms_norm+residual", shape, "torch", tb, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
         F_ = 8 * C // 3 // 64 * 64  # SwiGLU hidden
         g = torch.randn(B, T, F_, device=DEVICE, dtype=DTYPE).requires_grad_()

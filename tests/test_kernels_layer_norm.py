@@ -8,13 +8,24 @@ import torch
 CUDA = torch.cuda.is_available()
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
 
+from staged_fast.kernels import layernorm
 from staged_fast.kernels._common import assert_within_torch_error, poisoned_outputs
-from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference, layer_norm_residual
+from staged_fast.kernels.layernorm import (
+    layer_norm, layer_norm_backward, layer_norm_forward, layer_norm_reference, layer_norm_residual,
+)
+from staged_fast.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
 
 DEVICE = "cuda" if CUDA else "cpu"
 ROWS = (4, 1023) if CUDA else (2, 37)  # 74 rows on CPU: not a multiple of the backward's row groups
 # atol per dtype: about one output ulp (outputs are O(1)); see tests/README.md.
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _untuned_backward(monkeypatch):
+    """GPU: the backward's default config (each new key would compile and time up to 8); the configs
+    are each tested below, and the autotuner by its own test."""
+    monkeypatch.setattr(layernorm, "AUTOTUNE", False)
 
 
 def _inputs(hidden, dtype, seed=0):
@@ -155,11 +166,14 @@ def layer_norm_reference_residual(x, r, w, b, eps):
     return layer_norm_reference(x, w, b, eps, residual=r)
 
 
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("residual", [False, True, "mixed"])
 def test_compiled_path_equals_eager_path(residual):
     """Eager calls go through autograd.Function (low host overhead), compiled graphs through the
-    torch.library ops: both must give the same outputs and gradients, bit for bit."""
+    torch.library ops: both must give the same outputs and gradients, bit for bit. "mixed": a bf16 x
+    with the fp32 residual stream, whose gradient the backward also writes in bf16."""
     x, r, w, b = _inputs(384, torch.float32, seed=5)
+    if residual == "mixed":
+        x = x.detach().bfloat16().requires_grad_()
 
     def fn(x, r, w, b):
         out = layer_norm(x, w, b, 1e-5, residual=r if residual else None)
@@ -173,3 +187,103 @@ def test_compiled_path_equals_eager_path(residual):
     comp_out, comp_grads = _run(compiled, (x, r, w, b), grads, params)
     for a, c in zip(eager_out + eager_grads, comp_out + comp_grads):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def _backward_case(hidden, rms, dy_dtype, seed=0):
+    """s (fp32, the residual stream), dy (y's gradient), ds (s's own gradient), weight, and the saved
+    statistics from our forward, for calling the backward launchers directly."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = (torch.randn(*ROWS, hidden, generator=g) * 2 + 0.5).to(DEVICE)
+    dy = torch.randn(*ROWS, hidden, generator=g).to(DEVICE, dy_dtype)
+    ds = torch.randn(*ROWS, hidden, generator=g).to(DEVICE)
+    w = (1 + 0.2 * torch.randn(hidden, generator=g)).to(DEVICE)
+    b = (0.1 * torch.randn(hidden, generator=g)).to(DEVICE)
+    if rms:
+        _, _, rstd = rms_norm_forward(s, w, 1e-6)
+        return s, dy, ds, w, b, None, rstd
+    _, _, mean, rstd = layer_norm_forward(s, w, b, 1e-5)
+    return s, dy, ds, w, b, mean, rstd
+
+
+def _backward_reference(s, dy, ds, w, b, rms, dtype):
+    """(dsum, dweight[, dbias]) by autograd through the plain-PyTorch norm, in `dtype`."""
+    from staged_fast.kernels.rmsnorm import rms_norm_reference
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (s, w, b)]
+    y = rms_norm_reference(leaves[0], leaves[1], 1e-6) if rms else layer_norm_reference(*leaves, 1e-5)
+    grads = torch.autograd.grad(y, leaves[:2] if rms else leaves, dy.to(dtype))
+    return (grads[0] + ds.to(dtype), *grads[1:])
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", layernorm._BWD_SHAPES, ids=lambda c: "rows{}-warps{}-per_sm{}".format(*c))
+def test_every_backward_config_matches_float64(shape, rms):
+    """Each config the autotuner may pick (rows per tile, warps, programs per SM: the grid and so the
+    partial-sum rows change), forced, at 74 rows (a multiple of no tile height above 1) and hidden 96:
+    dsum (with ds and its bf16 copy), dweight and dbias within the 2x-torch rule of float64."""
+    s, dy, ds, w, b, mean, rstd = _backward_case(96, rms, torch.bfloat16)
+    config = layernorm._bwd_config(*shape)
+    with poisoned_outputs():
+        out = layernorm.norm_backward("test", dy, s, w, mean, rstd, ds, torch.bfloat16, config=config)
+    dsum, dcopy, *param_grads = out
+    ref = _backward_reference(s, dy, ds, w, b, rms, torch.float64)
+    torch_out = _backward_reference(s, dy, ds, w, b, rms, torch.float32)
+    names = ["dsum", "dweight", "dbias"]
+    for name, o, t, r in zip(names, (dsum, *param_grads), torch_out, ref):
+        assert_within_torch_error(o, t, r, name=name, atol=1e-5 * r.abs().max().item())
+    assert dcopy.dtype == torch.bfloat16 and torch.isfinite(dcopy.float()).all()
+    torch.testing.assert_close(dcopy.float(), dsum.to(torch.bfloat16).float(), rtol=2.0**-7, atol=0)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
+def test_backward_copy_is_the_cast_of_dx(copy_dtype, rms):
+    """The 16-bit copy written beside dx is dx rounded to that dtype: exactly on a GPU; the CPU
+    interpreter's fp32 -> bf16 cast truncates where torch rounds (one ulp, tests/README.md). dx
+    itself is the same with and without the copy."""
+    s, dy, ds, w, b, mean, rstd = _backward_case(384, rms, copy_dtype, seed=4)
+    backward = (lambda *a, **k: rms_norm_backward(dy, s, w, rstd, ds, **k)) if rms else (
+        lambda *a, **k: layer_norm_backward(dy, s, w, mean, rstd, ds, **k))
+    with poisoned_outputs():
+        plain = backward()
+        dx, dcopy, *param_grads = backward(copy_dtype=copy_dtype)
+    torch.testing.assert_close(dx, plain[0], rtol=0, atol=0)
+    for a, p in zip(param_grads, plain[1:]):
+        torch.testing.assert_close(a, p, rtol=0, atol=0)
+    exact = CUDA or copy_dtype == torch.float16
+    torch.testing.assert_close(dcopy, dx.to(copy_dtype), rtol=0 if exact else 2.0**-7, atol=0)
+
+
+def test_residual_gradients_for_bf16_plus_fp16():
+    """x bf16 + residual fp16 sum to fp32 (torch's promotion): both gradients differ from s's dtype,
+    one comes from the kernel's copy, the other from a cast; each in its input's dtype and equal to
+    torch's."""
+    x, r, w, b = _inputs(384, torch.float32, seed=9)
+    x = x.detach().bfloat16().requires_grad_()
+    r = r.detach().half().requires_grad_()
+    g = torch.Generator(device="cpu").manual_seed(3)
+    grads = [torch.randn(x.shape, generator=g).to(DEVICE) for _ in range(2)]
+    outs, (dx, dr) = _run(lambda x, r: layer_norm(x, w, b, 1e-5, residual=r), (x, r), grads, [x, r])
+    ref_outs, (ref_dx, ref_dr) = _run(
+        lambda x, r: layer_norm_reference(x.float(), w, b, 1e-5, residual=r.float()), (x, r), grads, [x, r])
+    assert outs[1].dtype == torch.float32 and dx.dtype == torch.bfloat16 and dr.dtype == torch.float16
+    torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=2.0**-7, atol=1e-4)
+    torch.testing.assert_close(dr.float(), ref_dr.float(), rtol=2.0**-10, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning needs a GPU (the interpreter runs the default config)")
+def test_autotuned_backward_matches_float64(monkeypatch):
+    """With autotuning on, the backward is timed in every config that fits and re-run in the best; the
+    partial sums are read over that config's grid. A row count no other test uses: tuned here."""
+    monkeypatch.setattr(layernorm, "AUTOTUNE", True)
+    for rms in (False, True):
+        s, dy, ds, w, b, mean, rstd = _backward_case(768, rms, torch.bfloat16, seed=6)
+        s, dy, ds = s[:, :999], dy[:, :999], ds[:, :999]
+        mean = None if rms else mean.view(ROWS)[:, :999].reshape(-1)
+        rstd = rstd.view(ROWS)[:, :999].reshape(-1)
+        dsum, dcopy, *param_grads = layernorm.norm_backward("test", dy, s, w, mean, rstd, ds, torch.bfloat16)
+        ref = _backward_reference(s, dy, ds, w, b, rms, torch.float64)
+        torch_out = _backward_reference(s, dy, ds, w, b, rms, torch.float32)
+        for name, o, t, r in zip(["dsum", "dweight", "dbias"], (dsum, *param_grads), torch_out, ref):
+            assert_within_torch_error(o, t, r, name=name, atol=1e-5 * r.abs().max().item())
+        torch.testing.assert_close(dcopy, dsum.to(torch.bfloat16), rtol=0, atol=0)

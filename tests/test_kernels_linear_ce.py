@@ -147,3 +147,26 @@ def test_fp16_gradients_survive_the_loss_scale():
         print(f"{name}: relative error {err:.2e}, torch's {torch_err:.2e}")
         assert torch.isfinite(ours).all() and ours.dtype == torch.float16
         assert err <= 1.5 * torch_err, f"{name}: relative error {err:.2e} vs torch's {torch_err:.2e}"
+
+
+@pytest.mark.skipif(not CUDA, reason="the fp32-output GEMM modes are cuBLAS paths (16-bit inputs on CUDA)")
+@pytest.mark.parametrize("mode", ["addmm", "mm", "cast"])
+def test_every_fp32_gemm_mode_matches_float64(monkeypatch, mode):
+    """Each way the gradient GEMMs may write fp32 (fused_linear_ce.fp32_output_mode: what this torch
+    supports is probed once): forced in turn where this torch has it, bf16, several chunks."""
+    from staged_fast.kernels import fused_linear_ce
+
+    probed = fused_linear_ce.fp32_output_mode(torch.device(DEVICE, torch.cuda.current_device()), torch.bfloat16)
+    order = ["addmm", "mm", "cast"]
+    if order.index(mode) < order.index(probed):
+        pytest.skip(f"this torch has no {mode!r} mode (probed: {probed!r})")
+    monkeypatch.setitem(fused_linear_ce._FP32_OUTPUT_MODE,
+                        (torch.device(DEVICE, torch.cuda.current_device()), torch.bfloat16), mode)
+    h, w, t = _inputs(*SHAPES[1], torch.bfloat16, seed=8)
+    loss = fused_linear_cross_entropy(h, w, t)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    gh_torch, gw_torch = torch.autograd.grad(linear_cross_entropy_reference(h, w, t), (h, w))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+    gh_ref, gw_ref = torch.autograd.grad(linear_cross_entropy_reference(h64, w64, t), (h64, w64))
+    for name, out, tor, ref in (("grad_hidden", gh, gh_torch, gh_ref), ("grad_weight", gw, gw_torch, gw_ref)):
+        assert_within_torch_error(out, tor, ref, name=name, atol=RTOL_OF_MAX[torch.bfloat16] * ref.abs().max().item())

@@ -82,34 +82,51 @@ def _chunk_rows(n: int) -> int:
     return max(1, min(n, rows))
 
 
-_OUT_DTYPE_MM: dict[torch.device, bool] = {}
+_FP32_OUTPUT_MODE: dict[tuple[torch.device, torch.dtype], str] = {}
 
 
-def _fp32_output_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether cuBLAS can write a 16-bit product straight into fp32 (torch.addmm out_dtype, CUDA,
-    torch >= 2.8); probed once per device and checked against fp32. When it cannot, say so once: the
-    fallback forms each product in 16 bits, then converts (an extra temporary and its traffic)."""
-    ok = _OUT_DTYPE_MM.get(device)
-    if ok is None:
-        ok = False
+def _probe(fn, x, y, expected) -> bool:
+    try:
+        return bool(torch.allclose(fn(x, y), expected, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def fp32_output_mode(device: torch.device, dtype: torch.dtype) -> str:
+    """How cuBLAS writes a 16-bit product into fp32 on this torch, probed once per (device, dtype):
+      "addmm": torch.addmm(out_dtype=float32) accumulates into an fp32 buffer (newer torch);
+      "mm":    only torch.mm(out_dtype=float32), where addmm refuses an fp32 addend (torch 2.11 on an
+               H200 did; some versions check "self and mat2 must have the same dtype"): exact fp32
+               products, and an fp32 temporary added for the accumulating GEMMs;
+      "cast":  neither: 16-bit products converted (a 16-bit temporary, products rounded), with a warning.
+    """
+    key = (device, dtype)
+    mode = _FP32_OUTPUT_MODE.get(key)
+    if mode is None:
+        mode = "cast"
         if device.type == "cuda":
-            try:
-                # Small integers: exact in 16 bits, and no draw from torch's RNG.
-                x = (torch.arange(64 * 32, device=device) % 7 - 3).reshape(64, 32).to(dtype)
-                y = (torch.arange(32 * 48, device=device) % 5 - 2).reshape(32, 48).to(dtype)
+            # Small integers: exact in 16 bits, and no draw from torch's RNG.
+            x = (torch.arange(64 * 32, device=device) % 7 - 3).reshape(64, 32).to(dtype)
+            y = (torch.arange(32 * 48, device=device) % 5 - 2).reshape(32, 48).to(dtype)
+            product = x.float() @ y.float()
+
+            def addmm(a, b):
                 z = torch.ones(64, 48, device=device)
-                torch.addmm(z, x, y, out_dtype=torch.float32, out=z)
-                ok = torch.allclose(z, 1 + x.float() @ y.float(), rtol=1e-3, atol=1e-3)
-            except (RuntimeError, TypeError):
-                ok = False
-            if not ok:
+                return torch.addmm(z, a, b, out_dtype=torch.float32, out=z)
+
+            if _probe(addmm, x, y, 1 + product):
+                mode = "addmm"
+            elif _probe(lambda a, b: torch.mm(a, b, out_dtype=torch.float32, out=torch.empty_like(product)),
+                        x, y, product):
+                mode = "mm"
+            else:
                 warnings.warn(
-                    f"fused linear+CE: torch {torch.__version__} cannot write 16-bit matmuls into fp32 "
-                    "(torch.addmm(out_dtype=torch.float32)); falling back to a 16-bit product plus a conversion "
-                    "(slower, one extra (V, d) temporary). Use torch >= 2.8 for the fast path."
+                    f"fused linear+CE: torch {torch.__version__} cannot write {dtype} matmuls into fp32 "
+                    "(neither torch.addmm nor torch.mm take out_dtype=torch.float32 here); falling back to a "
+                    "16-bit product plus a conversion (slower, one extra (V, d) temporary). Use torch >= 2.8."
                 )
-        _OUT_DTYPE_MM[device] = ok
-    return ok
+        _FP32_OUTPUT_MODE[key] = mode
+    return mode
 
 
 def _matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -119,8 +136,15 @@ def _matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif _fp32_output_supported(out.device, a.dtype):
+        return
+    mode = fp32_output_mode(out.device, a.dtype)
+    if mode == "addmm":
         torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
+    elif mode == "mm":
+        if accumulate:
+            out += torch.mm(a, b, out_dtype=torch.float32)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
     elif accumulate:
         out += (a @ b).float()
     else:

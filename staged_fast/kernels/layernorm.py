@@ -10,11 +10,15 @@ sum s is rounded to the promoted dtype of x and residual (fp32 under autocast, w
 is bf16/fp16 and the residual stream fp32), stored (it is the next residual stream), and normalized as
 stored, exactly as `F.layer_norm(x + residual)`. Under autocast y is written in the autocast dtype.
 
-Backward: dx needs only its own row; dweight/dbias need a sum over rows. A grid of G programs (G = 4
+Backward: dx needs only its own row; dweight/dbias need a sum over rows. A grid of G programs (a few
 per SM: one wave) strides over the row tiles; each accumulates its partial dweight/dbias in fp32
 registers and writes one row of a (G, N) fp32 buffer; one small kernel sums the partials and casts
-both to the parameter dtype. With a residual, the gradient arriving at s from later layers is added
-to dx in the same pass. Bytes of the residual backward: reads dy, ds, s, writes dsum (4 tensors).
+both to the parameter dtype. Rows per tile, warps and programs per SM are autotuned on a GPU (keyed on
+M, N, the flags and the dtypes; STAGED_FAST_NORM_AUTOTUNE=0 keeps the default). With a residual, the
+gradient arriving at s from later layers is added to dx in the same pass, and when the branch x has
+another dtype than s (autocast: bf16 branch, fp32 stream) dx is also written in x's dtype, in place of
+a separate cast. Bytes of the residual backward: reads dy, ds, s, writes dsum (4 tensors; 5 with the
+16-bit copy).
 
 Layers: @triton.jit kernels; launchers `layer_norm_forward` / `layer_norm_backward`; torch.library
 custom ops (`staged_fast::layer_norm`, `staged_fast::layer_norm_residual`, `staged_fast::layer_norm_bwd`)
@@ -23,11 +27,13 @@ with autograd registered, so torch.compile sees one op; `layer_norm` / `layer_no
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, new_empty, num_sms
+from ._common import INTERPRETED, check_device, check_dtype, new_empty, num_sms
 
 MAX_HIDDEN = 16384  # a row must fit in one program's registers
 
@@ -64,20 +70,63 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
+# Backward configs on a GPU, (BLOCK_M rows per tile, num_warps, programs per SM): the autotuner times
+# those that fit the hidden size (see _prune_bwd) and keeps the fastest per (M, N, residual, dtypes).
+# Why tune: the program's fp32 dweight/dbias accumulators and five row tiles live in registers, so the
+# tile size and warps set how many programs an SM holds, and with them the bytes in flight; an H200 ran
+# the one fixed config (4 rows x 1024 lanes, 8 warps, 4 programs per SM) at ~69% of copy bandwidth.
+_BWD_SHAPES = [(4, 8, 4), (2, 4, 8), (1, 4, 8), (2, 8, 4), (4, 16, 2), (8, 16, 2), (1, 8, 4), (1, 16, 2)]
+# Autotuning on (default) or off (the default config of _tile: quick, e.g. for GPU tests). Read at each
+# launch; set STAGED_FAST_NORM_AUTOTUNE=0 or assign here.
+AUTOTUNE = os.environ.get("STAGED_FAST_NORM_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+_THREAD_ELEMENTS = (4, 32)  # elements of one row tile per thread worth timing: fewer idle, more spill
+
+
+def _bwd_config(block_m: int, warps: int, per_sm: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "PROGRAMS_PER_SM": per_sm}, num_warps=warps)
+
+
+def _default_bwd_config(n: int) -> triton.Config:
+    """The untuned config: the forward's tile for hidden size n, PROGRAMS_PER_SM programs per SM."""
+    block_m, _, warps = _tile(n)
+    return _bwd_config(block_m, warps, PROGRAMS_PER_SM)
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    """The default config for this hidden size first, then the others whose tile gives each thread
+    4-32 elements."""
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    n = named_args.get("N", kwargs.get("N"))
+    default = _default_bwd_config(n)
+    lo, hi = _THREAD_ELEMENTS
+    kept = [default]
+    for c in configs:
+        per_thread = c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
+        same = c.kwargs == default.kwargs and c.num_warps == default.num_warps
+        if lo <= per_thread <= hi and not same:
+            kept.append(c)
+    return kept
+
+
+@triton.autotune(configs=[_bwd_config(*c) for c in _BWD_SHAPES], key=["M", "N", "RMS", "HAS_DS", "HAS_DX2"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _norm_bwd_kernel(
-    DY, X, W, Mean, Rstd, DS, DX, DW_partial, DB_partial,  # DS: grad of the residual sum, if HAS_DS
+    DY, X, W, Mean, Rstd, DS, DX, DX2, DW_partial, DB_partial,  # DS: grad of the residual sum, if HAS_DS
     stride_dy, stride_x, stride_ds, stride_dx,
-    M, N, n_tiles,
+    M, N,
     RMS: tl.constexpr,  # RMSNorm (staged_fast.kernels.rmsnorm): no mean, no bias; Mean and DB_partial unused
     HAS_DS: tl.constexpr,
+    HAS_DX2: tl.constexpr,  # also write dx in DX2's dtype (contiguous): the 16-bit branch's gradient
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # sets the grid on the host; here only part of the config
 ):
     """Program p handles row tiles p, p + G, p + 2G, ... (G = the grid, sized to fill the GPU once),
     so consecutive programs read neighbouring tiles at the same time."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(M, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -108,7 +157,10 @@ def _norm_bwd_kernel(
             dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dx = dx.to(DX.dtype.element_ty)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx, mask=mask)
+        if HAS_DX2:  # rounded from the value just stored, as dx.to(dtype) would be
+            tl.store(DX2 + rows64 * N + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
     tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
     if not RMS:
         tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
@@ -150,7 +202,7 @@ def sum_partials(dw_partial, dw, db_partial=None, db=None) -> None:
 # Tiles: about TILE_ELEMENTS elements per program (several rows when the hidden size is small, so a
 # program has enough bytes in flight); warps sized to ~16 elements per thread.
 TILE_ELEMENTS = 4096
-PROGRAMS_PER_SM = 4  # backward grid: enough resident programs to hide memory latency, one wave
+PROGRAMS_PER_SM = 4  # the untuned backward grid: enough resident programs to hide memory latency
 SUM_COLS, SUM_ROWS = 32, 128  # tile of the partial-sum reduction: (128 partial rows) x (32 columns)
 
 
@@ -218,14 +270,21 @@ def layer_norm_forward(x, weight, bias, eps: float, residual=None, out_dtype: to
     return y, (s.view(x.shape) if residual is not None else None), mean, rstd
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, ds=None):
+def layer_norm_backward(dy, x, weight, mean, rstd, ds=None, copy_dtype=None):
     """Launch the backward kernels. x is the normalized input (s with a residual); ds the gradient
-    reaching s directly (with a residual), added to dx. Returns (dx in x's dtype, dweight, dbias)."""
-    return norm_backward("layer_norm_backward", dy, x, weight, mean, rstd, ds)
+    reaching s directly (with a residual), added to dx. Returns (dx in x's dtype, dweight, dbias), or
+    with `copy_dtype` (dx, dx in copy_dtype, dweight, dbias): the copy is written in the same pass."""
+    return norm_backward("layer_norm_backward", dy, x, weight, mean, rstd, ds, copy_dtype)
 
 
-def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None):
-    """The LayerNorm backward, or RMSNorm's with mean=None (no mean, no bias): (dx, dweight[, dbias])."""
+def _groups(m: int, block_m: int, per_sm: int, sms: int) -> int:
+    """The backward's grid: per_sm programs per SM, at most one per row tile."""
+    return max(1, min(triton.cdiv(m, block_m), per_sm * sms))
+
+
+def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None, copy_dtype=None, config=None):
+    """The LayerNorm backward, or RMSNorm's with mean=None (no mean, no bias): (dx[, dx copy], dweight
+    [, dbias]). `config` (a triton.Config of the backward) bypasses the autotuner: tests run each one."""
     rms = mean is None
     n = x.shape[-1]
     check_device(op, dy, x, weight, rstd, *([mean] if not rms else []), *([ds] if ds is not None else []))
@@ -235,27 +294,54 @@ def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None):
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     m = x2.shape[0]
     dx = new_empty((m, n), dtype=x.dtype, device=x.device)
+    dx_copy = new_empty((m, n), dtype=copy_dtype, device=x.device) if copy_dtype is not None else None
     dw = new_empty((n,), dtype=weight.dtype, device=x.device)
     db = None if rms else new_empty((n,), dtype=weight.dtype, device=x.device)
+    copies = (dx_copy.view(x.shape),) if copy_dtype is not None else ()
     if m == 0:
-        dw.zero_()
-        return (dx.view(x.shape), dw) if rms else (dx.view(x.shape), dw, db.zero_())
-    block_m, block_n, warps = _tile(n)
-    n_tiles = triton.cdiv(m, block_m)
-    groups = max(1, min(n_tiles, PROGRAMS_PER_SM * num_sms(x.device)))
-    dw_partial = new_empty((groups, n), dtype=torch.float32, device=x.device)
-    db_partial = dw_partial if rms else new_empty((groups, n), dtype=torch.float32, device=x.device)
-    _norm_bwd_kernel[(groups,)](
-        dy2, x2, weight, rstd if rms else mean, rstd, ds2, dx, dw_partial, db_partial,
+        return (dx.view(x.shape), *copies, dw.zero_()) + (() if rms else (db.zero_(),))
+    sms = num_sms(x.device)
+    if config is None and (INTERPRETED or not AUTOTUNE):
+        config = _default_bwd_config(n)  # the interpreter has no GPU to time configs on
+    # Partial sums: one row per program of the largest grid any config may launch.
+    max_groups = _groups(m, 1, max(max(c[2] for c in _BWD_SHAPES), PROGRAMS_PER_SM), sms)
+    dw_partial = new_empty((max_groups, n), dtype=torch.float32, device=x.device)
+    db_partial = dw_partial if rms else new_empty((max_groups, n), dtype=torch.float32, device=x.device)
+    kernel = _norm_bwd_kernel if config is None else _norm_bwd_kernel.fn
+    tuned = {} if config is None else {**config.kwargs, "num_warps": config.num_warps}
+    kernel[lambda meta: (_groups(m, meta["BLOCK_M"], meta["PROGRAMS_PER_SM"], sms),)](
+        dy2, x2, weight, rstd if rms else mean, rstd, ds2, dx, dx_copy if dx_copy is not None else dx,
+        dw_partial, db_partial,
         dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
-        m, n, n_tiles,
-        RMS=rms, HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        m, n,
+        RMS=rms, HAS_DS=ds is not None, HAS_DX2=dx_copy is not None, BLOCK_N=triton.next_power_of_2(n),
+        **tuned,
     )
+    used = config or _norm_bwd_kernel.best_config  # the config that wrote the outputs
+    groups = _groups(m, used.kwargs["BLOCK_M"], used.kwargs["PROGRAMS_PER_SM"], sms)
     if rms:
-        sum_partials(dw_partial, dw)
-        return dx.view(x.shape), dw
-    sum_partials(dw_partial, dw, db_partial, db)
-    return dx.view(x.shape), dw, db
+        sum_partials(dw_partial[:groups], dw)
+        return (dx.view(x.shape), *copies, dw)
+    sum_partials(dw_partial[:groups], dw, db_partial[:groups], db)
+    return (dx.view(x.shape), *copies, dw, db)
+
+
+def residual_grads(backward, dy, s, x_dtype, residual_dtype, y_dtype, *args, **kwargs):
+    """The gradients of x and residual from a norm of s = x + residual, both equal to dsum: `backward`
+    (a norm's backward launcher, called as backward(dy, s, *args, copy_dtype=...)) writes dsum in s's
+    dtype and, in the same pass, in the 16-bit dtype of the branch (autocast: a bf16 x beside the fp32
+    residual stream) instead of a cast afterwards. Returns (dx, dresidual, *parameter grads)."""
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
+    other = [d for d in (x_dtype, residual_dtype) if d != s.dtype]
+    if not other:
+        dsum, *param_grads = backward(dy, s, *args, **kwargs)
+        return (dsum, dsum, *param_grads)
+    dsum, dcopy, *param_grads = backward(dy, s, *args, copy_dtype=other[0], **kwargs)
+    by_dtype = {s.dtype: dsum, other[0]: dcopy}
+    # Both differ only for bf16 + fp16 (s in fp32): the second by a cast.
+    return (by_dtype.get(x_dtype, dsum.to(x_dtype)), by_dtype.get(residual_dtype, dsum.to(residual_dtype)),
+            *param_grads)
 
 
 # ---- torch.library ops: one opaque op each for torch.compile, autograd registered below ----
@@ -280,9 +366,19 @@ def _ln_res_op(
 @torch.library.custom_op("staged_fast::layer_norm_bwd", mutates_args=())
 def _ln_bwd_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    ds: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_backward(dy, x, weight, mean, rstd, ds)
+    ds: torch.Tensor | None, copy_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dx in copy_dtype or an empty tensor, dweight, dbias): an op's outputs cannot alias."""
+    if copy_dtype is None:
+        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd, ds)
+        return dx, x.new_empty(0), dw, db
+    return layer_norm_backward(dy, x, weight, mean, rstd, ds, copy_dtype)
+
+
+def _ln_bwd_compiled(dy, s, weight, mean, rstd, ds, copy_dtype=None):
+    """layer_norm_backward's interface over the op, for residual_grads."""
+    dx, dx_copy, dw, db = _ln_bwd_op(dy, s, weight, mean, rstd, ds, copy_dtype)
+    return (dx, dw, db) if copy_dtype is None else (dx, dx_copy, dw, db)
 
 
 def _rows(x):
@@ -303,9 +399,10 @@ def _(x, residual, weight, bias, eps, out_dtype):
 
 
 @_ln_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, ds):
+def _(dy, x, weight, mean, rstd, ds, copy_dtype):
     n = x.shape[-1]
-    return x.new_empty(x.shape), weight.new_empty((n,)), weight.new_empty((n,))
+    copy = x.new_empty(x.shape, dtype=copy_dtype) if copy_dtype is not None else x.new_empty(0)
+    return x.new_empty(x.shape), copy, weight.new_empty((n,)), weight.new_empty((n,))
 
 
 def _ln_setup(ctx, inputs, output):
@@ -317,7 +414,7 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _ln_bwd_op(dy, x, weight, mean, rstd, None)
+    dx, dw, db = _ln_bwd_compiled(dy, x, weight, mean, rstd, None)
     return dx, dw, db, None, None
 
 
@@ -331,11 +428,8 @@ def _ln_res_setup(ctx, inputs, output):
 
 def _ln_res_backward(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
-    x_dtype, residual_dtype, y_dtype = ctx.dtypes
-    if dy is None:
-        dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
-    dsum, dw, db = _ln_bwd_op(dy, s, weight, mean, rstd, ds)  # dsum in s's (promoted) dtype
-    return dsum.to(x_dtype), dsum.to(residual_dtype), dw, db, None, None
+    dx, dr, dw, db = residual_grads(_ln_bwd_compiled, dy, s, *ctx.dtypes, weight, mean, rstd, ds)
+    return dx, dr, dw, db, None, None
 
 
 _ln_op.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -373,11 +467,8 @@ class _LayerNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, mean, rstd = ctx.saved_tensors
-        x_dtype, residual_dtype, y_dtype = ctx.dtypes
-        if dy is None:
-            dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
-        dsum, dw, db = layer_norm_backward(dy, s, weight, mean, rstd, ds)
-        return dsum.to(x_dtype), dsum.to(residual_dtype), dw, db, None, None
+        dx, dr, dw, db = residual_grads(layer_norm_backward, dy, s, *ctx.dtypes, weight, mean, rstd, ds)
+        return dx, dr, dw, db, None, None
 
 
 # ---- public API ----

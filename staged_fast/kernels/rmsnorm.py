@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_dtype, new_empty
-from .layernorm import MAX_HIDDEN, _as_rows, _output_dtype, _rows, _tile, norm_backward
+from .layernorm import MAX_HIDDEN, _as_rows, _output_dtype, _rows, _tile, norm_backward, residual_grads
 
 
 @triton.jit
@@ -90,10 +90,10 @@ def rms_norm_forward(x, weight, eps: float, residual=None, out_dtype: torch.dtyp
     return y.view(x.shape), (s.view(x.shape) if residual is not None else None), rstd
 
 
-def rms_norm_backward(dy, x, weight, rstd, ds=None):
+def rms_norm_backward(dy, x, weight, rstd, ds=None, copy_dtype=None):
     """(dx in x's dtype, dweight); x is the normalized input (s with a residual), ds added to dx. The
     LayerNorm backward kernel without its mean and bias terms (layernorm.norm_backward)."""
-    return norm_backward("rms_norm_backward", dy, x, weight, None, rstd, ds)
+    return norm_backward("rms_norm_backward", dy, x, weight, None, rstd, ds, copy_dtype)
 
 
 # ---- torch.library ops (torch.compile) ----
@@ -114,9 +114,20 @@ def _rms_res_op(
 
 @torch.library.custom_op("staged_fast::rms_norm_bwd", mutates_args=())
 def _rms_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, ds: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_backward(dy, x, weight, rstd, ds)
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, ds: torch.Tensor | None,
+    copy_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dx in copy_dtype or an empty tensor, dweight): an op's outputs cannot alias."""
+    if copy_dtype is None:
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, ds)
+        return dx, x.new_empty(0), dw
+    return rms_norm_backward(dy, x, weight, rstd, ds, copy_dtype)
+
+
+def _rms_bwd_compiled(dy, s, weight, rstd, ds, copy_dtype=None):
+    """rms_norm_backward's interface over the op, for residual_grads."""
+    dx, dx_copy, dw = _rms_bwd_op(dy, s, weight, rstd, ds, copy_dtype)
+    return (dx, dw) if copy_dtype is None else (dx, dx_copy, dw)
 
 
 @_rms_op.register_fake
@@ -131,8 +142,9 @@ def _(x, residual, weight, eps, out_dtype):
 
 
 @_rms_bwd_op.register_fake
-def _(dy, x, weight, rstd, ds):
-    return x.new_empty(x.shape), weight.new_empty((x.shape[-1],))
+def _(dy, x, weight, rstd, ds, copy_dtype):
+    copy = x.new_empty(x.shape, dtype=copy_dtype) if copy_dtype is not None else x.new_empty(0)
+    return x.new_empty(x.shape), copy, weight.new_empty((x.shape[-1],))
 
 
 def _rms_setup(ctx, inputs, output):
@@ -144,7 +156,7 @@ def _rms_setup(ctx, inputs, output):
 
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_bwd_op(dy, x, weight, rstd, None)
+    dx, dw = _rms_bwd_compiled(dy, x, weight, rstd, None)
     return dx, dw, None, None
 
 
@@ -158,11 +170,8 @@ def _rms_res_setup(ctx, inputs, output):
 
 def _rms_res_backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    x_dtype, residual_dtype, y_dtype = ctx.dtypes
-    if dy is None:
-        dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
-    dsum, dw = _rms_bwd_op(dy, s, weight, rstd, ds)
-    return dsum.to(x_dtype), dsum.to(residual_dtype), dw, None, None
+    dx, dr, dw = residual_grads(_rms_bwd_compiled, dy, s, *ctx.dtypes, weight, rstd, ds)
+    return dx, dr, dw, None, None
 
 
 _rms_op.register_autograd(_rms_backward, setup_context=_rms_setup)
@@ -197,11 +206,8 @@ class _RMSNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, rstd = ctx.saved_tensors
-        x_dtype, residual_dtype, y_dtype = ctx.dtypes
-        if dy is None:
-            dy = torch.zeros(s.shape, dtype=y_dtype, device=s.device)
-        dsum, dw = rms_norm_backward(dy, s, weight, rstd, ds)
-        return dsum.to(x_dtype), dsum.to(residual_dtype), dw, None, None
+        dx, dr, dw = residual_grads(rms_norm_backward, dy, s, *ctx.dtypes, weight, rstd, ds)
+        return dx, dr, dw, None, None
 
 
 # ---- public API ----
