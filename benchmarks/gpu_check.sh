@@ -97,7 +97,7 @@ install_wait() {
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
 # Tests run the norm backward's default config (autotuning each new shape would compile and time up
-# to 8 configs); its configs are each tested forced, and the autotuner by one test that turns it on.
+# to 9 configs); its configs are each tested forced, and the autotuner by one test that turns it on.
 step tests_kernels 120 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
 # bench_kernels in two steps: layer norm and attention (the open goals) first; the fused CE and the llama
 # kernels (RMSNorm, SwiGLU, RoPE q+k) after the growth and training steps, their rows in steps.log.

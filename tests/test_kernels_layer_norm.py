@@ -23,7 +23,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.fixture(autouse=True)
 def _untuned_backward(monkeypatch):
-    """GPU: the backward's default config (each new key would compile and time up to 8); the configs
+    """GPU: the backward's default config (each new key would compile and time up to 9); the configs
     are each tested below, and the autotuner by its own test."""
     monkeypatch.setattr(layernorm, "AUTOTUNE", False)
 

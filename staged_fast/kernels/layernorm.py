@@ -71,15 +71,21 @@ def _layer_norm_fwd_kernel(
 
 
 # Backward configs on a GPU, (BLOCK_M rows per tile, num_warps, programs per SM): the autotuner times
-# those that fit the hidden size (see _prune_bwd) and keeps the fastest per (M, N, residual, dtypes).
-# Why tune: the program's fp32 dweight/dbias accumulators and five row tiles live in registers, so the
-# tile size and warps set how many programs an SM holds, and with them the bytes in flight; an H200 ran
-# the one fixed config (4 rows x 1024 lanes, 8 warps, 4 programs per SM) at ~69% of copy bandwidth.
-_BWD_SHAPES = [(4, 8, 4), (2, 4, 8), (1, 4, 8), (2, 8, 4), (4, 16, 2), (8, 16, 2), (1, 8, 4), (1, 16, 2)]
-# Autotuning on (default) or off (the default config of _tile: quick, e.g. for GPU tests). Read at each
-# launch; set STAGED_FAST_NORM_AUTOTUNE=0 or assign here.
+# those that give each thread 4-16 elements of a row tile at this hidden size (_prune_bwd) and keeps
+# the fastest per (M, N, flags, dtypes). Why: the fp32 dweight/dbias accumulators and the row tiles live
+# in registers, so the tile sets the registers, the registers how many programs an SM holds, and those
+# the bytes in flight. Compiled for sm_90a (benchmarks/kernel_resources.py), the first untuned config
+# (4 rows x 1024 lanes, 8 warps: 16 elements per thread) took 147-156 registers: one 8-warp program
+# per SM, 4 waves of a 4-per-SM grid; an H200 ran it at ~69% of copy bandwidth. At 4 elements per
+# thread it is 40 registers (48 under Triton 3.6) and 6 (5) programs of 8 warps fit; at 8, 64-80
+# registers (24-32 warps); at 32 it spills. Programs per SM match what fits: one wave, since a program
+# that finds no free slot runs after the others, doubling the time.
+_BWD_SHAPES = [(1, 8, 6), (1, 8, 5), (1, 8, 4), (1, 4, 7), (1, 4, 3), (2, 8, 4), (2, 8, 3), (1, 16, 3), (4, 8, 1)]
+# Autotuning on (default) or off (the default config: quick, e.g. for GPU tests). Read at each launch;
+# set STAGED_FAST_NORM_AUTOTUNE=0 or assign here.
 AUTOTUNE = os.environ.get("STAGED_FAST_NORM_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
-_THREAD_ELEMENTS = (4, 32)  # elements of one row tile per thread worth timing: fewer idle, more spill
+_THREAD_ELEMENTS = (4, 16)  # elements of a row tile per thread worth timing: fewer idle, more cost registers
+RESIDENT_WARPS = 40  # warps of 40-48-register programs one SM surely holds (64K registers, 64 warps)
 
 
 def _bwd_config(block_m: int, warps: int, per_sm: int) -> triton.Config:
@@ -87,23 +93,29 @@ def _bwd_config(block_m: int, warps: int, per_sm: int) -> triton.Config:
 
 
 def _default_bwd_config(n: int) -> triton.Config:
-    """The untuned config: the forward's tile for hidden size n, PROGRAMS_PER_SM programs per SM."""
-    block_m, _, warps = _tile(n)
-    return _bwd_config(block_m, warps, PROGRAMS_PER_SM)
+    """The untuned config: 4 elements of a row tile per thread (40-48 registers), warps by the row
+    length, and as many programs per SM as surely fit at that size (one wave)."""
+    block_n = triton.next_power_of_2(n)
+    warps = max(4, min(16, block_n // 128))
+    block_m = max(1, min(16, 4 * 32 * warps // block_n))
+    return _bwd_config(block_m, warps, RESIDENT_WARPS // warps)
+
+
+def _thread_elements(config: triton.Config, block_n: int) -> int:
+    return config.kwargs["BLOCK_M"] * block_n // (32 * config.num_warps)
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     """The default config for this hidden size first, then the others whose tile gives each thread
-    4-32 elements."""
+    4-16 elements."""
     block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
     n = named_args.get("N", kwargs.get("N"))
     default = _default_bwd_config(n)
     lo, hi = _THREAD_ELEMENTS
     kept = [default]
     for c in configs:
-        per_thread = c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
         same = c.kwargs == default.kwargs and c.num_warps == default.num_warps
-        if lo <= per_thread <= hi and not same:
+        if lo <= _thread_elements(c, block_n) <= hi and not same:
             kept.append(c)
     return kept
 
@@ -202,7 +214,6 @@ def sum_partials(dw_partial, dw, db_partial=None, db=None) -> None:
 # Tiles: about TILE_ELEMENTS elements per program (several rows when the hidden size is small, so a
 # program has enough bytes in flight); warps sized to ~16 elements per thread.
 TILE_ELEMENTS = 4096
-PROGRAMS_PER_SM = 4  # the untuned backward grid: enough resident programs to hide memory latency
 SUM_COLS, SUM_ROWS = 32, 128  # tile of the partial-sum reduction: (128 partial rows) x (32 columns)
 
 
@@ -304,7 +315,7 @@ def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None, copy_dtype=None, 
     if config is None and (INTERPRETED or not AUTOTUNE):
         config = _default_bwd_config(n)  # the interpreter has no GPU to time configs on
     # Partial sums: one row per program of the largest grid any config may launch.
-    max_groups = _groups(m, 1, max(max(c[2] for c in _BWD_SHAPES), PROGRAMS_PER_SM), sms)
+    max_groups = _groups(m, 1, max(max(c[2] for c in _BWD_SHAPES), RESIDENT_WARPS // 4), sms)
     dw_partial = new_empty((max_groups, n), dtype=torch.float32, device=x.device)
     db_partial = dw_partial if rms else new_empty((max_groups, n), dtype=torch.float32, device=x.device)
     kernel = _norm_bwd_kernel if config is None else _norm_bwd_kernel.fn

@@ -1,0 +1,169 @@
+"""Registers, spills and programs per SM of the norm kernels' configs, compiled for a GPU without one.
+
+Triton compiles a kernel ahead of time for a named target (here sm_90a, H100/H200) on any machine; the
+PTX then goes through Triton's own ptxas with -v, which reports the registers per thread and the bytes
+spilled. From the registers and warps follow how many programs one SM holds (64K registers, 64 warps,
+32 blocks), and from the grid's programs per SM how many waves the backward's grid takes. This is what
+chose the backward's configs and its untuned default (staged_fast/kernels/layernorm.py); whether a
+config is also the fastest is for bench_kernels.py on a GPU, where the autotuner times them.
+
+    python benchmarks/kernel_resources.py                      # hidden 768 and 1536, sm_90a
+    python benchmarks/kernel_resources.py --hidden 1024 --arch 80
+    PYTHONPATH=/path/to/other/triton python benchmarks/kernel_resources.py   # another Triton version
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the CPU interpreter
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from benchmarks.harness import print_table, write_json  # noqa: E402
+from staged_fast.kernels import layernorm  # noqa: E402
+
+SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32  # per SM, sm_80 and sm_90
+REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
+
+# What training feeds the backward under --bf16 (fp32 parameters and residual stream, bf16 branch and
+# dy), by kernel argument: (X, DY, DS, DX, DX2, HAS_DS, HAS_DX2). Placeholders take another pointer's type.
+BWD_CASES = {
+    "ln_1: fp32 stream, bf16 dy": ("fp32", "bf16", "bf16", "fp32", "fp32", False, False),
+    "ln_2: + fp32 ds, bf16 branch grad": ("fp32", "bf16", "fp32", "fp32", "bf16", True, True),
+    "bf16 in, bf16 out": ("bf16", "bf16", "bf16", "bf16", "bf16", False, False),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[768, 1536], help="hidden sizes (default 768 1536)")
+    ap.add_argument("--arch", default="90a", help="compute capability to compile for: 90a (H100/H200, default), 80, ...")
+    ap.add_argument("--rms", action="store_true", help="RMSNorm's backward (no mean, no bias) instead of LayerNorm's")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if not re.fullmatch(r"\d+a?", args.arch):
+        ap.error(f"--arch {args.arch!r}: give a compute capability such as 90a or 80")
+    if any(h < 1 or h > layernorm.MAX_HIDDEN for h in args.hidden):
+        ap.error(f"--hidden: each size must be in 1..{layernorm.MAX_HIDDEN}")
+    return args
+
+
+def ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) from `ptxas -v` on the kernel's PTX."""
+    ptxas = get_ptxas(int(arch.rstrip("a"))).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([ptxas, "-v", f"-arch=sm_{arch}", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {out.stderr.strip()[:400]}")
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return int(regs.group(1)) if regs else 0, int(spill.group(1)) if spill else 0
+
+
+def resident_programs(regs: int, warps: int, shared: int) -> int:
+    """Programs of `warps` warps one SM holds at `regs` registers per thread and `shared` bytes."""
+    per_warp = -(-max(regs, 1) * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_regs = SM_REGISTERS // (per_warp * warps)
+    by_shared = (228 * 1024) // shared if shared else SM_BLOCKS
+    return max(0, min(by_regs, SM_WARPS // warps, SM_BLOCKS, by_shared))
+
+
+def compile_usage(fn, signature: dict, constexprs: dict, warps: int, arch: str) -> dict:
+    target = GPUTarget("cuda", int(arch.rstrip("a")), 32)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": warps})
+    regs, spill = ptxas_usage(kernel.asm["ptx"], arch)
+    shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+    return {"regs": regs, "spill_bytes": spill, "shared": shared, "resident": resident_programs(regs, warps, shared)}
+
+
+def backward_signature(case, rms: bool) -> tuple[dict, dict]:
+    x, dy, ds, dx, dx2, has_ds, has_dx2 = case
+    p = lambda t: f"*{t}"  # noqa: E731
+    sig = {"DY": p(dy), "X": p(x), "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DS": p(ds), "DX": p(dx),
+           "DX2": p(dx2), "DW_partial": "*fp32", "DB_partial": "*fp32"}
+    sig.update({name: "i32" for name in ("stride_dy", "stride_x", "stride_ds", "stride_dx", "M", "N")})
+    return sig, {"RMS": rms, "HAS_DS": has_ds, "HAS_DX2": has_dx2}
+
+
+def backward_rows(hidden: int, arch: str, rms: bool) -> list[dict]:
+    block_n = triton.next_power_of_2(hidden)
+    default = layernorm._default_bwd_config(hidden)
+    configs = [default] + [layernorm._bwd_config(*c) for c in layernorm._BWD_SHAPES]
+    rows = []
+    for case_name, case in BWD_CASES.items():
+        sig, flags = backward_signature(case, rms)
+        seen = set()
+        for config in configs:
+            tag = (config.kwargs["BLOCK_M"], config.num_warps, config.kwargs["PROGRAMS_PER_SM"])
+            if tag in seen:
+                continue
+            seen.add(tag)
+            elements = layernorm._thread_elements(config, block_n)
+            constexprs = {**flags, **config.kwargs, "BLOCK_N": block_n}
+            usage = compile_usage(layernorm._norm_bwd_kernel.fn, {**sig, **{k: "constexpr" for k in constexprs}},
+                                  constexprs, config.num_warps, arch)
+            lo, hi = layernorm._THREAD_ELEMENTS
+            timed = "default" if config is default else ("tuned" if lo <= elements <= hi else "pruned")
+            rows.append({
+                "kernel": "rms_norm bwd" if rms else "layer_norm bwd", "hidden": hidden, "case": case_name,
+                "rows/warps/per_sm": "/".join(map(str, tag)), "autotune": timed, "elements/thread": elements,
+                **usage, "waves": round(tag[2] / usage["resident"], 2) if usage["resident"] else None,
+            })
+            print("row:", rows[-1], flush=True)
+    return rows
+
+
+def forward_rows(hidden: int, arch: str) -> list[dict]:
+    """The forward's one tile per hidden size (not tuned: it ran at ~95% of copy bandwidth on an H200)."""
+    block_m, block_n, warps = layernorm._tile(hidden)
+    rows = []
+    for case_name, (x, r, y, s, has_residual) in {
+        "ln_1: fp32 stream -> bf16 y": ("fp32", "fp32", "bf16", "bf16", False),
+        "ln_2: bf16 + fp32 residual": ("bf16", "fp32", "bf16", "fp32", True),
+    }.items():
+        sig = {"X": f"*{x}", "R": f"*{r}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}", "S": f"*{s}",
+               "Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
+               "stride_s": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
+        constexprs = {"HAS_RESIDUAL": has_residual, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        usage = compile_usage(layernorm._layer_norm_fwd_kernel, {**sig, **{k: "constexpr" for k in constexprs}},
+                              constexprs, warps, arch)
+        rows.append({"kernel": "layer_norm fwd", "hidden": hidden, "case": case_name,
+                     "rows/warps/per_sm": f"{block_m}/{warps}/-", "autotune": "fixed",
+                     "elements/thread": block_m * block_n // (32 * warps), **usage, "waves": None})
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    print(f"Triton {triton.__version__}, compiled for sm_{args.arch} (no GPU needed); ptxas: "
+          f"{get_ptxas(int(args.arch.rstrip('a'))).path}")
+    rows = []
+    for hidden in args.hidden:
+        rows += backward_rows(hidden, args.arch, args.rms)
+        if not args.rms:
+            rows += forward_rows(hidden, args.arch)
+    print()
+    print_table(rows, ["kernel", "hidden", "case", "rows/warps/per_sm", "autotune", "elements/thread", "regs",
+                       "spill_bytes", "resident", "waves"])
+    print("\nresident = programs one SM holds (registers, warps, blocks, shared memory); waves = the grid's "
+          "programs per SM / resident (1 = every program runs at once). autotune: default = the untuned "
+          "config; tuned = timed by the autotuner at this size; pruned = outside 4-16 elements per thread.")
+    if args.json:
+        write_json(args.json, {"triton": triton.__version__, "arch": args.arch, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
