@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from ._common import INTERPRETED, check_device, check_dtype, new_empty, num_sms
 
@@ -120,8 +121,14 @@ def _prune_bwd(configs, named_args, **kwargs):
     return kept
 
 
+def _time_config(kernel_call, quantiles):
+    """The autotuner's timing of one config: 25 ms of calls (hundreds of a ~50 us kernel) instead of
+    Triton's default 100, so tuning a new shape costs ~0.2 s a config beyond its compile."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 @triton.autotune(configs=[_bwd_config(*c) for c in _BWD_SHAPES], key=["M", "N", "RMS", "HAS_DS", "HAS_DX2"],
-                 prune_configs_by={"early_config_prune": _prune_bwd})
+                 prune_configs_by={"early_config_prune": _prune_bwd}, do_bench=_time_config)
 @triton.jit
 def _norm_bwd_kernel(
     DY, X, W, Mean, Rstd, DS, DX, DX2, DW_partial, DB_partial,  # DS: grad of the residual sum, if HAS_DS
