@@ -15,7 +15,8 @@
 # bench_kernels --quick; tests_ext (the growth extension on CUDA); fsdp_nccl (one-rank FSDP2 over nccl:
 # bf16, growth inside the shards, a sharded checkpoint resumed); bench_train --quick (GPT2_base bf16: HF eager/SDPA/compiled vs ours torch/
 # triton/triton+compile); bench_growth --device cuda (GPT2_large halves); profile (profile_ops.py: device
-# kernels vs host time per op); bench_kernels_ce_llama (fused CE, RMSNorm, SwiGLU, RoPE q+k);
+# kernels vs host time per op); host_overhead (host time of each op's eager fwd+bwd vs torch's, tiny
+# shapes); bench_kernels_ce_llama (fused CE, RMSNorm, SwiGLU, RoPE q+k);
 # tests_rest (the rest of the suite);
 # then a summary table. Outputs under $OUT (or ./gpu_check_out): at most 8 files (logs are appended to
 # one file; the benchmark JSONs and the summary stand alone; staged_gpu adds 3). Copy the tables, card and date into RESULTS.md.
@@ -28,7 +29,7 @@ LOG="$OUT_DIR/steps.log"
 unset TRITON_INTERPRET  # compile the kernels for the GPU
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-530}
-STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext fsdp_nccl bench_train bench_growth profile bench_kernels_ce_llama tests_rest"}
+STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels tests_ext fsdp_nccl bench_train bench_growth profile host_overhead bench_kernels_ce_llama tests_rest"}
 PY=${PYTHON:-python3}
 SUMMARY=()
 
@@ -115,6 +116,7 @@ step bench_train 110 "$PY" benchmarks/bench_train.py --quick ${BENCH_TRAIN_ROWS:
   --json "$OUT_DIR/bench_train.json"
 step bench_growth 40 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
 step profile 40 "$PY" benchmarks/profile_ops.py
+step host_overhead 40 "$PY" benchmarks/host_overhead.py --device cuda --calls 200 --rounds 3
 step bench_kernels_ce_llama 80 "$PY" benchmarks/bench_kernels.py --quick --only linear_ce,llama
 IGNORES=""
 for f in $KERNEL_TESTS tests/test_ext_ops.py; do IGNORES="$IGNORES --ignore=$f"; done

@@ -77,6 +77,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions in Triton >= 3.6
+# and cost ~2 us a call on the host (argument unwrapping), several per launch; these are plain ints.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_device, check_dtype, dot_precision, new_empty
+from ._common import INTERPRETED, cdiv, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
@@ -502,7 +502,7 @@ def _check_seed(op: str, seed, device) -> None:
 
 
 def _t_key(T: int) -> int:
-    return max(16, triton.next_power_of_2(T))
+    return max(16, next_power_of_2(T))
 
 
 def _group(q, k) -> int:
@@ -521,6 +521,13 @@ def flash_attention_forward(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor 
     exp2(s_ij), s in log2 units). `seed` is needed when dropout_p > 0."""
     _check_qkv(q, k, v)
     _check_dropout(dropout_p)
+    if dropout_threshold(dropout_p) > 0:
+        _check_seed("flash_attention_forward", seed, q.device)
+    return _attn_fwd(q, k, v, dropout_p, seed)
+
+
+def _attn_fwd(q, k, v, dropout_p, seed):
+    """flash_attention_forward without its checks (done once by flash_attention)."""
     B, H, T, D = q.shape
     o = new_empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = new_empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -528,10 +535,8 @@ def flash_attention_forward(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor 
         return o, lse
     threshold = dropout_threshold(dropout_p)
     dropout = threshold > 0
-    if dropout:
-        _check_seed("flash_attention_forward", seed, q.device)
     d0, d1 = _split_head_dim(D)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -548,6 +553,13 @@ def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: 
     _check_qkv(q, k, v)
     if do.shape != q.shape:
         raise ValueError(f"flash_attention_backward: grad shape {tuple(do.shape)} != {tuple(q.shape)}.")
+    if dropout_threshold(dropout_p) > 0:
+        _check_seed("flash_attention_backward", seed, q.device)
+    return _attn_bwd(do, q, k, v, o, lse, dropout_p, seed)
+
+
+def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
+    """flash_attention_backward without its checks: autograd hands it what the forward saved."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     o = o.contiguous()
@@ -561,17 +573,15 @@ def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: 
         return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
     threshold = dropout_threshold(dropout_p)
     dropout = threshold > 0
-    if dropout:
-        _check_seed("flash_attention_backward", seed, q.device)
     keep_frac = 1.0 - threshold / 256.0
     d0, d1 = _split_head_dim(D)
     delta = new_empty((B, H, T), dtype=torch.float32, device=q.device)
-    _attn_bwd_prep_kernel[(triton.cdiv(T, 64), B * H)](
+    _attn_bwd_prep_kernel[(cdiv(T, 64), B * H)](
         o, do, delta, dq_acc, do.stride(0), do.stride(1), do.stride(2), H, T, keep_frac,
         HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=64,
     )
     # One program per (key block, kv head); it loops over the kv head's query heads (see the kernel).
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
+    grid = lambda meta: (cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
     _attn_bwd_kernel[grid](
         q, k, v, do, lse, delta, dq_acc, dk, dv, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -589,7 +599,7 @@ def dropout_mask(seed: torch.Tensor, B: int, H: int, T: int, dropout_p: float) -
     entries above the diagonal, which the kernels never use."""
     out = torch.empty((B, H, T, T), dtype=torch.int8, device=seed.device)
     if out.numel():
-        _dropout_mask_kernel[(triton.cdiv(T, 32), triton.cdiv(T, 32), B * H)](
+        _dropout_mask_kernel[(cdiv(T, 32), cdiv(T, 32), B * H)](
             seed, out, T, dropout_threshold(dropout_p), BLOCK_M=32, BLOCK_N=32
         )
     return out.bool()
@@ -648,7 +658,7 @@ class _FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, dropout_p, seed):
-        o, lse = flash_attention_forward(q, k, v, dropout_p, seed)
+        o, lse = _attn_fwd(q, k, v, dropout_p, seed)
         ctx.dropout_p = dropout_p
         ctx.save_for_backward(q, k, v, o, lse, seed)
         return o
@@ -656,7 +666,7 @@ class _FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, seed = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, ctx.dropout_p, seed)
+        dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, ctx.dropout_p, seed)
         return dq, dk, dv, None, None
 
 
@@ -673,6 +683,8 @@ def flash_attention(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None =
     _check_dropout(dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_seed(q.device)
+    if dropout_threshold(dropout_p) > 0:
+        _check_seed("flash_attention", seed, q.device)
     if not torch.compiler.is_compiling():
         return _FlashAttentionFunction.apply(q, k, v, float(dropout_p), seed)
     if seed is None:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_device, check_dtype, new_empty
+from ._common import INTERPRETED, cdiv, check_device, check_dtype, new_empty, next_power_of_2
 
 
 @triton.jit
@@ -78,7 +78,7 @@ ROW_MULTIPLE = 16 if INTERPRETED else 128
 
 
 def _chunk_rows(n: int) -> int:
-    rows = triton.cdiv(triton.cdiv(n, TARGET_CHUNKS), ROW_MULTIPLE) * ROW_MULTIPLE
+    rows = cdiv(cdiv(n, TARGET_CHUNKS), ROW_MULTIPLE) * ROW_MULTIPLE
     return max(1, min(n, rows))
 
 
@@ -186,11 +186,11 @@ def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -1
     # The vocabulary is padded to a multiple of VOCAB_ALIGN rows of zeros: GPT-2's 50257 makes every
     # matmul's leading dimension odd, and cuBLAS then falls back to slow unaligned kernels (an H200 ran
     # the chunk GEMMs in sm75 cutlass kernels, 65% of the op's time). One copy of W per call buys that.
-    v_pad = triton.cdiv(v, VOCAB_ALIGN) * VOCAB_ALIGN
+    v_pad = cdiv(v, VOCAB_ALIGN) * VOCAB_ALIGN
     w = weight if v_pad == v else torch.nn.functional.pad(weight, (0, 0, 0, v_pad - v))
     grad_h = new_empty((n, d), dtype=torch.float32, device=device) if compute_grad else None
     grad_w = new_empty((v_pad, d), dtype=torch.float32, device=device) if compute_grad else None
-    block_v = min(1024 if INTERPRETED else 8192, triton.next_power_of_2(v))
+    block_v = min(1024 if INTERPRETED else 8192, next_power_of_2(v))
     warps = 4 if INTERPRETED else 16 if block_v >= 8192 else 8
     c = chunk_rows or _chunk_rows(n)
     for start in range(0, n, c):

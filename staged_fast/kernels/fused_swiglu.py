@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, new_empty
+from ._common import cdiv, check_device, check_dtype, new_empty
 
 BLOCK = 1024
 
@@ -62,7 +62,7 @@ def swiglu_forward(gate, up):
     out = new_empty(g.shape, dtype=g.dtype, device=g.device)
     n = g.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, num_warps=4)
+        _swiglu_fwd_kernel[(cdiv(n, BLOCK),)](g, u, out, n, BLOCK=BLOCK, num_warps=4)
     return out
 
 
@@ -73,7 +73,7 @@ def swiglu_backward(dout, gate, up):
     du = new_empty(g.shape, dtype=g.dtype, device=g.device)
     n = g.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](d, g, u, dg, du, n, BLOCK=BLOCK, num_warps=4)
+        _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](d, g, u, dg, du, n, BLOCK=BLOCK, num_warps=4)
     return dg, du
 
 

@@ -27,6 +27,7 @@ with autograd registered, so torch.compile sees one op; `layer_norm` / `layer_no
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ._common import INTERPRETED, check_device, check_dtype, new_empty, num_sms
+from ._common import INTERPRETED, cdiv, check_device, check_dtype, new_empty, next_power_of_2, num_sms
 
 MAX_HIDDEN = 16384  # a row must fit in one program's registers
 
@@ -87,16 +88,18 @@ _BWD_SHAPES = [(1, 8, 6), (1, 8, 5), (1, 8, 4), (1, 4, 7), (1, 4, 3), (2, 8, 4),
 AUTOTUNE = os.environ.get("STAGED_FAST_NORM_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 _THREAD_ELEMENTS = (4, 16)  # elements of a row tile per thread worth timing: fewer idle, more cost registers
 RESIDENT_WARPS = 40  # warps of 40-48-register programs one SM surely holds (64K registers, 64 warps)
+_MAX_PER_SM = max(max(c[2] for c in _BWD_SHAPES), RESIDENT_WARPS // 4)  # the widest grid, for the partials
 
 
 def _bwd_config(block_m: int, warps: int, per_sm: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "PROGRAMS_PER_SM": per_sm}, num_warps=warps)
 
 
+@functools.lru_cache(maxsize=None)
 def _default_bwd_config(n: int) -> triton.Config:
     """The untuned config: 4 elements of a row tile per thread (40-48 registers), warps by the row
     length, and as many programs per SM as surely fit at that size (one wave)."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     warps = max(4, min(16, block_n // 128))
     block_m = max(1, min(16, 4 * 32 * warps // block_n))
     return _bwd_config(block_m, warps, RESIDENT_WARPS // warps)
@@ -212,7 +215,7 @@ def sum_partials(dw_partial, dw, db_partial=None, db=None) -> None:
     has_db = db_partial is not None
     # Narrow column strips, many programs: at hidden 768 with 528 partial rows, 3 programs of 256 columns
     # took 102 us on an H200 (latency-bound serial loops); 24 programs of 32 columns read it in parallel.
-    _sum_partials_kernel[(triton.cdiv(n, SUM_COLS),)](
+    _sum_partials_kernel[(cdiv(n, SUM_COLS),)](
         dw_partial, db_partial if has_db else dw_partial, dw, db if has_db else dw, groups, n,
         HAS_DB=has_db, BLOCK_G=SUM_ROWS, BLOCK_N=SUM_COLS, num_warps=4,
     )
@@ -224,9 +227,10 @@ TILE_ELEMENTS = 4096
 SUM_COLS, SUM_ROWS = 32, 128  # tile of the partial-sum reduction: (128 partial rows) x (32 columns)
 
 
+@functools.lru_cache(maxsize=None)
 def _tile(n: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N lanes, num_warps) for hidden size n."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     block_m = max(1, min(16, TILE_ELEMENTS // block_n))
     warps = max(4, min(16, block_m * block_n // 512))
     return block_m, block_n, warps
@@ -246,7 +250,7 @@ def _check(op: str, x, weight, bias, residual=None) -> int:
     for name, t in zip(("x", "weight", "bias", "residual"), tensors):
         check_dtype(op, t, name)
     n = x.shape[-1]
-    if weight.shape != (n,) or bias.shape != (n,):
+    if weight.dim() != 1 or weight.shape[0] != n or bias.dim() != 1 or bias.shape[0] != n:
         raise ValueError(f"{op}: weight and bias must have shape ({n},), got {tuple(weight.shape)}, {tuple(bias.shape)}.")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(
@@ -264,7 +268,13 @@ def layer_norm_forward(x, weight, bias, eps: float, residual=None, out_dtype: to
     output plus the fp32 residual stream gives fp32); y has `out_dtype` (default: s's dtype, or x's);
     both contiguous. mean and rstd are fp32 of shape (rows,).
     """
-    n = _check("layer_norm_forward", x, weight, bias, residual)
+    _check("layer_norm_forward", x, weight, bias, residual)
+    return _layer_norm_fwd(x, weight, bias, eps, residual, out_dtype)
+
+
+def _layer_norm_fwd(x, weight, bias, eps, residual, out_dtype):
+    """layer_norm_forward without its checks (done once by the public functions)."""
+    n = x.shape[-1]
     x2 = _as_rows(x, n)
     m = x2.shape[0]
     s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
@@ -278,7 +288,7 @@ def layer_norm_forward(x, weight, bias, eps: float, residual=None, out_dtype: to
         r2, s = x2, y  # placeholders, never touched when HAS_RESIDUAL is False
     if m > 0:
         block_m, block_n, warps = _tile(n)
-        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        _layer_norm_fwd_kernel[(cdiv(m, block_m),)](
             x2, r2, weight, bias, y, s, mean, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
             m, n, eps,
@@ -297,17 +307,22 @@ def layer_norm_backward(dy, x, weight, mean, rstd, ds=None, copy_dtype=None):
 
 def _groups(m: int, block_m: int, per_sm: int, sms: int) -> int:
     """The backward's grid: per_sm programs per SM, at most one per row tile."""
-    return max(1, min(triton.cdiv(m, block_m), per_sm * sms))
+    return max(1, min(cdiv(m, block_m), per_sm * sms))
 
 
 def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None, copy_dtype=None, config=None):
     """The LayerNorm backward, or RMSNorm's with mean=None (no mean, no bias): (dx[, dx copy], dweight
     [, dbias]). `config` (a triton.Config of the backward) bypasses the autotuner: tests run each one."""
-    rms = mean is None
-    n = x.shape[-1]
-    check_device(op, dy, x, weight, rstd, *([mean] if not rms else []), *([ds] if ds is not None else []))
+    check_device(op, dy, x, weight, rstd, *([mean] if mean is not None else []), *([ds] if ds is not None else []))
     if dy.shape != x.shape or (ds is not None and ds.shape != x.shape):
         raise ValueError(f"{op}: gradient shape {tuple(dy.shape)} does not match {tuple(x.shape)}.")
+    return _norm_bwd(dy, x, weight, mean, rstd, ds, copy_dtype, config)
+
+
+def _norm_bwd(dy, x, weight, mean, rstd, ds=None, copy_dtype=None, config=None):
+    """norm_backward without its checks: autograd hands it what the forward saved."""
+    rms = mean is None
+    n = x.shape[-1]
     x2, dy2 = _as_rows(x, n), _as_rows(dy, n)
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     m = x2.shape[0]
@@ -322,7 +337,7 @@ def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None, copy_dtype=None, 
     if config is None and (INTERPRETED or not AUTOTUNE):
         config = _default_bwd_config(n)  # the interpreter has no GPU to time configs on
     # Partial sums: one row per program of the largest grid any config may launch.
-    max_groups = _groups(m, 1, max(max(c[2] for c in _BWD_SHAPES), RESIDENT_WARPS // 4), sms)
+    max_groups = _groups(m, 1, _MAX_PER_SM, sms)
     dw_partial = new_empty((max_groups, n), dtype=torch.float32, device=x.device)
     db_partial = dw_partial if rms else new_empty((max_groups, n), dtype=torch.float32, device=x.device)
     kernel = _norm_bwd_kernel if config is None else _norm_bwd_kernel.fn
@@ -332,7 +347,7 @@ def norm_backward(op: str, dy, x, weight, mean, rstd, ds=None, copy_dtype=None, 
         dw_partial, db_partial,
         dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
         m, n,
-        RMS=rms, HAS_DS=ds is not None, HAS_DX2=dx_copy is not None, BLOCK_N=triton.next_power_of_2(n),
+        RMS=rms, HAS_DS=ds is not None, HAS_DX2=dx_copy is not None, BLOCK_N=next_power_of_2(n),
         **tuned,
     )
     used = config or _norm_bwd_kernel.best_config  # the config that wrote the outputs
@@ -463,21 +478,21 @@ _ln_res_op.register_autograd(_ln_res_backward, setup_context=_ln_res_setup)
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        y, _, mean, rstd = layer_norm_forward(x, weight, bias, eps, out_dtype=out_dtype)
+        y, _, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, None, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd)
+        dx, dw, db = _norm_bwd(dy, x, weight, mean, rstd)
         return dx, dw, db, None, None
 
 
 class _LayerNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, out_dtype):
-        y, s, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual, out_dtype=out_dtype)
+        y, s, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, residual, out_dtype)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.dtypes = (x.dtype, residual.dtype, y.dtype)
         return y, s
@@ -485,7 +500,7 @@ class _LayerNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, mean, rstd = ctx.saved_tensors
-        dx, dr, dw, db = residual_grads(layer_norm_backward, dy, s, *ctx.dtypes, weight, mean, rstd, ds)
+        dx, dr, dw, db = residual_grads(_norm_bwd, dy, s, *ctx.dtypes, weight, mean, rstd, ds)
         return dx, dr, dw, db, None, None
 
 

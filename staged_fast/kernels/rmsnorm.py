@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_dtype, new_empty
-from .layernorm import MAX_HIDDEN, _as_rows, _output_dtype, _rows, _tile, norm_backward, residual_grads
+from ._common import cdiv, check_device, check_dtype, new_empty
+from .layernorm import MAX_HIDDEN, _as_rows, _norm_bwd, _output_dtype, _rows, _tile, norm_backward, residual_grads
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _check(op: str, x, weight, residual=None) -> int:
     for name, t in zip(("x", "weight", "residual"), tensors):
         check_dtype(op, t, name)
     n = x.shape[-1]
-    if weight.shape != (n,):
+    if weight.dim() != 1 or weight.shape[0] != n:
         raise ValueError(f"{op}: weight must have shape ({n},), got {tuple(weight.shape)}.")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"{op}: residual must match x in shape, got {tuple(residual.shape)} vs {tuple(x.shape)}.")
@@ -70,7 +70,13 @@ def _check(op: str, x, weight, residual=None) -> int:
 
 def rms_norm_forward(x, weight, eps: float, residual=None, out_dtype: torch.dtype | None = None):
     """Returns (y, s, rstd); s = x + residual in the promoted dtype (None without residual)."""
-    n = _check("rms_norm_forward", x, weight, residual)
+    _check("rms_norm_forward", x, weight, residual)
+    return _rms_norm_fwd(x, weight, eps, residual, out_dtype)
+
+
+def _rms_norm_fwd(x, weight, eps, residual, out_dtype):
+    """rms_norm_forward without its checks (done once by the public functions)."""
+    n = x.shape[-1]
     x2 = _as_rows(x, n)
     m = x2.shape[0]
     s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
@@ -83,7 +89,7 @@ def rms_norm_forward(x, weight, eps: float, residual=None, out_dtype: torch.dtyp
         r2, s = x2, y
     if m > 0:
         block_m, block_n, warps = _tile(n)
-        _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        _rms_norm_fwd_kernel[(cdiv(m, block_m),)](
             x2, r2, weight, y, s, rstd, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), m, n, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
@@ -181,24 +187,29 @@ _rms_res_op.register_autograd(_rms_res_backward, setup_context=_rms_res_setup)
 # ---- eager path ----
 
 
+def _rms_bwd_eager(dy, s, weight, rstd, ds, copy_dtype=None):
+    """rms_norm_backward without its checks: autograd hands it what the forward saved."""
+    return _norm_bwd(dy, s, weight, None, rstd, ds, copy_dtype)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        y, _, rstd = rms_norm_forward(x, weight, eps, out_dtype=out_dtype)
+        y, _, rstd = _rms_norm_fwd(x, weight, eps, None, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd)
+        dx, dw = _norm_bwd(dy, x, weight, None, rstd)
         return dx, dw, None, None
 
 
 class _RMSNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, out_dtype):
-        y, s, rstd = rms_norm_forward(x, weight, eps, residual, out_dtype=out_dtype)
+        y, s, rstd = _rms_norm_fwd(x, weight, eps, residual, out_dtype)
         ctx.save_for_backward(s, weight, rstd)
         ctx.dtypes = (x.dtype, residual.dtype, y.dtype)
         return y, s
@@ -206,7 +217,7 @@ class _RMSNormResidualFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, rstd = ctx.saved_tensors
-        dx, dr, dw = residual_grads(rms_norm_backward, dy, s, *ctx.dtypes, weight, rstd, ds)
+        dx, dr, dw = residual_grads(_rms_bwd_eager, dy, s, *ctx.dtypes, weight, rstd, ds)
         return dx, dr, dw, None, None
 
 

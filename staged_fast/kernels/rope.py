@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import rope_torch
-from ._common import check_device, check_dtype, new_empty
+from ._common import cdiv, check_device, check_dtype, new_empty, next_power_of_2
 
 TILE = 1024  # elements of one half (BLOCK_H x BLOCK_D) a program rotates at most
 
@@ -86,10 +86,10 @@ def rope_qk_forward(q, k, cos, sin, inverse: bool = False, op: str = "rope_qk"):
         raise ValueError(f"{op}: cos and sin must be ({T}, {D // 2}), got {tuple(cos.shape)}, {tuple(sin.shape)}.")
     cos, sin = cos.contiguous(), sin.contiguous()
     outs = tuple(new_empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
-    block_d = triton.next_power_of_2(max(D // 2, 1))
-    block_h = min(triton.next_power_of_2(max(HQ, HK, 1)), max(1, TILE // block_d))
-    q_blocks = triton.cdiv(HQ, block_h)
-    grid = (B * T, q_blocks + triton.cdiv(HK, block_h))
+    block_d = next_power_of_2(max(D // 2, 1))
+    block_h = min(next_power_of_2(max(HQ, HK, 1)), max(1, TILE // block_d))
+    q_blocks = cdiv(HQ, block_h)
+    grid = (B * T, q_blocks + cdiv(HK, block_h))
     if D and grid[0] and grid[1]:
         k_, ko = (k, outs[1]) if k is not None else (q, outs[0])  # no k heads: the k branch never runs
         _rope_kernel[grid](q, k_, outs[0], ko, cos, sin, T, HQ, HK, q_blocks, *q.stride(), *k_.stride(),

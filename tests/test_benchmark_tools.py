@@ -1,0 +1,53 @@
+"""The kernel diagnostics in benchmarks/, run as a user would (subprocesses: this test session imported
+the kernels under the CPU interpreter).
+
+kernel_resources.py compiles the norm kernels for sm_90a without a GPU (Triton's ptxas); the test holds
+the untuned backward default to what it claims: no spills, and a grid that fits in one wave at the
+registers it compiles to. host_overhead.py times the host side of each op with the launches stubbed.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_backward_config_fits_one_wave(tmp_path):
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--hidden", "768", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    backward = [r for r in rows if r["kernel"] == "layer_norm bwd"]
+    assert len({r["case"] for r in backward}) == 3 and len(backward) >= 3 * 9
+    assert all(r["regs"] > 0 and r["resident"] >= 1 for r in rows)
+    for r in backward:
+        if r["autotune"] == "default":
+            assert r["spill_bytes"] == 0, r
+            assert r["waves"] <= 1, r  # programs per SM <= what fits: every program runs at once
+    # The first fixed config (4 rows of 1024 lanes, 8 warps) holds one program per SM: why it was slow.
+    old = [r for r in backward if r["rows/warps/per_sm"] == "4/8/1"]
+    assert old and all(r["resident"] == 1 for r in old)
+    assert "resident = programs one SM holds" in proc.stdout
+
+
+def test_host_overhead_times_every_op_with_launches_stubbed(tmp_path):
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--calls", "5", "--rounds", "2",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["op"].split(" ")[0] for r in rows] == ["layer_norm", "layer_norm", "attention"]
+    assert all(r["ours_us"] > 0 and r["torch_us"] > 0 for r in rows)
+    assert "Triton launches stubbed" in proc.stdout
+
+
+def test_bad_arguments_exit_2():
+    for script, args in (("kernel_resources.py", ["--arch", "sm90"]), ("kernel_resources.py", ["--hidden", "0"]),
+                         ("host_overhead.py", ["--calls", "0"])):
+        proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"{script}: error" in proc.stderr, proc.stderr
