@@ -195,10 +195,12 @@ def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, 
 # ---- LayerNorm ----
 
 
-def norm_bwd_config() -> dict:
+def norm_bwd_config(hidden: int) -> dict:
     """The backward config the last norm call ran (autotuned on a GPU): a column of the triton rows."""
-    c = getattr(layernorm._norm_bwd_kernel, "best_config", None)
-    if c is None or CPU:
+    if CPU:
+        return {}
+    c = layernorm._launch_norm_bwd.last if layernorm.AUTOTUNE else layernorm._default_bwd_config(hidden)
+    if c is None:
         return {}
     return {"bwd_config": f"rows{c.kwargs['BLOCK_M']}/warps{c.num_warps}/per_sm{c.kwargs['PROGRAMS_PER_SM']}"}
 
@@ -236,7 +238,7 @@ def bench_layer_norm(rows, peaks):
                 validate(f"layer_norm {impl} {shape}", fn, torch_fn, ref, params, [dy])
             results[impl] = time_modes(fn, params, [dy])
             if impl == "triton":
-                config = norm_bwd_config()
+                config = norm_bwd_config(C)
         for impl, times in results.items():
             add_rows(rows, "layer_norm", shape, impl, times, traffic.get, "GB/s", peaks["bandwidth_Bps"],
                      baseline=None if impl == "torch" else ("torch", results["torch"]),
@@ -253,7 +255,7 @@ def bench_layer_norm(rows, peaks):
         validate(f"layer_norm_residual {shape}", fused, unfused, ref_res, [x, w, b, r], [dy, ds])
         base = time_modes(unfused, [x, w, b, r], [dy, ds])
         add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(fused, [x, w, b, r], [dy, ds]),
-                 traffic_res.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config())
+                 traffic_res.get, "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config(C))
         add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
         if not CPU:
             bench_layer_norm_as_trained(rows, peaks, B, T, C, eps)
@@ -295,7 +297,7 @@ def bench_layer_norm_as_trained(rows, peaks, B, T, C, eps):
     traffic = {"fwd": n * (4 + 2), "bwd": n * (4 + 2 + 4), "fwd+bwd": n * (4 + 2 + 4 + 2 + 4)}
     base = time_modes(torch_ln, [resid, w, b], [dy])
     add_rows(rows, "layer_norm", shape, "triton", time_modes(ours_ln, [resid, w, b], [dy]), traffic.get, "GB/s",
-             peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config())
+             peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config(C))
     add_rows(rows, "layer_norm", shape, "torch", base, traffic.get, "GB/s", peaks["bandwidth_Bps"])
     # ln_2 with the residual: fwd reads x (16-bit), r (fp32), writes s (fp32), y (16-bit); bwd reads dy
     # (16-bit), ds, s (fp32), writes dsum (fp32) and the branch's gradient, dsum in 16 bits (ours in the
@@ -304,7 +306,7 @@ def bench_layer_norm_as_trained(rows, peaks, B, T, C, eps):
     params = [branch, resid, w, b]
     base = time_modes(torch_res, params, [dy, ds])
     add_rows(rows, "layer_norm+residual", shape, "triton", time_modes(ours_res, params, [dy, ds]), traffic.get,
-             "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config())
+             "GB/s", peaks["bandwidth_Bps"], baseline=("torch", base), extra=norm_bwd_config(C))
     add_rows(rows, "layer_norm+residual", shape, "torch", base, traffic.get, "GB/s", peaks["bandwidth_Bps"])
 
 
@@ -538,7 +540,7 @@ def bench_llama(rows, peaks):
         validate(f"rms_norm {shape}", ours, base, lambda x_, w_: rms_norm_reference(x_, w_, eps), [x, w], [dy])
         tb = time_modes(base, [x, w], [dy])
         add_rows(rows, "rms_norm", shape, "triton", time_modes(ours, [x, w], [dy]), traffic.get, "GB/s",
-                 peaks["bandwidth_Bps"], baseline=("torch", tb), extra=norm_bwd_config())
+                 peaks["bandwidth_Bps"], baseline=("torch", tb), extra=norm_bwd_config(C))
         add_rows(rows, "rms_norm", shape, "torch", tb, traffic.get, "GB/s", peaks["bandwidth_Bps"])
         traffic_res = {"fwd": 4 * n * e, "bwd": 4 * n * e, "fwd+bwd": 8 * n * e}
         ours = lambda: rms_norm(x, w, eps, residual=r)  # noqa: E731
@@ -547,7 +549,7 @@ def bench_llama(rows, peaks):
                  lambda x_, w_, r_: rms_norm_reference(x_, w_, eps, residual=r_), [x, w, r], [dy, ds])
         tb = time_modes(base, [x, w, r], [dy, ds])
         add_rows(rows, "rms_norm+residual", shape, "triton", time_modes(ours, [x, w, r], [dy, ds]), traffic_res.get,
-                 "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb), extra=norm_bwd_config())
+                 "GB/s", peaks["bandwidth_Bps"], baseline=("torch", tb), extra=norm_bwd_config(C))
         add_rows(rows, "rms_norm+residual", shape, "torch", tb, traffic_res.get, "GB/s", peaks["bandwidth_Bps"])
         F_ = 8 * C // 3 // 64 * 64  # SwiGLU hidden
         g = torch.randn(B, T, F_, device=DEVICE, dtype=DTYPE).requires_grad_()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 CUDA = torch.cuda.is_available()
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
@@ -372,3 +373,23 @@ def test_compiled_path_equals_eager_path(dropout_p, heads):
     compiled = run(torch.compile(flash_attention, backend="aot_eager", fullgraph=True))
     for a, c in zip(eager, compiled):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_tuned_launch_skips_the_autotuner_once_a_key_has_its_config(monkeypatch):
+    """kernels._common.TunedLaunch: the first launch with a key goes through Triton's autotuner (which
+    picks the config); later ones launch that config directly (the autotuner's per-call key building
+    costs host time) and compute the same, bit for bit."""
+    q, k, v = _qkv(1, 2, 21, 32, torch.float32, seed=3)
+    do = torch.randn_like(q)
+    first = [flash_attention(q, k, v)]
+    first += torch.autograd.grad(first[0], (q, k, v), do)
+    calls = []
+    for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_kernel):
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, **kw: calls.append(1) or _run(*a, **kw))
+    again = [flash_attention(q, k, v)]
+    again += torch.autograd.grad(again[0], (q, k, v), do)
+    assert calls == [], "a launch went through the autotuner although its key had a config"
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    chosen = [c for c, _ in attention._launch_fwd._chosen.values()]
+    assert chosen and all(isinstance(c, triton.Config) for c in chosen)

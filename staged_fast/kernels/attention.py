@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, cdiv, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
+from ._common import INTERPRETED, TunedLaunch, cdiv, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
@@ -537,11 +537,13 @@ def _attn_fwd(q, k, v, dropout_p, seed):
     dropout = threshold > 0
     d0, d1 = _split_head_dim(D)
     grid = lambda meta: (cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
+    t_key, group = _t_key(T), _group(q, k)
+    _launch_fwd(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes
+        grid, (t_key, D, dropout, q.dtype),
         q, k, v, o, lse, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        H, _group(q, k), T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (1.0 - threshold / 256.0), threshold,
+        H, group, T, t_key, LOG2E / math.sqrt(D), 1.0 / (1.0 - threshold / 256.0), threshold,
         HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
     return o, lse
@@ -582,15 +584,20 @@ def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
     )
     # One program per (key block, kv head); it loops over the kv head's query heads (see the kernel).
     grid = lambda meta: (cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
-    _attn_bwd_kernel[grid](
+    t_key, group = _t_key(T), _group(q, k)
+    _launch_bwd(  # the autotuner's key: T bucket, head_dim, dropout, GQA group, the tensors' dtypes
+        grid, (t_key, D, dropout, group, q.dtype, do.dtype),
         q, k, v, do, lse, delta, dq_acc, dk, dv, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, _group(q, k), T, _t_key(T), LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D)), 1.0 / keep_frac,
+        H, group, T, t_key, LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D)), 1.0 / keep_frac,
         threshold,
         HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
     return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
+
+
+_launch_fwd, _launch_bwd = TunedLaunch(_attn_fwd_kernel), TunedLaunch(_attn_bwd_kernel)
 
 
 def dropout_mask(seed: torch.Tensor, B: int, H: int, T: int, dropout_p: float) -> torch.Tensor:

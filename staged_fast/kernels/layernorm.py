@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ._common import INTERPRETED, cdiv, check_device, check_dtype, new_empty, next_power_of_2, num_sms
+from ._common import INTERPRETED, TunedLaunch, cdiv, check_device, check_dtype, new_empty, next_power_of_2, num_sms
 
 MAX_HIDDEN = 16384  # a row must fit in one program's registers
 
@@ -209,6 +209,9 @@ def _sum_partials_kernel(DW_partial, DB_partial, DW, DB, G, N, HAS_DB: tl.conste
         tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
 
 
+_launch_norm_bwd = TunedLaunch(_norm_bwd_kernel)
+
+
 def sum_partials(dw_partial, dw, db_partial=None, db=None) -> None:
     """Launch the column-sum reduction of the backward's (G, N) partials into dw (and db)."""
     groups, n = dw_partial.shape
@@ -340,18 +343,16 @@ def _norm_bwd(dy, x, weight, mean, rstd, ds=None, copy_dtype=None, config=None):
     max_groups = _groups(m, 1, _MAX_PER_SM, sms)
     dw_partial = new_empty((max_groups, n), dtype=torch.float32, device=x.device)
     db_partial = dw_partial if rms else new_empty((max_groups, n), dtype=torch.float32, device=x.device)
-    kernel = _norm_bwd_kernel if config is None else _norm_bwd_kernel.fn
-    tuned = {} if config is None else {**config.kwargs, "num_warps": config.num_warps}
-    kernel[lambda meta: (_groups(m, meta["BLOCK_M"], meta["PROGRAMS_PER_SM"], sms),)](
-        dy2, x2, weight, rstd if rms else mean, rstd, ds2, dx, dx_copy if dx_copy is not None else dx,
-        dw_partial, db_partial,
-        dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
-        m, n,
-        RMS=rms, HAS_DS=ds is not None, HAS_DX2=dx_copy is not None, BLOCK_N=next_power_of_2(n),
-        **tuned,
-    )
-    used = config or _norm_bwd_kernel.best_config  # the config that wrote the outputs
-    groups = _groups(m, used.kwargs["BLOCK_M"], used.kwargs["PROGRAMS_PER_SM"], sms)
+    grid = lambda meta: (_groups(m, meta["BLOCK_M"], meta["PROGRAMS_PER_SM"], sms),)  # noqa: E731
+    args = (dy2, x2, weight, rstd if rms else mean, rstd, ds2, dx, dx_copy if dx_copy is not None else dx,
+            dw_partial, db_partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0), m, n)
+    flags = dict(RMS=rms, HAS_DS=ds is not None, HAS_DX2=dx_copy is not None, BLOCK_N=next_power_of_2(n))
+    if config is None:  # the autotuner's key: M, N, the flags and every tensor argument's dtype
+        key = (m, n, rms, ds is not None, copy_dtype, dy.dtype, x.dtype, weight.dtype, ds2.dtype)
+        config = _launch_norm_bwd(grid, key, *args, **flags)
+    else:
+        _norm_bwd_kernel.fn[grid](*args, **flags, **config.all_kwargs())
+    groups = _groups(m, config.kwargs["BLOCK_M"], config.kwargs["PROGRAMS_PER_SM"], sms)  # the grid that ran
     if rms:
         sum_partials(dw_partial[:groups], dw)
         return (dx.view(x.shape), *copies, dw)
