@@ -64,7 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.harness import peak_memory_cuda, print_table, provenance, time_fn, time_kernel, write_json  # noqa: E402
 from staged_fast.kernels._common import assert_within_torch_error  # noqa: E402
 from staged_fast.kernels.attention import flash_attention, flash_attention_reference  # noqa: E402
-from staged_fast.kernels import layernorm  # noqa: E402
+from staged_fast.kernels import attention, layernorm  # noqa: E402
 from staged_fast.kernels.layernorm import layer_norm, layer_norm_reference  # noqa: E402
 from staged_fast.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
 from staged_fast.kernels.fused_swiglu import swiglu, swiglu_reference  # noqa: E402
@@ -330,6 +330,19 @@ def _sdpa_gqa(q, k, v, flash_only=True):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
+def attention_configs() -> dict:
+    """The configs the last flash_attention fwd and bwd ran (autotuned on a GPU): BLOCK_M x BLOCK_N / warps /
+    stages, to hold against their registers and spills (benchmarks/kernel_resources.py --kernel attention)."""
+    if CPU:
+        return {}
+    out = {}
+    for name, launch in (("fwd_config", attention._launch_fwd), ("bwd_config", attention._launch_bwd)):
+        c = launch.last
+        if c is not None:
+            out[name] = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/w{c.num_warps}/s{c.num_stages}"
+    return out
+
+
 def bench_attention(rows, peaks):
     if CPU:
         shapes = [(1, 2, 64, 64), (1, 2, 64, 96)]
@@ -374,7 +387,8 @@ def bench_attention(rows, peaks):
         base_name = "sdpa_flash" if "sdpa_flash" in results else "torch_eager" if "torch_eager" in results else None
         for impl, times in results.items():
             base = (base_name, results[base_name]) if impl == "triton" and base_name else None
-            add_rows(rows, "attention", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"], baseline=base)
+            add_rows(rows, "attention", shape, impl, times, flops.get, "TFLOP/s", peaks["matmul_flops"], baseline=base,
+                     extra=attention_configs() if impl == "triton" else None)
         if "sdpa_flash" in results:  # what training runs: dropout 0.1 inside both kernels (masks differ)
             p = 0.1
             try:
@@ -387,7 +401,7 @@ def bench_attention(rows, peaks):
             for impl, times in drop.items():
                 base = ("sdpa_flash", drop["sdpa_flash"]) if impl == "triton" else None
                 add_rows(rows, "attention", f"{shape} drop{p}", impl, times, flops.get, "TFLOP/s",
-                         peaks["matmul_flops"], baseline=base)
+                         peaks["matmul_flops"], baseline=base, extra=attention_configs() if impl == "triton" else None)
         del q, k, v, do
     bench_attention_gqa(rows, peaks)
 

@@ -1,13 +1,16 @@
-"""Registers, spills and programs per SM of the norm kernels' configs, compiled for a GPU without one.
+"""Registers, spills and programs per SM of the kernels' configs, compiled for a GPU without one.
 
 Triton compiles a kernel ahead of time for a named target (here sm_90a, H100/H200) on any machine; the
 PTX then goes through Triton's own ptxas with -v, which reports the registers per thread and the bytes
 spilled. From the registers and warps follow how many programs one SM holds (64K registers, 64 warps,
 32 blocks), and from the grid's programs per SM how many waves the backward's grid takes. This is what
 chose the backward's configs and its untuned default (staged_fast/kernels/layernorm.py); whether a
-config is also the fastest is for bench_kernels.py on a GPU, where the autotuner times them.
+config is also the fastest is for bench_kernels.py on a GPU, where the autotuner times them. With
+--kernel attention: every forward and backward config of the flash attention autotuner, bf16, at head_dim
+64/96/128, with and without dropout (a config that spills is timed by the autotuner for nothing).
 
-    python benchmarks/kernel_resources.py                      # hidden 768 and 1536, sm_90a
+    python benchmarks/kernel_resources.py                      # norms: hidden 768 and 1536, sm_90a
+    python benchmarks/kernel_resources.py --kernel attention   # ~70 compiles, a few minutes
     python benchmarks/kernel_resources.py --hidden 1024 --arch 80
     PYTHONPATH=/path/to/other/triton python benchmarks/kernel_resources.py   # another Triton version
 """
@@ -30,7 +33,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.harness import print_table, write_json  # noqa: E402
-from staged_fast.kernels import layernorm  # noqa: E402
+from staged_fast.kernels import attention, layernorm  # noqa: E402
 
 SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32  # per SM, sm_80 and sm_90
 REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
@@ -46,7 +49,11 @@ BWD_CASES = {
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, nargs="+", default=[768, 1536], help="hidden sizes (default 768 1536)")
+    ap.add_argument("--kernel", choices=["norm", "attention"], default="norm", help="which kernels (default norm)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[768, 1536], help="norm hidden sizes (default 768 1536)")
+    ap.add_argument("--head_dim", type=int, nargs="+", default=[64, 96, 128], choices=[64, 96, 128],
+                    help="attention head dims (default 64 96 128)")
+    ap.add_argument("--dropout", choices=["off", "on", "both"], default="both", help="attention dropout (default both)")
     ap.add_argument("--arch", default="90a", help="compute capability to compile for: 90a (H100/H200, default), 80, ...")
     ap.add_argument("--rms", action="store_true", help="RMSNorm's backward (no mean, no bias) instead of LayerNorm's")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -146,10 +153,62 @@ def forward_rows(hidden: int, arch: str) -> list[dict]:
     return rows
 
 
+def _attention_signature(backward: bool, dropout: bool) -> dict:
+    seed = "*i64" if dropout else "*fp32"
+    if backward:
+        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "Delta": "*fp32",
+               "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "Seed": seed}
+        strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m" if t in ("q", "do") else "n")]
+        scalars = {"qk_scale": "fp32", "ds_scale": "fp32", "dv_scale": "fp32", "threshold": "i32"}
+    else:
+        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "Seed": seed}
+        strides = [f"stride_{t}{d}" for t in ("q", "k", "v") for d in ("b", "h", "m" if t == "q" else "n")]
+        scalars = {"qk_scale": "fp32", "out_scale": "fp32", "threshold": "i32"}
+    sig.update({name: "i32" for name in strides + ["H", "GROUP", "T", "T_KEY"]})
+    sig.update(scalars)
+    return sig
+
+
+def attention_rows(arch: str, head_dims=(64, 96, 128), dropouts=(False, True)) -> list[dict]:
+    """Every GPU config of the attention autotuner (bf16), per head_dim and dropout, forward and backward."""
+    rows = []
+    for backward, shapes in ((False, attention._FWD_SHAPES), (True, attention._BWD_SHAPES)):
+        fn = (attention._attn_bwd_kernel if backward else attention._attn_fwd_kernel).fn
+        for head_dim in head_dims:
+            d0, d1 = attention._split_head_dim(head_dim)
+            for dropout in dropouts:
+                sig = _attention_signature(backward, dropout)
+                for block_m, block_n, warps, stages in shapes:
+                    constexprs = {"HEAD_DIM": head_dim, "D0": d0, "D1": d1, "DROPOUT": dropout, "UPCAST": False,
+                                  "PRECISION": "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    target = GPUTarget("cuda", int(arch.rstrip("a")), 32)
+                    kernel = triton.compile(ASTSource(fn, {**sig, **{k: "constexpr" for k in constexprs}}, constexprs),
+                                            target=target, options={"num_warps": warps, "num_stages": stages})
+                    regs, spill = ptxas_usage(kernel.asm["ptx"], arch)
+                    shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+                    rows.append({
+                        "kernel": "attention bwd" if backward else "attention fwd", "head_dim": head_dim,
+                        "dropout": dropout, "config": f"{block_m}x{block_n}/w{warps}/s{stages}", "regs": regs,
+                        "spill_bytes": spill, "shared_KiB": round(shared / 1024, 1),
+                        "resident": resident_programs(regs, warps, shared),
+                    })
+                    print("row:", rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     print(f"Triton {triton.__version__}, compiled for sm_{args.arch} (no GPU needed); ptxas: "
           f"{get_ptxas(int(args.arch.rstrip('a'))).path}")
+    if args.kernel == "attention":
+        dropouts = {"off": (False,), "on": (True,), "both": (False, True)}[args.dropout]
+        rows = attention_rows(args.arch, args.head_dim, dropouts)
+        print()
+        print_table(rows, ["kernel", "head_dim", "dropout", "config", "regs", "spill_bytes", "shared_KiB", "resident"])
+        print("\nconfig = BLOCK_M x BLOCK_N / warps / pipeline stages; resident = programs one SM holds.")
+        if args.json:
+            write_json(args.json, {"triton": triton.__version__, "arch": args.arch, "rows": rows})
+        return
     rows = []
     for hidden in args.hidden:
         rows += backward_rows(hidden, args.arch, args.rms)

@@ -34,6 +34,22 @@ def test_default_backward_config_fits_one_wave(tmp_path):
     assert "resident = programs one SM holds" in proc.stdout
 
 
+def test_attention_configs_compile_for_sm90(tmp_path):
+    """Every forward and backward config of the attention autotuner compiles for sm_90a (head_dim 64, no
+    dropout here: the full table takes minutes), each with its registers and a resident count."""
+    from staged_fast.kernels import attention
+
+    out = tmp_path / "attention.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--kernel", "attention", "--head_dim", "64",
+                           "--dropout", "off", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(attention._FWD_SHAPES) + len(attention._BWD_SHAPES)
+    assert all(r["regs"] > 0 and r["resident"] >= 1 and r["head_dim"] == 64 and not r["dropout"] for r in rows)
+
+
 def test_host_overhead_times_every_op_with_launches_stubbed(tmp_path):
     out = tmp_path / "host.json"
     proc = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--calls", "5", "--rounds", "2",

@@ -393,3 +393,25 @@ def test_tuned_launch_skips_the_autotuner_once_a_key_has_its_config(monkeypatch)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     chosen = [c for c, _ in attention._launch_fwd._chosen.values()]
     assert chosen and all(isinstance(c, triton.Config) for c in chosen)
+
+
+@pytest.mark.parametrize("index", range(len(attention._FWD_SHAPES)))
+def test_every_gpu_config_matches_float64(monkeypatch, index):
+    """Each GPU config of the autotuners (forward config i with backward config i), forced through the
+    launchers' chosen-config table, at T = 67 (a multiple of no block), head_dim 96 (64 + 32 columns)
+    and dropout 0.1: the masking, tiling and mask streams of every tile shape a GPU may pick."""
+    dtype = torch.bfloat16 if CUDA else torch.float32  # the GPU configs are 16-bit ones (fp32 has its own)
+    q, k, v = _qkv(1, 2, 67, 96, dtype, seed=4)
+    fwd, bwd = attention._FWD_SHAPES[index], attention._BWD_SHAPES[index % len(attention._BWD_SHAPES)]
+    t_key = attention._t_key(67)
+    forced = {}
+    for launch, (m, n, warps, stages), key in (
+        (attention._launch_fwd, fwd, (t_key, 96, True, dtype)),
+        (attention._launch_bwd, bwd, (t_key, 96, True, 1, dtype, dtype)),
+    ):
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        monkeypatch.setattr(launch, "_chosen", {key: (config, config.all_kwargs())})
+        forced[launch] = config
+    _check(q, k, v, dropout_p=P_DROP, seed=_seed(99))
+    for launch, config in forced.items():
+        assert launch.last is config, "the forced config did not run"
