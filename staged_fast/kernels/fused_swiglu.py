@@ -58,6 +58,11 @@ def _check(op: str, *tensors) -> None:
 
 def swiglu_forward(gate, up):
     _check("swiglu_forward", gate, up)
+    return _fwd(gate, up)
+
+
+def _fwd(gate, up):
+    """swiglu_forward without its checks (done once by swiglu)."""
     g, u = gate.contiguous(), up.contiguous()
     out = new_empty(g.shape, dtype=g.dtype, device=g.device)
     n = g.numel()
@@ -68,6 +73,11 @@ def swiglu_forward(gate, up):
 
 def swiglu_backward(dout, gate, up):
     _check("swiglu_backward", gate, up, dout)
+    return _bwd(dout, gate, up)
+
+
+def _bwd(dout, gate, up):
+    """swiglu_backward without its checks: autograd hands it what the forward saved."""
     d, g, u = dout.contiguous(), gate.contiguous(), up.contiguous()
     dg = new_empty(g.shape, dtype=g.dtype, device=g.device)
     du = new_empty(g.shape, dtype=g.dtype, device=g.device)
@@ -114,12 +124,12 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return swiglu_forward(gate, up)
+        return _fwd(gate, up)
 
     @staticmethod
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        return swiglu_backward(dout, gate, up)
+        return _bwd(dout, gate, up)
 
 
 def swiglu(gate, up):
