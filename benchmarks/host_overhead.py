@@ -127,7 +127,8 @@ def host_us(fn, calls: int, device: str) -> float:
 def main(argv=None) -> None:
     args = ARGS if argv is None and ARGS is not None else parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("host_overhead.py: --device cuda needs a GPU; use --device cpu (launches stubbed)")
+        print("host_overhead.py: error: --device cuda needs a GPU; use --device cpu (launches stubbed)", file=sys.stderr)
+        sys.exit(2)
     if args.device == "cpu":
         stub_launches()
     rows = []

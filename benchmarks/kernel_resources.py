@@ -41,8 +41,8 @@ REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 # What training feeds the backward under --bf16 (fp32 parameters and residual stream, bf16 branch and
 # dy), by kernel argument: (X, DY, DS, DX, DX2, HAS_DS, HAS_DX2). Placeholders take another pointer's type.
 BWD_CASES = {
-    "ln_1: fp32 stream, bf16 dy": ("fp32", "bf16", "bf16", "fp32", "fp32", False, False),
-    "ln_2: + fp32 ds, bf16 branch grad": ("fp32", "bf16", "fp32", "fp32", "bf16", True, True),
+    "no residual: fp32 stream, bf16 dy": ("fp32", "bf16", "bf16", "fp32", "fp32", False, False),
+    "residual: + fp32 ds, bf16 branch grad": ("fp32", "bf16", "fp32", "fp32", "bf16", True, True),
     "bf16 in, bf16 out": ("bf16", "bf16", "bf16", "bf16", "bf16", False, False),
 }
 
@@ -138,8 +138,8 @@ def forward_rows(hidden: int, arch: str) -> list[dict]:
     block_m, block_n, warps = layernorm._tile(hidden)
     rows = []
     for case_name, (x, r, y, s, has_residual) in {
-        "ln_1: fp32 stream -> bf16 y": ("fp32", "fp32", "bf16", "bf16", False),
-        "ln_2: bf16 + fp32 residual": ("bf16", "fp32", "bf16", "fp32", True),
+        "no residual: fp32 stream -> bf16 y": ("fp32", "fp32", "bf16", "bf16", False),
+        "residual: bf16 + fp32 stream": ("bf16", "fp32", "bf16", "fp32", True),
     }.items():
         sig = {"X": f"*{x}", "R": f"*{r}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}", "S": f"*{s}",
                "Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",

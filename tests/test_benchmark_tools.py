@@ -62,8 +62,13 @@ def test_host_overhead_times_every_op_with_launches_stubbed(tmp_path):
 
 
 def test_bad_arguments_exit_2():
-    for script, args in (("kernel_resources.py", ["--arch", "sm90"]), ("kernel_resources.py", ["--hidden", "0"]),
-                         ("host_overhead.py", ["--calls", "0"])):
+    import torch
+
+    bad = [("kernel_resources.py", ["--arch", "sm90"]), ("kernel_resources.py", ["--hidden", "0"]),
+           ("host_overhead.py", ["--calls", "0"])]
+    if not torch.cuda.is_available():
+        bad.append(("host_overhead.py", ["--device", "cuda"]))
+    for script, args in bad:
         proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and f"{script}: error" in proc.stderr, proc.stderr

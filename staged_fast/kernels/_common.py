@@ -16,6 +16,12 @@ import torch
 _POISON = False
 
 
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable: 0, false, off or no (any case) is off; unset gives `default`."""
+    value = os.environ.get(name)
+    return default if value is None else value.lower() not in ("0", "false", "off", "no")
+
+
 def interpreting() -> bool:
     """True when TRITON_INTERPRET is set now (Triton reads it when a kernel is decorated)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

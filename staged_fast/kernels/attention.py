@@ -76,13 +76,12 @@ lse, delta and the dQ accumulator are fp32. Under TRITON_INTERPRET=1 all operand
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, TunedLaunch, cdiv, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
+from ._common import INTERPRETED, TunedLaunch, cdiv, env_switch, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
@@ -209,7 +208,7 @@ _INTERPRETER_FWD, _INTERPRETER_BWD = (32, 16, 4, 1), (16, 32, 4, 1)
 
 # Autotuning on (default) or off (each kernel runs its default config: quick compiles, e.g. for GPU tests).
 # Read at each launch whose key is new to the autotuner; set STAGED_FAST_ATTN_AUTOTUNE=0 or assign here.
-AUTOTUNE = os.environ.get("STAGED_FAST_ATTN_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+AUTOTUNE = env_switch("STAGED_FAST_ATTN_AUTOTUNE")
 
 
 def _configs(shapes, fp32_shape, interpreter_shape):

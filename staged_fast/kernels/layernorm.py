@@ -28,14 +28,13 @@ with autograd registered, so torch.compile sees one op; `layer_norm` / `layer_no
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 import triton.testing
 
-from ._common import INTERPRETED, TunedLaunch, cdiv, check_device, check_dtype, new_empty, next_power_of_2, num_sms
+from ._common import INTERPRETED, TunedLaunch, cdiv, env_switch, check_device, check_dtype, new_empty, next_power_of_2, num_sms
 
 MAX_HIDDEN = 16384  # a row must fit in one program's registers
 
@@ -85,7 +84,7 @@ def _layer_norm_fwd_kernel(
 _BWD_SHAPES = [(1, 8, 6), (1, 8, 5), (1, 8, 4), (1, 4, 7), (1, 4, 3), (2, 8, 4), (2, 8, 3), (1, 16, 3), (4, 8, 1)]
 # Autotuning on (default) or off (the default config: quick, e.g. for GPU tests). Read at each launch;
 # set STAGED_FAST_NORM_AUTOTUNE=0 or assign here.
-AUTOTUNE = os.environ.get("STAGED_FAST_NORM_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+AUTOTUNE = env_switch("STAGED_FAST_NORM_AUTOTUNE")
 _THREAD_ELEMENTS = (4, 16)  # elements of a row tile per thread worth timing: fewer idle, more cost registers
 RESIDENT_WARPS = 40  # warps of 40-48-register programs one SM surely holds (64K registers, 64 warps)
 _MAX_PER_SM = max(max(c[2] for c in _BWD_SHAPES), RESIDENT_WARPS // 4)  # the widest grid, for the partials
