@@ -69,10 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
     p.add_argument("--rows", default=",".join(ROWS),
-                   help=f"comma-separated rows to run, of {','.join(ROWS)} (hf_sdpa, the baseline, always runs; "
-                   "each compiled row spends ~30-60 s compiling in its warm-up)")
+                   help=f"comma-separated rows to run, in this order, of {','.join(ROWS)} (hf_sdpa, the baseline, "
+                   "always runs first; each compiled row spends ~30-60 s compiling in its warm-up)")
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        p.error(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}")
+    return args
 
 
 def build_models(args, device, attn_implementation="sdpa"):
@@ -159,25 +164,24 @@ def main(argv=None):
         raise SystemExit(f"validation failed: our loss {l_ours:.5f} vs HF {l_hf:.5f} (tolerance {tol})")
     print(f"validated: initial loss ours {l_ours:.4f}, HF {l_hf:.4f}")
 
-    # (row name, model, loss key, our kernels, compiled). HF eager = its plain attention (materialised
-    # scores); HF SDPA is the baseline of vs_hf; compiled rows pay a one-off compile in the warm-up.
-    wanted = set(args.rows.split(",")) | {"hf_sdpa"}
-    unknown = wanted - set(ROWS)
-    if unknown:
-        raise SystemExit(f"unknown --rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
-    runs = [("hf_sdpa", hf, "hf", None, False)]
-    if cuda and "hf_eager" in wanted:
-        runs.append(("hf_eager", build_models(args, device, "eager")[2], "hf", None, False))
-    if cuda and "hf_sdpa_compiled" in wanted:
-        runs.append(("hf_sdpa_compiled", hf, "hf", None, True))
-    if "ours_torch" in wanted:
-        runs.append(("ours_torch", ours, "ours", "torch", False))
-    if cuda and "ours_torch_compile" in wanted:  # inductor fuses our torch ops (as it does HF's): the like-for-like
-        runs.append(("ours_torch_compile", ours, "ours", "torch", True))  # match for hf_sdpa_compiled
-    if backend != "torch" and f"ours_{backend}" in wanted:
-        runs.append((f"ours_{backend}", ours, "ours", backend, False))
-    if backend != "torch" and cuda and f"ours_{backend}_compile" in wanted:
-        runs.append((f"ours_{backend}_compile", ours, "ours", backend, True))
+    # HF eager = its plain attention (materialised scores); HF SDPA is the baseline of vs_hf; compiled rows
+    # pay a one-off compile in the warm-up. Rows run in the order --rows names them, after hf_sdpa: a run
+    # cut short by a time limit keeps the rows named first.
+    order = list(dict.fromkeys(["hf_sdpa"] + args.rows))
+    available = {  # row name -> (model, loss key, our kernels, compiled), built only when wanted
+        "hf_sdpa": lambda: (hf, "hf", None, False),
+        "ours_torch": lambda: (ours, "ours", "torch", False),
+    }
+    if cuda:
+        available["hf_eager"] = lambda: (build_models(args, device, "eager")[2], "hf", None, False)
+        available["hf_sdpa_compiled"] = lambda: (hf, "hf", None, True)
+        # inductor fuses our torch ops (as it does HF's): the like-for-like match for hf_sdpa_compiled
+        available["ours_torch_compile"] = lambda: (ours, "ours", "torch", True)
+    if backend != "torch":
+        available[f"ours_{backend}"] = lambda: (ours, "ours", backend, False)
+        if cuda:
+            available[f"ours_{backend}_compile"] = lambda: (ours, "ours", backend, True)
+    runs = [(name, *available[name]()) for name in order if name in available]
     steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp)
                     for name, model, fn_key, kernels, compiled in runs}
     # CPU: rounds over the rows, so the load of a shared CPU falls on every row alike. CUDA: one row at a time

@@ -72,3 +72,19 @@ def test_bad_arguments_exit_2():
         proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and f"{script}: error" in proc.stderr, proc.stderr
+
+
+def test_bench_train_runs_rows_in_the_order_named_after_the_baseline(tmp_path):
+    """On CPU (tiny model, torch kernels): the baseline hf_sdpa runs first even when named last, as
+    gpu_check relies on (a run cut short keeps the rows named first); an unknown row is refused up front."""
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--quick", "--size", "tiny", "--kernels", "torch",
+                           "--rows", "ours_torch,hf_sdpa", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["hf_sdpa", "ours_torch"]
+    assert rows[0]["vs_hf"] == 1 and rows[1]["tokens/s"] > 0
+    bad = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--rows", "ours_tirton"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown --rows ['ours_tirton']" in bad.stderr

@@ -1,0 +1,70 @@
+"""benchmarks/gpu_check.sh, the one prepared command a lent GPU machine runs (540 seconds at most):
+its default steps' limits fit its budget, in the issue's priority order; on a machine without a GPU, a
+failing step is recorded and the run goes on, and a step that no longer fits is skipped, both in the summary."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+CALL_LIMIT_S = 540  # the device tool's limit for one command
+
+
+def _script():
+    text = SCRIPT.read_text()
+    budget = int(re.search(r"BUDGET=\$\{GPU_CHECK_BUDGET:-(\d+)\}", text).group(1))
+    default_steps = re.search(r'STEPS=\$\{GPU_CHECK_STEPS:-"([^"]+)"\}', text).group(1).split()
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"^step (\w+) (\d+) ", text, re.M)}
+    order = [m.group(1) for m in re.finditer(r"^step (\w+) \d+ ", text, re.M)]
+    install_limit = int(re.search(r"MAX_JOBS=\d+ timeout (\d+) ", text).group(1))
+    return text, budget, default_steps, limits, order, install_limit
+
+
+def test_default_step_limits_sum_under_the_budget():
+    text, budget, default_steps, limits, order, install_limit = _script()
+    assert budget + 10 <= CALL_LIMIT_S  # the summary and the last kill margin fit too
+    missing = [s for s in default_steps if s != "install" and s not in limits]
+    assert not missing, f"default steps without a step line: {missing}"
+    assert sum(limits[s] for s in default_steps if s != "install") <= budget, limits
+    # install runs in the background until the step that needs the extension waits for it; its limit
+    # must sit under the steps that run beside it, or its wait would add to the sum.
+    beside = order[:order.index("tests_ext")]
+    assert install_limit <= sum(limits[s] for s in beside if s in default_steps)
+    assert text.index("install_wait\nstep tests_ext") > 0
+
+
+def test_default_steps_run_in_the_issues_priority_order():
+    _, _, default_steps, limits, order, _ = _script()
+    ran = [s for s in order if s in default_steps]
+    assert ran == [s for s in default_steps if s != "install"], "STEPS lists the steps in the order they run"
+    priority = ["env", "install", "tests_kernels", "bench_kernels", "bench_train", "bench_growth", "tests_rest"]
+    positions = [default_steps.index(s) for s in priority]
+    assert positions == sorted(positions)
+    assert default_steps[-1] == "tests_rest"
+
+
+def _run(tmp_path, steps, budget):
+    out = tmp_path / steps.replace(" ", "_")
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_STEPS": steps, "GPU_CHECK_BUDGET": str(budget),
+           "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
+    return proc, out
+
+
+def test_a_failing_step_is_summarised_without_a_gpu(tmp_path):
+    """host_overhead --device cuda exits 2 here (no GPU): the run goes on and its summary says FAIL(2)."""
+    _, out = _run(tmp_path, "host_overhead", 530)
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^host_overhead\s+FAIL\(2\)", summary, re.M), summary
+    assert "needs a GPU" in (out / "steps.log").read_text()
+
+
+def test_a_step_that_no_longer_fits_is_skipped_and_said_so(tmp_path):
+    proc, out = _run(tmp_path, "tests_rest", 20)  # 20 s less the 10 s margin: under a step's 20 s minimum
+    assert re.search(r"^tests_rest\s+SKIPPED", (out / "summary.txt").read_text(), re.M)
+    assert "tests_rest skipped" in proc.stdout
