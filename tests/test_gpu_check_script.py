@@ -73,3 +73,22 @@ def test_a_step_that_no_longer_fits_is_skipped_and_said_so(tmp_path):
     proc, out = _run(tmp_path, "tests_rest", 20)  # 20 s less the 10 s margin: under a step's 20 s minimum
     assert re.search(r"^tests_rest\s+SKIPPED", (out / "summary.txt").read_text(), re.M)
     assert "tests_rest skipped" in proc.stdout
+
+
+def test_every_default_step_reaches_its_command_whole(tmp_path):
+    """A dry run of the default steps with the stand-in python: each step ran (FAIL(3): the stand-in's
+    exit, not 127 from a command split by a stray newline, as fsdp_nccl's once was), and the training
+    commands it would run are valid command lines of staged_fast.train."""
+    from staged_fast.train_args import parse_args, validate
+
+    _, default_steps, *_ = _script()[1:]
+    _, out = _run(tmp_path, " ".join(default_steps), 530)
+    summary = (out / "summary.txt").read_text()
+    for step in default_steps:
+        expected = "ok" if step == "env" else r"FAIL\(3\)"  # env's last command is `date`
+        assert re.search(rf"^{step}\s+{expected}\s", summary, re.M), (step, summary)
+    calls = [line.split("fake python: ", 1)[1].split() for line in (out / "steps.log").read_text().splitlines()
+             if line.startswith("fake python: -m staged_fast.train")]
+    assert calls and all("--stop_at_step" in c or "--resume" in c for c in calls)
+    for argv in calls:  # cpu for cuda: validate() checks that the device exists, the rest is the same
+        validate(parse_args(["cpu" if a == "cuda" else a for a in argv[2:]]))
