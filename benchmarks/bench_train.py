@@ -168,20 +168,21 @@ def main(argv=None):
     # pay a one-off compile in the warm-up. Rows run in the order --rows names them, after hf_sdpa: a run
     # cut short by a time limit keeps the rows named first.
     order = list(dict.fromkeys(["hf_sdpa"] + args.rows))
-    available = {  # row name -> (model, loss key, our kernels, compiled), built only when wanted
-        "hf_sdpa": lambda: (hf, "hf", None, False),
-        "ours_torch": lambda: (ours, "ours", "torch", False),
+    available = {  # row name -> (model, loss key, our kernels, compiled)
+        "hf_sdpa": (hf, "hf", None, False),
+        "ours_torch": (ours, "ours", "torch", False),
     }
     if cuda:
-        available["hf_eager"] = lambda: (build_models(args, device, "eager")[2], "hf", None, False)
-        available["hf_sdpa_compiled"] = lambda: (hf, "hf", None, True)
+        if "hf_eager" in order:  # a second HF model, built only when asked for
+            available["hf_eager"] = (build_models(args, device, "eager")[2], "hf", None, False)
+        available["hf_sdpa_compiled"] = (hf, "hf", None, True)
         # inductor fuses our torch ops (as it does HF's): the like-for-like match for hf_sdpa_compiled
-        available["ours_torch_compile"] = lambda: (ours, "ours", "torch", True)
+        available["ours_torch_compile"] = (ours, "ours", "torch", True)
     if backend != "torch":
-        available[f"ours_{backend}"] = lambda: (ours, "ours", backend, False)
+        available[f"ours_{backend}"] = (ours, "ours", backend, False)
         if cuda:
-            available[f"ours_{backend}_compile"] = lambda: (ours, "ours", backend, True)
-    runs = [(name, *available[name]()) for name in order if name in available]
+            available[f"ours_{backend}_compile"] = (ours, "ours", backend, True)
+    runs = [(name, *available[name]) for name in order if name in available]
     steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp)
                     for name, model, fn_key, kernels, compiled in runs}
     # CPU: rounds over the rows, so the load of a shared CPU falls on every row alike. CUDA: one row at a time
