@@ -532,8 +532,10 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         if a.stop_at_step is not None and it >= a.stop_at_step:
             trainer.stop_requested = True
         # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at this update
-        # (an all-reduce of the flag), so all save the same one checkpoint and leave the loop together
-        stop = trainer.stop_requested = D.any_rank(trainer.stop_requested, trainer.dist)
+        # (an all-reduce of the flag), so all save the same one checkpoint and leave the loop together.
+        # The flag is read here, never written back: a SIGTERM handled while the all-reduce is in flight
+        # sets it after it was read, and writing the result over it lost the request (the job trained on).
+        stop = D.any_rank(trainer.stop_requested, trainer.dist)
         if it % a.save_every == 0 or stop:
             path = trainer.save()
     bar.close()

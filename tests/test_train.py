@@ -143,3 +143,35 @@ def test_sigterm_to_one_ddp_rank_saves_one_checkpoint_and_all_ranks_exit_zero(tm
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["iteration"] == records[-1]["iteration"] == len(records)
     print(f"SIGTERM to rank {rank} -> checkpoint {ckpt.name} and exit 0 of both ranks in {elapsed:.1f} s")
+
+
+def test_sigterm_handled_during_the_stop_all_reduce_is_not_lost(tmp_path, data_cache, monkeypatch):
+    """The SIGTERM handler can run while the ranks' stop flag is being all-reduced (the Python handler runs
+    when the collective returns): the flag was set after it was read, and the loop used to write the
+    reduced value back over it, so the request was lost and the job trained on. It must stop one update later."""
+    from staged_fast import distributed as D
+    from staged_fast.train_args import parse_args
+    from staged_fast.trainer import Trainer, run
+
+    args = parse_args(["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
+                       "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--save_every", "100",
+                       "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
+                       "--save_prefix", str(tmp_path / "run")])
+    trainer = Trainer(args, D.DistInfo())
+    reduced = []
+    real_any_rank = D.any_rank
+
+    def any_rank_with_signal_in_flight(flag, info):
+        out = real_any_rank(flag, info)
+        reduced.append(out)
+        if len(reduced) == 2:  # the handler runs after the flag was read, before the result is used
+            trainer.stop_requested = True
+        return out
+
+    monkeypatch.setattr(D, "any_rank", any_rank_with_signal_in_flight)
+    summary = run(trainer, progress=False)
+    trainer.close()
+    assert reduced == [False, False, True], reduced
+    assert trainer.iteration == 3
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    assert load_checkpoint(ckpt).trainer_state["iteration"] == 3 and summary["checkpoint"] == str(ckpt)
