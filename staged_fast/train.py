@@ -16,7 +16,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .run_folder import RunFolderError, RunLock, remove_leftovers
-from .train_args import DEMO_ARGV, UsageError, demo_argv, parse_args
+from .train_args import UsageError, demo_argv, parse_args
 
 # Errors that are the user's to fix: one paragraph, exit code 2, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, UsageError, RunFolderError)

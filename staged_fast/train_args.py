@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr, initial_lr_for, preset_config
+from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
 from .kernels import BACKENDS
 
 GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "append_copy")

@@ -17,7 +17,7 @@ import torch
 
 from . import distributed as D
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import ConfigError, GPTConfig, initial_lr, initial_lr_for
+from .config import ConfigError, GPTConfig, initial_lr_for
 from .heap import keep_freed_heap
 from .kernels import resolve_backend
 from .lr_schedule import LRSchedule

@@ -65,7 +65,8 @@ def test_bad_arguments_exit_2():
     import torch
 
     bad = [("kernel_resources.py", ["--arch", "sm90"]), ("kernel_resources.py", ["--hidden", "0"]),
-           ("host_overhead.py", ["--calls", "0"])]
+           ("host_overhead.py", ["--calls", "0"]), ("compile_check.py", ["--arch", "hopper"]),
+           ("compile_check.py", ["--dtypes", "fp8"])]
     if not torch.cuda.is_available():
         bad.append(("host_overhead.py", ["--device", "cuda"]))
     for script, args in bad:

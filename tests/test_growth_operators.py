@@ -1,7 +1,6 @@
 """Model + optimizer growth: function preservation, training dynamics, composition, bad inputs."""
 import copy
 import dataclasses
-import logging
 
 import pytest
 import torch

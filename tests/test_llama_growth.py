@@ -1,6 +1,5 @@
 """Llama growth: width doubling (d, heads, kv heads, SwiGLU hidden) and every depth mode, function-preserving
 with AdamW state, through the same index maps and fused op as GPT-2; fused vs reference bit-equal."""
-import dataclasses
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Staged training end to end: growth inside a run, offline growth of a checkpoint, plans, the slope
 trigger's wiring, and growth under torchrun."""
-import json
 import os
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """End-to-end training on the bundled corpus: learning, exact resume, multi-process equivalence."""
-import json
 import os
 import subprocess
 import sys

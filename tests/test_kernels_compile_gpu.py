@@ -1,0 +1,94 @@
+"""Every Triton launch of a training step compiles for an H100/H200 (sm_90a), checked without a GPU.
+
+The other kernel tests run Triton's interpreter here, which accepts kernels the real compiler rejects.
+benchmarks/compile_check.py steps GPT-2 blocks at head_dim 64/96/128 and a llama block under autocast bf16,
+fp16 and in fp32 with each launch turned into a full compile (down to ptxas) of the launch's own
+signature; nothing runs. These tests run it as a user would (a subprocess: this session imported the
+kernels for the interpreter) and show that it catches what the interpreter lets through.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every kernel a training step launches (the attention dropout-mask kernel serves tests only).
+TRAINING_KERNELS = {
+    "_layer_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_partials_kernel", "_attn_fwd_kernel",
+    "_attn_bwd_prep_kernel", "_attn_bwd_kernel", "_ce_row_kernel", "_rms_norm_fwd_kernel", "_rope_kernel",
+    "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+}
+
+
+def _compiled_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_every_training_launch_compiles_for_sm90(tmp_path):
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, "benchmarks/compile_check.py", "--first_config", "--json", str(out)],
+                          cwd=ROOT, env=_compiled_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["failures"] == [] and report["arch"] == "90a"
+    assert {r["kernel"] for r in rows} == TRAINING_KERNELS
+    for workload in ("gpt2_hd64", "gpt2_hd96", "gpt2_hd128", "llama"):
+        for dtype in ("bf16", "fp16", "fp32"):
+            assert f"{workload} {dtype}: " in proc.stdout, proc.stdout[-3000:]
+    attention = [r["constexprs"] for r in rows if r["kernel"] == "_attn_fwd_kernel"]
+    for head_dim in (64, 96, 128):  # with dropout (training) and without (eval)
+        for dropout in (True, False):
+            assert any(f"HEAD_DIM={head_dim} " in c and f"DROPOUT={dropout} " in c for c in attention), attention
+    loss = [r["constexprs"] for r in rows if r["kernel"] == "_ce_row_kernel"]
+    assert any("WRITE_GRAD=True" in c for c in loss) and any("WRITE_GRAD=False" in c for c in loss)
+    residual_bwd = [r for r in rows if r["kernel"] == "_norm_bwd_kernel" and "HAS_DX2=True" in r["constexprs"]]
+    assert {r["dtype"] for r in residual_bwd} == {"bf16", "fp16"}  # the 16-bit branch's gradient, as trained
+    assert f"all {len(rows)} distinct kernels compiled for sm_90a" in proc.stdout
+
+
+def test_a_kernel_the_interpreter_runs_but_the_compiler_rejects_is_reported(tmp_path):
+    """A loop-carried value that changes type (int accumulator, float sum) runs in the interpreter and is a
+    compile error for a GPU: the harness must surface it, not pass it by."""
+    kernel = textwrap.dedent('''
+        import os, sys
+        sys.path.insert(0, os.getcwd())
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if not interpret:
+            from benchmarks import compile_check as cc  # before triton: the kernel is decorated for the GPU
+        import torch
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def row_sum(X, Out, N, BLOCK: tl.constexpr):
+            acc = 0
+            for start in range(0, N, BLOCK):
+                acc += tl.sum(tl.load(X + start + tl.arange(0, BLOCK)), axis=0)
+            tl.store(Out, acc)
+
+        x, out = torch.randn(64), torch.empty(1)
+        if interpret:
+            row_sum[(1,)](x, out, 64, BLOCK=16)
+            print("interpreted:", round(float(out), 4) == round(float(x.sum()), 4))
+        else:
+            recorder = cc.Recorder(first_config=True)
+            try:
+                with cc.compile_only(recorder, "90a", {"workload": "w", "dtype": "fp32"}):
+                    row_sum[(1,)](x, out, 64, BLOCK=16)
+            except Exception as e:
+                print("compile error:", type(e).__name__)
+            else:
+                print("compiled", len(recorder.kernels))
+    ''')
+    script = tmp_path / "bad_kernel.py"
+    script.write_text(kernel)
+    interpreted = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                                 env=dict(_compiled_env(), TRITON_INTERPRET="1"), timeout=300)
+    assert "interpreted: True" in interpreted.stdout, interpreted.stdout + interpreted.stderr[-2000:]
+    compiled = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_compiled_env(), capture_output=True,
+                              text=True, timeout=300)
+    assert "compile error: CompilationError" in compiled.stdout, compiled.stdout + compiled.stderr[-2000:]
