@@ -75,7 +75,30 @@ def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
     return lock
 
 
+class Preemption:
+    """SIGTERM (a scheduler preempting the job, to one rank or all) from the first line of main on. Before
+    the trainer exists (rendezvous, data, model, resume) the request is kept and handed to it, and the ranks
+    leave before their first update; after, the trainer saves at the next update boundary and stops. Without
+    this, a SIGTERM during the start killed that rank and torchrun reported the whole job as failed."""
+
+    def __init__(self):
+        self.trainer = None
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if self.trainer is not None:
+            self.trainer.stop_requested = True
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+        if self.requested:  # arrived during the start
+            trainer.stop_requested = True
+
+
 def main(argv: list[str] | None = None) -> int:
+    preemption = Preemption()
     argv = sys.argv[1:] if argv is None else argv
     demo = demo_argv(argv)
     if demo is not None:  # no arguments (or only --arch): the staged demo of that family
@@ -98,13 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         log = print if dist.is_main else (lambda *a, **k: None)
         lock = _own_run_folder(Path(args.save_prefix), dist, log)
         trainer = Trainer(args, dist, log=log)
-
-        def request_stop(signum, frame):  # preemption: save at the next step boundary, then exit
-            trainer.stop_requested = True
-
-        signal.signal(signal.SIGTERM, request_stop)
+        preemption.attach(trainer)
         summary = run(trainer, progress=not args.no_progress)
-        log(f"done: step {trainer.step}, {trainer.tokens:,} tokens, checkpoint {summary['checkpoint']}")
+        saved = summary["checkpoint"] or "none written (nothing trained since the start)"
+        log(f"done: step {trainer.step}, {trainer.tokens:,} tokens, checkpoint {saved}")
         return 0
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

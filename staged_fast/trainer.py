@@ -516,6 +516,13 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
                desc="train", dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), trainer.tokens
     last = {}
+    # A SIGTERM to any rank during the start: all leave before the first update, with nothing new to save
+    # (a resumed run's checkpoint is the latest; a fresh folder without one is started afresh next time).
+    if D.any_rank(trainer.stop_requested, trainer.dist):
+        bar.close()
+        trainer.log(f"stop requested (SIGTERM) before the first update at step {trainer.step}: leaving without "
+                    f"training; the same command continues")
+        return dict(checkpoint=None, growths=trainer.growth_log)
     stop = False
     while trainer.step < a.train_steps and not stop:
         loss, grad_norm = trainer.train_step()

@@ -174,3 +174,48 @@ def test_sigterm_handled_during_the_stop_all_reduce_is_not_lost(tmp_path, data_c
     assert trainer.iteration == 3
     (ckpt,) = list_checkpoints(tmp_path / "run")
     assert load_checkpoint(ckpt).trainer_state["iteration"] == 3 and summary["checkpoint"] == str(ckpt)
+
+
+_PREEMPTED_AT_START = '''
+import os, signal, sys
+import staged_fast.trainer as trainer_module
+from staged_fast.train import _exit_after_distributed_run, main
+
+build = trainer_module.Trainer.__init__
+def build_while_preempted(self, *args, **kwargs):
+    if int(os.environ.get("RANK", "0")) == int(os.environ["SIGNAL_RANK"]):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's signal while the data and the model are built
+    build(self, *args, **kwargs)
+trainer_module.Trainer.__init__ = build_while_preempted
+code = main(sys.argv[1:])
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    _exit_after_distributed_run(code)
+sys.exit(code)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,signalled", [(1, 0), (2, 1), (2, 0)])
+def test_sigterm_during_the_start_leaves_cleanly_and_the_same_command_continues(tmp_path, data_cache, ranks, signalled):
+    """Preempted before the first update (the signal lands while a rank builds its data and model): every rank
+    exits 0 with nothing written, and the same command run again trains the whole run. It used to kill that
+    rank (SIGTERM's default action), and torchrun reported the job as failed."""
+    script = tmp_path / "preempted_at_start.py"
+    script.write_text(_PREEMPTED_AT_START)
+    run = tmp_path / "run"
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={ranks}"]
+    cmd = [*launcher, str(script), "--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "3",
+           "--warmup_steps", "1", "--log_rate", "1", "--val_every", "100", "--val_batches", "1", "--no_progress",
+           "--cache_dir", data_cache, "--device", "cpu", "--save_prefix", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    first = subprocess.run(cmd, env=dict(env, SIGNAL_RANK=str(signalled)), capture_output=True, text=True, timeout=300)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-3000:]
+    assert "stop requested (SIGTERM) before the first update at step 0" in out, out[-3000:]
+    assert "checkpoint none written" in out and list_checkpoints(run) == []
+    assert not (run / "metrics.jsonl").exists() or read_metrics(run / "metrics.jsonl") == []
+    again = subprocess.run(cmd, env=dict(env, SIGNAL_RANK="-1"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
+    assert len(losses(run)) == 3
