@@ -74,8 +74,9 @@ class CompileOnlyDriver:
 
 
 class Recorder:
-    def __init__(self, first_config: bool):
+    def __init__(self, first_config: bool, ptxas_arch: str | None = None):
         self.first_config = first_config
+        self.ptxas_arch = ptxas_arch  # set: registers and spills of each kernel from `ptxas -v`
         self.kernels: dict[tuple, dict] = {}  # one row per distinct compiled kernel
         self.configs_seen = 0
         self.tuning = False  # compiling an autotuner candidate (it may be dropped), not a launch
@@ -89,6 +90,10 @@ class Recorder:
             "shared_KiB": round(int(meta.shared or 0) / 1024, 1), "constexprs": _constexprs(kernel)})
         if not self.tuning:
             row["role"] = "launch"
+        if self.ptxas_arch and "regs" not in row:
+            from benchmarks.kernel_resources import ptxas_usage
+
+            row["regs"], row["spill_bytes"] = ptxas_usage(kernel.asm["ptx"], self.ptxas_arch)
 
 
 def _constexprs(kernel) -> str:
@@ -213,6 +218,8 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default="90a", help="compute capability to compile for: 90a (H100/H200, default), 80, ...")
     ap.add_argument("--first_config", action="store_true",
                     help="compile only the first kept config of each autotuned kernel (faster)")
+    ap.add_argument("--ptxas", action="store_true",
+                    help="also report registers and spilled bytes per thread of each kernel (ptxas -v; slower)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if not re.fullmatch(r"\d+a?", args.arch):
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     load_kernels_for_gpu()
-    recorder = Recorder(args.first_config)
+    recorder = Recorder(args.first_config, args.arch if args.ptxas else None)
     context = {"workload": "", "dtype": ""}
     failures = []
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling every launch for sm_{args.arch} "
@@ -245,7 +252,8 @@ def main(argv=None) -> int:
     rows = list(recorder.kernels.values())
     if rows:
         print()
-        print_table(rows, ["kernel", "workload", "dtype", "role", "warps", "stages", "shared_KiB", "constexprs"])
+        print_table(rows, ["kernel", "workload", "dtype", "role", "warps", "stages", "shared_KiB",
+                           *(["regs", "spill_bytes"] if args.ptxas else []), "constexprs"])
     limit = SHARED_LIMIT.get(args.arch)
     for r in rows:
         if limit is not None and r["shared"] > limit:

@@ -162,15 +162,16 @@ def test_sigterm_handled_during_the_stop_all_reduce_is_not_lost(tmp_path, data_c
 
     def any_rank_with_signal_in_flight(flag, info):
         out = real_any_rank(flag, info)
-        reduced.append(out)
-        if len(reduced) == 2:  # the handler runs after the flag was read, before the result is used
+        reduced.append((trainer.iteration, out))
+        if trainer.iteration == 2:  # the handler runs after the flag was read, before the result is used
             trainer.stop_requested = True
         return out
 
     monkeypatch.setattr(D, "any_rank", any_rank_with_signal_in_flight)
     summary = run(trainer, progress=False)
     trainer.close()
-    assert reduced == [False, False, True], reduced
+    # iteration 0: the check before the first update; then one agreement per update
+    assert reduced == [(0, False), (1, False), (2, False), (3, True)], reduced
     assert trainer.iteration == 3
     (ckpt,) = list_checkpoints(tmp_path / "run")
     assert load_checkpoint(ckpt).trainer_state["iteration"] == 3 and summary["checkpoint"] == str(ckpt)
