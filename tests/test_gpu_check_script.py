@@ -92,3 +92,10 @@ def test_every_default_step_reaches_its_command_whole(tmp_path):
     assert calls and all("--stop_at_step" in c or "--resume" in c for c in calls)
     for argv in calls:  # cpu for cuda: validate() checks that the device exists, the rest is the same
         validate(parse_args(["cpu" if a == "cuda" else a for a in argv[2:]]))
+    # tests_rest leaves out what earlier steps ran and the no-GPU compile check (the GPU compiles for real)
+    pytest_calls = [line.split("fake python: ", 1)[1].split() for line in (out / "steps.log").read_text().splitlines()
+                    if line.startswith("fake python: -m pytest")]
+    rest = next(c for c in pytest_calls if "tests" in c)
+    ignored = {a.split("=", 1)[1] for a in rest if a.startswith("--ignore=")}
+    earlier = {a for c in pytest_calls if c is not rest for a in c if a.startswith("tests/")}
+    assert earlier and earlier | {"tests/test_kernels_compile_gpu.py"} == ignored, (earlier, ignored)
