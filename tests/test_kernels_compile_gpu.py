@@ -1,9 +1,9 @@
 """Every Triton launch of a training step compiles for an H100/H200 (sm_90a), checked without a GPU.
 
 The other kernel tests run Triton's interpreter here, which accepts kernels the real compiler rejects.
-benchmarks/compile_check.py steps GPT-2 blocks at head_dim 64/96/128 and a llama block under autocast bf16,
-fp16 and in fp32 with each launch turned into a full compile (down to ptxas) of the launch's own
-signature; nothing runs. These tests run it as a user would (a subprocess: this session imported the
+benchmarks/compile_check.py steps GPT-2 blocks at head_dim 64/96/128 and a llama block under autocast bf16
+and fp16 (and fp32 at head_dim 64/96) with each launch turned into a full compile (down to ptxas) of the
+launch's own signature; nothing runs. These tests run it as a user would (a subprocess: this session imported the
 kernels for the interpreter) and show that it catches what the interpreter lets through.
 """
 import json
@@ -28,12 +28,13 @@ def _compiled_env():
 
 
 def test_every_training_launch_compiles_for_sm90(tmp_path):
-    # Two processes, two workloads each: Triton compiles on one core, and CI machines have two.
-    groups = [("gpt2_hd64", "gpt2_hd96"), ("gpt2_hd128", "llama")]
-    procs = [subprocess.Popen([sys.executable, "benchmarks/compile_check.py", "--first_config", "--workloads", *group,
-                               "--json", str(tmp_path / f"compile{i}.json")], cwd=ROOT, env=_compiled_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, group in enumerate(groups)]
+    # Two processes of about equal work: Triton compiles on one core, and CI machines have two. fp32 (exact
+    # dots, one attention config) at head_dim 64 and 96 here; the script's default run covers all of it.
+    groups = [(["gpt2_hd64", "gpt2_hd96"], ["bf16", "fp16", "fp32"]), (["gpt2_hd128", "llama"], ["bf16", "fp16"])]
+    procs = [subprocess.Popen([sys.executable, "benchmarks/compile_check.py", "--first_config", "--workloads", *workloads,
+                               "--dtypes", *dtypes, "--json", str(tmp_path / f"compile{i}.json")], cwd=ROOT,
+                              env=_compiled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (workloads, dtypes) in enumerate(groups)]
     rows, stdout = [], ""
     for i, proc in enumerate(procs):
         out, err = proc.communicate(timeout=1200)
@@ -44,9 +45,10 @@ def test_every_training_launch_compiles_for_sm90(tmp_path):
         rows += report["rows"]
         stdout += out
     assert {r["kernel"] for r in rows} == TRAINING_KERNELS
-    for workload in ("gpt2_hd64", "gpt2_hd96", "gpt2_hd128", "llama"):
-        for dtype in ("bf16", "fp16", "fp32"):
-            assert f"{workload} {dtype}: " in stdout, stdout[-3000:]
+    for workloads, dtypes in groups:
+        for workload in workloads:
+            for dtype in dtypes:
+                assert f"{workload} {dtype}: " in stdout, stdout[-3000:]
     attention = [r["constexprs"] for r in rows if r["kernel"] == "_attn_fwd_kernel"]
     for head_dim in (64, 96, 128):  # with dropout (training) and without (eval)
         for dropout in (True, False):
@@ -55,6 +57,7 @@ def test_every_training_launch_compiles_for_sm90(tmp_path):
     assert any("WRITE_GRAD=True" in c for c in loss) and any("WRITE_GRAD=False" in c for c in loss)
     residual_bwd = [r for r in rows if r["kernel"] == "_norm_bwd_kernel" and "HAS_DX2=True" in r["constexprs"]]
     assert {r["dtype"] for r in residual_bwd} == {"bf16", "fp16"}  # the 16-bit branch's gradient, as trained
+    assert any(r["dtype"] == "fp32" and "PRECISION=ieee" in r["constexprs"] for r in rows)  # fp32 attention
 
 
 def test_a_kernel_the_interpreter_runs_but_the_compiler_rejects_is_reported(tmp_path):
