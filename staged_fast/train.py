@@ -84,7 +84,7 @@ class Preemption:
     def __init__(self):
         self.trainer = None
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -95,6 +95,10 @@ class Preemption:
         self.trainer = trainer
         if self.requested:  # arrived during the start
             trainer.stop_requested = True
+
+    def close(self) -> None:
+        """The handler main found (a caller's, e.g. a test process calling main in-process) comes back."""
+        signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
         if dist is not None:
             D.close(dist)
-        if lock is not None:  # last: a failed start leaves no folder it created
+        if lock is not None:  # a failed start leaves no folder it created
             lock.release()
+        preemption.close()
 
 
 def _exit_after_distributed_run(code: int) -> None:

@@ -220,3 +220,22 @@ def test_sigterm_during_the_start_leaves_cleanly_and_the_same_command_continues(
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert [p.name for p in list_checkpoints(run)] == ["step_00000003"]
     assert len(losses(run)) == 3
+
+
+def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):
+    """main installs its preemption handler first thing; a caller running it in-process (a test, a notebook)
+    gets its own handler back, also after a refused start."""
+    import signal
+
+    from staged_fast.train import main
+
+    def callers_handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        code = main(["--size", "tiny", "--train_steps", "0", "--device", "cpu", "--save_prefix", str(tmp_path / "r")])
+        assert code == 2
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
