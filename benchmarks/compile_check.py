@@ -80,12 +80,13 @@ class Recorder:
         self.kernels: dict[tuple, dict] = {}  # one row per distinct compiled kernel
         self.configs_seen = 0
         self.tuning = False  # compiling an autotuner candidate (it may be dropped), not a launch
+        self.workload, self.dtype = "", ""  # what is being stepped, for the rows
 
-    def add(self, fn: JITFunction, kernel, workload: str, dtype: str) -> None:
+    def add(self, fn: JITFunction, kernel) -> None:
         meta = kernel.metadata
         key = (fn.__name__, kernel.hash)
         row = self.kernels.setdefault(key, {
-            "kernel": fn.__name__, "workload": workload, "dtype": dtype, "role": "candidate",
+            "kernel": fn.__name__, "workload": self.workload, "dtype": self.dtype, "role": "candidate",
             "warps": meta.num_warps, "stages": meta.num_stages, "shared": int(meta.shared or 0),
             "shared_KiB": round(int(meta.shared or 0) / 1024, 1), "constexprs": _constexprs(kernel)})
         if not self.tuning:
@@ -112,14 +113,14 @@ def _constexprs(kernel) -> str:
 
 
 @contextlib.contextmanager
-def compile_only(recorder: Recorder, arch: str, context: dict):
+def compile_only(recorder: Recorder, arch: str):
     """Every JIT launch compiles (Triton's warmup path) and returns without running; the autotuner
     compiles each config it would time instead of timing it, and keeps the first."""
     run, bench = JITFunction.run, Autotuner._bench
 
     def compile_launch(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        recorder.add(self, kernel, context["workload"], context["dtype"])
+        recorder.add(self, kernel)
         return kernel
 
     def compile_config(self, *args, config, **kwargs):
@@ -197,6 +198,7 @@ def training_step(workload: str, dtype: torch.dtype | None) -> None:
     model = GPT(config, kernels_backend="triton")
     idx = torch.randint(0, config.vocab_size, (1, 1024))
     targets = torch.randint(0, config.vocab_size, (1, 1024))
+
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -232,14 +234,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     load_kernels_for_gpu()
     recorder = Recorder(args.first_config, args.arch if args.ptxas else None)
-    context = {"workload": "", "dtype": ""}
     failures = []
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling every launch for sm_{args.arch} "
           f"(no GPU used)", flush=True)
-    with compile_only(recorder, args.arch, context):
+    with compile_only(recorder, args.arch):
         for workload in args.workloads:
             for dtype_name in args.dtypes:
-                context.update(workload=workload, dtype=dtype_name)
+                recorder.workload, recorder.dtype = workload, dtype_name
                 before, t0 = len(recorder.kernels), time.perf_counter()
                 try:
                     training_step(workload, DTYPES[dtype_name])
