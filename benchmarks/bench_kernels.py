@@ -49,7 +49,7 @@ def parse_args(argv=None):
     return args
 
 
-GROUPS = ("layer_norm", "attention", "linear_ce", "llama", "linear_ce_cpu")
+GROUPS = ("layer_norm", "attention", "attention_dq", "linear_ce", "llama", "linear_ce_cpu")
 
 
 ARGS = parse_args()
@@ -336,7 +336,10 @@ def attention_configs() -> dict:
     if CPU:
         return {}
     out = {}
-    for name, launch in (("fwd_config", attention._launch_fwd), ("bwd_config", attention._launch_bwd)):
+    launches = [("fwd_config", attention._launch_fwd), ("bwd_config", attention._launch_bwd)]
+    if attention.dq_mode() == "split":
+        launches.append(("dq_config", attention._launch_dq))
+    for name, launch in launches:
         c = launch.last
         if c is not None:
             out[name] = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/w{c.num_warps}/s{c.num_stages}"
@@ -404,6 +407,46 @@ def bench_attention(rows, peaks):
                          peaks["matmul_flops"], baseline=base, extra=attention_configs() if impl == "triton" else None)
         del q, k, v, do
     bench_attention_gqa(rows, peaks)
+
+
+def bench_attention_dq(rows, peaks):
+    """The backward's dQ, two ways, dropout 0.1 (as trained): atomic (the default: fp32 atomic adds from
+    the dK/dV kernel, 5 GEMMs a tile) against split (a dK/dV kernel plus a dQ kernel: 7 GEMMs a tile, no
+    atomics, the same bits every run; what torch.use_deterministic_algorithms(True) runs). Baseline: atomic."""
+    if CPU:
+        shapes = [(1, 2, 64, 64)]
+    elif ARGS.quick:
+        shapes = [(8, 12, 1024, 64)]
+    else:
+        shapes = [(8, 12, 1024, 64), (8, 8, 1024, 96), (8, 12, 1024, 128), (2, 12, 4096, 64)]
+    p = 0.1
+    for B, H, T, D in shapes:
+        shape = f"{B}x{H}x{T}x{D} drop{p}"
+        q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE).requires_grad_() for _ in range(3))
+        do = torch.randn_like(q)
+        seed = attention.new_seed(DEVICE)
+        fwd_flops = 4 * B * H * T * T * D / 2
+        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}  # counted as in bench_attention
+        qs, ks, vs = (t[:1, :2].detach().contiguous().requires_grad_() for t in (q, k, v))
+        results, configs = {}, {}
+        try:
+            for mode in ("atomic", "split"):
+                attention.DQ_MODE = mode
+                flash_attention(q, k, v, dropout_p=p, seed=seed).backward(do)  # autotune on the timed shape
+                q.grad = k.grad = v.grad = None
+                # Checked without dropout (the reference then needs no mask): the same kernels otherwise.
+                validate(f"attention {mode} dQ {shape}", lambda: flash_attention(qs, ks, vs),
+                         lambda: flash_attention_reference(qs, ks, vs), flash_attention_reference, [qs, ks, vs],
+                         [do[:1, :2].contiguous()])
+                results[mode] = time_modes(lambda: flash_attention(q, k, v, dropout_p=p, seed=seed), [q, k, v], [do])
+                configs[mode] = attention_configs()
+        finally:
+            attention.DQ_MODE = "atomic"
+        for mode, times in results.items():
+            base = ("triton_atomic_dq", results["atomic"]) if mode == "split" else None
+            add_rows(rows, "attention", shape, f"triton_{mode}_dq", times, flops.get, "TFLOP/s", peaks["matmul_flops"],
+                     baseline=base, extra=configs[mode])
+        del q, k, v, do
 
 
 def bench_attention_gqa(rows, peaks):
@@ -607,7 +650,8 @@ def main():
     print(f"measured peaks: copy bandwidth {peaks['bandwidth_Bps'] / 1e9:.0f} GB/s, "
           f"matmul ({peaks['matmul_dtype']}) {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s")
     rows = []
-    for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention), ("linear_ce", bench_linear_ce),
+    for name, fn in (("layer_norm", bench_layer_norm), ("attention", bench_attention),
+                     ("attention_dq", bench_attention_dq), ("linear_ce", bench_linear_ce),
                      ("llama", bench_llama), ("linear_ce_cpu", bench_linear_ce_cpu)):
         if ARGS.only == "all" or name in ARGS.only.split(","):
             fn(rows, peaks)

@@ -12,7 +12,8 @@ point is only that each launch compiles. Autotuned kernels: every config the pru
 
 Workloads (--workloads): a GPT-2 block at head_dim 64 (768/12), 96 (768/8) and 128 (1536/12), T = 1024,
 vocabulary 50257, dropout 0.1, forward + backward + an eval forward, under autocast bf16 and fp16 and in
-fp32 (--dtypes); and the llama block (GQA, RMSNorm, RoPE, SwiGLU).
+fp32 (--dtypes); and the llama block (GQA, RMSNorm, RoPE, SwiGLU). Each also runs attention's deterministic
+backward (split dQ: the dK/dV kernel without dQ, then the dQ kernel) at its shapes.
 
     python benchmarks/compile_check.py                         # everything, sm_90a
     python benchmarks/compile_check.py --workloads gpt2_hd64 --dtypes bf16 --first_config
@@ -188,8 +189,10 @@ def load_kernels_for_gpu() -> None:
 
 def training_step(workload: str, dtype: torch.dtype | None) -> None:
     """One GPT / llama block at GPT-2 shapes: forward + backward in training mode (dropout on) and an
-    eval forward with the loss (the no-gradient loss kernel, attention without dropout)."""
+    eval forward with the loss (the no-gradient loss kernel, attention without dropout); then attention's
+    deterministic backward (split dQ) at the block's shapes."""
     from staged_fast.config import GPTConfig
+    from staged_fast.kernels import attention
     from staged_fast.model import GPT
 
     config = GPTConfig(n_layer=1, vocab_size=50257, n_positions=1024, dropout=0.1, attn_dropout=0.1,
@@ -209,6 +212,15 @@ def training_step(workload: str, dtype: torch.dtype | None) -> None:
         model.eval()
         with torch.no_grad(), autocast():
             model(idx, targets)
+    # torch.use_deterministic_algorithms(True) trains with the split dQ backward: its two kernels, dropout on.
+    head_dim, n_kv = config.n_embd // config.n_head, config.n_kv_head or config.n_head
+    q = torch.randn(1, config.n_head, 1024, head_dim, dtype=dtype or torch.float32, requires_grad=True)
+    k, v = (torch.randn(1, n_kv, 1024, head_dim, dtype=q.dtype, requires_grad=True) for _ in range(2))
+    mode, attention.DQ_MODE = attention.DQ_MODE, "split"
+    try:
+        attention.flash_attention(q, k, v, config.attn_dropout).backward(torch.randn_like(q))
+    finally:
+        attention.DQ_MODE = mode
 
 
 def parse_args(argv=None):

@@ -19,7 +19,7 @@
 # (GPT2_base bf16: ours triton/triton+compile/torch vs HF SDPA and SDPA+compile); bench_growth --device
 # cuda (GPT2_large halves, and the kernel alone); profile (profile_ops.py: device kernels vs host time per
 # op); host_overhead (host time of each op's eager fwd+bwd vs torch's, tiny shapes); bench_kernels_ce_llama
-# (fused CE, RMSNorm, SwiGLU, RoPE q+k); tests_rest (the rest of the suite, under torch 2.11/Python 3.12);
+# (fused CE, RMSNorm, SwiGLU, RoPE q+k); bench_kernels_dq (attention's dQ: atomic vs split); tests_rest (the rest of the suite, under torch 2.11/Python 3.12);
 # then a summary table. Outputs under $OUT (or ./gpu_check_out): at most 8 files (logs are appended to
 # one file; the benchmark JSONs and the summary stand alone; staged_gpu adds 3). Copy the tables, card
 # and date into RESULTS.md.
@@ -32,7 +32,7 @@ LOG="$OUT_DIR/steps.log"
 unset TRITON_INTERPRET  # compile the kernels for the GPU
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET:-530}
-STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels bench_kernels_attn tests_ext fsdp_nccl bench_train bench_growth profile host_overhead bench_kernels_ce_llama tests_rest"}
+STEPS=${GPU_CHECK_STEPS:-"env install tests_kernels bench_kernels bench_kernels_attn tests_ext fsdp_nccl bench_train bench_growth profile host_overhead bench_kernels_ce_llama bench_kernels_dq tests_rest"}
 PY=${PYTHON:-python3}
 SUMMARY=()
 
@@ -126,6 +126,9 @@ step bench_growth 25 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --j
 step profile 20 "$PY" benchmarks/profile_ops.py
 step host_overhead 15 "$PY" benchmarks/host_overhead.py --device cuda --calls 200 --rounds 3
 step bench_kernels_ce_llama 35 "$PY" benchmarks/bench_kernels.py --quick --only linear_ce,llama
+# The backward's dQ by atomics (default) against the split, deterministic dQ kernel: the measured reason
+# for the default (GPT-2 head_dim 64, dropout 0.1; both autotuned: ~20 compiles).
+step bench_kernels_dq 30 "$PY" benchmarks/bench_kernels.py --quick --only attention_dq
 IGNORES=""
 # test_kernels_compile_gpu.py compiles for sm_90a without a GPU (~2 min): here tests_kernels compiles for real.
 for f in $KERNEL_TESTS tests/test_ext_ops.py tests/test_kernels_compile_gpu.py; do IGNORES="$IGNORES --ignore=$f"; done
@@ -133,7 +136,7 @@ for f in $KERNEL_TESTS tests/test_ext_ops.py tests/test_kernels_compile_gpu.py; 
 # Its runs (checkpoints) stay in /tmp; only the tables and the figure come back (the 8-file limit).
 step staged_gpu 420 bash -c '"$0" benchmarks/staged_sweep.py --gpu --seeds 1 --out /tmp/staged_sweep_gpu &&
   for f in sweep.md sweep.json sweep.png; do cp /tmp/staged_sweep_gpu/$f "$1/staged_gpu_$f"; done' "$PY" "$OUT_DIR"
-step tests_rest 60 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x $XDIST tests $IGNORES
+step tests_rest 30 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x $XDIST tests $IGNORES
 rm -f "$OUT_DIR/current.log"
 
 {

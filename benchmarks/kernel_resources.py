@@ -6,11 +6,12 @@ spilled. From the registers and warps follow how many programs one SM holds (64K
 32 blocks), and from the grid's programs per SM how many waves the backward's grid takes. This is what
 chose the backward's configs and its untuned default (staged_fast/kernels/layernorm.py); whether a
 config is also the fastest is for bench_kernels.py on a GPU, where the autotuner times them. With
---kernel attention: every forward and backward config of the flash attention autotuner, bf16, at head_dim
-64/96/128, with and without dropout (a config that spills is timed by the autotuner for nothing).
+--kernel attention: every config of the flash attention autotuners, bf16, at head_dim 64/96/128, with and
+without dropout (a config that spills is timed by the autotuner for nothing): the forward, the backward
+(atomic dQ), and the deterministic backward's two kernels (dK/dV without dQ, and the dQ kernel).
 
     python benchmarks/kernel_resources.py                      # norms: hidden 768 and 1536, sm_90a
-    python benchmarks/kernel_resources.py --kernel attention   # ~70 compiles, a few minutes
+    python benchmarks/kernel_resources.py --kernel attention   # ~140 compiles, several minutes
     python benchmarks/kernel_resources.py --hidden 1024 --arch 80
     PYTHONPATH=/path/to/other/triton python benchmarks/kernel_resources.py   # another Triton version
 """
@@ -153,9 +154,14 @@ def forward_rows(hidden: int, arch: str) -> list[dict]:
     return rows
 
 
-def _attention_signature(backward: bool, dropout: bool) -> dict:
+def _attention_signature(kernel: str, dropout: bool) -> dict:
     seed = "*i64" if dropout else "*fp32"
-    if backward:
+    if kernel == "dq":
+        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "Delta": "*fp32",
+               "DQ": "*bf16", "Seed": seed}
+        strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m" if t in ("q", "do") else "n")]
+        scalars = {"qk_scale": "fp32", "ds_scale": "fp32", "threshold": "i32"}
+    elif kernel.startswith("bwd"):
         sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "Delta": "*fp32",
                "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "Seed": seed}
         strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m" if t in ("q", "do") else "n")]
@@ -169,25 +175,35 @@ def _attention_signature(backward: bool, dropout: bool) -> dict:
     return sig
 
 
+# row name: (signature kind, autotuned kernel, its configs, constexprs beyond the common ones)
+ATTENTION_KERNELS = {
+    "attention fwd": ("fwd", attention._attn_fwd_kernel, attention._FWD_SHAPES, {}),
+    "attention bwd": ("bwd", attention._attn_bwd_kernel, attention._BWD_SHAPES, {"DQ_ATOMIC": True}),
+    "attention bwd dk/dv (split)": ("bwd", attention._attn_bwd_kernel, attention._BWD_SHAPES, {"DQ_ATOMIC": False}),
+    "attention bwd dq (split)": ("dq", attention._attn_bwd_dq_kernel, attention._DQ_SHAPES, {}),
+}
+
+
 def attention_rows(arch: str, head_dims=(64, 96, 128), dropouts=(False, True)) -> list[dict]:
-    """Every GPU config of the attention autotuner (bf16), per head_dim and dropout, forward and backward."""
+    """Every GPU config of the attention autotuners (bf16), per head_dim and dropout: the forward, the
+    backward, and the split (deterministic) backward's dK/dV and dQ kernels."""
     rows = []
-    for backward, shapes in ((False, attention._FWD_SHAPES), (True, attention._BWD_SHAPES)):
-        fn = (attention._attn_bwd_kernel if backward else attention._attn_fwd_kernel).fn
+    for name, (kind, kernel, shapes, extra) in ATTENTION_KERNELS.items():
+        fn = kernel.fn
         for head_dim in head_dims:
             d0, d1 = attention._split_head_dim(head_dim)
             for dropout in dropouts:
-                sig = _attention_signature(backward, dropout)
+                sig = _attention_signature(kind, dropout)
                 for block_m, block_n, warps, stages in shapes:
                     constexprs = {"HEAD_DIM": head_dim, "D0": d0, "D1": d1, "DROPOUT": dropout, "UPCAST": False,
-                                  "PRECISION": "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n}
+                                  "PRECISION": "tf32", **extra, "BLOCK_M": block_m, "BLOCK_N": block_n}
                     target = GPUTarget("cuda", int(arch.rstrip("a")), 32)
                     kernel = triton.compile(ASTSource(fn, {**sig, **{k: "constexpr" for k in constexprs}}, constexprs),
                                             target=target, options={"num_warps": warps, "num_stages": stages})
                     regs, spill = ptxas_usage(kernel.asm["ptx"], arch)
                     shared = int(getattr(kernel.metadata, "shared", 0) or 0)
                     rows.append({
-                        "kernel": "attention bwd" if backward else "attention fwd", "head_dim": head_dim,
+                        "kernel": name, "head_dim": head_dim,
                         "dropout": dropout, "config": f"{block_m}x{block_n}/w{warps}/s{stages}", "regs": regs,
                         "spill_bytes": spill, "shared_KiB": round(shared / 1024, 1),
                         "resident": resident_programs(regs, warps, shared),

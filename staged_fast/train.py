@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import distributed as D
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -75,6 +77,32 @@ def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
     return lock
 
 
+class Determinism:
+    """--deterministic for one run: torch's deterministic algorithms (the flash attention backward reads
+    the flag and takes its split, atomic-free dQ) and the cuBLAS workspace setting they need on CUDA.
+    restore() gives back what the caller had: main may run in-process (tests, notebooks)."""
+
+    def __init__(self):
+        self._saved = None
+
+    def enable(self) -> None:
+        self._saved = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
+        torch.use_deterministic_algorithms(True)
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        enabled, warn_only, cublas = self._saved
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        self._saved = None
+
+
 class Preemption:
     """SIGTERM (a scheduler preempting the job, to one rank or all) from the first line of main on. Before
     the trainer exists (rendezvous, data, model, resume) the request is kept and handed to it, and the ranks
@@ -103,6 +131,7 @@ class Preemption:
 
 def main(argv: list[str] | None = None) -> int:
     preemption = Preemption()
+    determinism = Determinism()
     argv = sys.argv[1:] if argv is None else argv
     demo = demo_argv(argv)
     if demo is not None:  # no arguments (or only --arch): the staged demo of that family
@@ -114,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         args = parse_args(argv)
+        if args.deterministic:
+            determinism.enable()
         if _relaunch_for_gpu_count(args, argv):
             return 0
         dist = D.init(args.device, args.parallel)
@@ -141,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:  # a failed start leaves no folder it created
             lock.release()
         preemption.close()
+        determinism.restore()
 
 
 def _exit_after_distributed_run(code: int) -> None:

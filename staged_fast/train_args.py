@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_prefix", default=None, help="run folder for checkpoints and logs (default: runs/<size>-<time>)")
     g.add_argument("--resume", default=None, help="checkpoint folder, run folder, or 'latest' (in --save_prefix) to continue")
     g.add_argument("--seed", type=int, default=1234, help="seeds init, data order and dropout")
+    g.add_argument("--deterministic", action="store_true", help="the same bits on every run of this command on the "
+                   "same machine: torch.use_deterministic_algorithms(True) (an op with no deterministic kernel is an "
+                   "error), CUBLAS_WORKSPACE_CONFIG=:4096:8, and the flash attention backward's split dQ (no atomics; "
+                   "slower, benchmarks/bench_kernels.py --only attention_dq)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     g.add_argument("--gpu_count", type=int, default=None, help="seed flag: processes to launch (-1 = all GPUs); "
                    "without torchrun, >1 re-launches itself with torch.distributed.run")

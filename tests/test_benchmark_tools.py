@@ -35,8 +35,9 @@ def test_default_backward_config_fits_one_wave(tmp_path):
 
 
 def test_attention_configs_compile_for_sm90(tmp_path):
-    """Every forward and backward config of the attention autotuner compiles for sm_90a (head_dim 64, no
-    dropout here: the full table takes minutes), each with its registers and a resident count."""
+    """Every config of the attention autotuners compiles for sm_90a (head_dim 64, no dropout here: the full
+    table takes minutes): forward, backward, and the split backward's dK/dV and dQ kernels, each with its
+    registers and a resident count."""
     from staged_fast.kernels import attention
 
     out = tmp_path / "attention.json"
@@ -46,7 +47,9 @@ def test_attention_configs_compile_for_sm90(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == len(attention._FWD_SHAPES) + len(attention._BWD_SHAPES)
+    assert len(rows) == len(attention._FWD_SHAPES) + 2 * len(attention._BWD_SHAPES) + len(attention._DQ_SHAPES)
+    assert {r["kernel"] for r in rows} == {"attention fwd", "attention bwd", "attention bwd dk/dv (split)",
+                                           "attention bwd dq (split)"}
     assert all(r["regs"] > 0 and r["resident"] >= 1 and r["head_dim"] == 64 and not r["dropout"] for r in rows)
 
 
@@ -89,3 +92,16 @@ def test_bench_train_runs_rows_in_the_order_named_after_the_baseline(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--rows", "ours_tirton"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown --rows ['ours_tirton']" in bad.stderr
+
+
+def test_bench_kernels_times_split_dq_against_atomic_dq(tmp_path):
+    """bench_kernels' attention_dq group, at its CPU toy shape (times meaningless; the wiring is the test):
+    both dQ modes validated and timed, the split rows against the atomic baseline."""
+    out = tmp_path / "dq.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--quick", "--device", "cpu", "--only",
+                           "attention_dq", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["mode"]) for r in rows} == {
+        (impl, mode) for impl in ("triton_atomic_dq", "triton_split_dq") for mode in ("fwd", "bwd", "fwd+bwd")}
+    assert all(r["vs"] == "triton_atomic_dq" and r["speedup"] > 0 for r in rows if r["impl"] == "triton_split_dq")

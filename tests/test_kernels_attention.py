@@ -407,7 +407,7 @@ def test_every_gpu_config_matches_float64(monkeypatch, index):
     forced = {}
     for launch, (m, n, warps, stages), key in (
         (attention._launch_fwd, fwd, (t_key, 96, True, dtype)),
-        (attention._launch_bwd, bwd, (t_key, 96, True, 1, dtype, dtype)),
+        (attention._launch_bwd, bwd, (t_key, 96, True, 1, True, dtype, dtype)),
     ):
         config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         monkeypatch.setattr(launch, "_chosen", {key: (config, config.all_kwargs())})
@@ -415,3 +415,127 @@ def test_every_gpu_config_matches_float64(monkeypatch, index):
     _check(q, k, v, dropout_p=P_DROP, seed=_seed(99))
     for launch, config in forced.items():
         assert launch.last is config, "the forced config did not run"
+
+
+@pytest.mark.parametrize("head_dim, dropout, pruned", [(128, True, True), (128, False, False), (96, True, False)])
+def test_autotune_prune_drops_the_forward_config_over_shared_memory(monkeypatch, head_dim, dropout, pruned):
+    """The forward prune (host code, no kernel runs) keeps every 16-bit GPU config that fits a T bucket
+    of 1024, but drops 128x128/s3 where it needs more than sm_90's 227 KiB of shared memory: head_dim 128
+    with dropout (240 KiB, benchmarks/compile_check.py). fp32 inputs keep their own config only."""
+    monkeypatch.setattr(attention, "AUTOTUNE", True)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in attention._FWD_SHAPES + [attention._FWD_FP32]]
+    prune = attention._prune("BLOCK_M", attention._fwd_over_shared_memory)
+    q16 = torch.randn(1, 1, 4, head_dim, dtype=torch.bfloat16)
+    kept = prune(configs, {"Q": q16}, T_KEY=1024, HEAD_DIM=head_dim, DROPOUT=dropout)
+    shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+    expected = [s for s in attention._FWD_SHAPES if not (pruned and s == (128, 128, 8, 3))]
+    assert shapes == expected
+    assert len(expected) == len(attention._FWD_SHAPES) - pruned
+    kept32 = prune(configs, {"Q": q16.float()}, T_KEY=1024, HEAD_DIM=head_dim, DROPOUT=dropout)
+    assert kept32 == [configs[-1]]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # timing could pick another config (other bits) in another run
+    try:
+        assert prune(configs, {"Q": q16}, T_KEY=1024, HEAD_DIM=head_dim, DROPOUT=dropout) == [configs[0]]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    monkeypatch.setattr(attention, "AUTOTUNE", False)  # off: the default (first) config alone
+    assert prune(configs, {"Q": q16}, T_KEY=1024, HEAD_DIM=head_dim, DROPOUT=dropout) == [configs[0]]
+
+
+# ---- split dQ (deterministic backward: a dK/dV kernel without dQ, then a dQ kernel, no atomics) ----
+
+# On CPU one dtype per shape, with and without dropout; on CUDA (a compile per key) three cases that reach
+# head_dim 64/96/128, every dtype and both dropout settings. The atomic tests above cover the rest.
+SPLIT_CASES = (
+    [(SHAPES[0], torch.bfloat16, P_DROP), (SHAPES[1], torch.float16, 0.0), (SHAPES[2], torch.float32, P_DROP)]
+    if CUDA
+    else [(s, DTYPES[i % 3], p) for i, s in enumerate(SHAPES) for p in (0.0, P_DROP)]
+)
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=_case_id)
+def test_split_dq_matches_float64(monkeypatch, case):
+    """dq/dk/dv of the split backward against float64 (outputs poisoned first: every dQ row is written
+    by the dQ kernel, which has no zeroed accumulator to fall back on)."""
+    monkeypatch.setattr(attention, "DQ_MODE", "split")
+    shape, dtype, p = case
+    _check(*_qkv(*shape, dtype, seed=1), dropout_p=p, seed=_seed(2**40 + 17) if p else None)
+
+
+@pytest.mark.parametrize("case", [(s, d, P_DROP) for s, d in zip(GQA_SHAPES, DTYPES)], ids=_gqa_case_id)
+def test_split_dq_gqa_matches_float64(monkeypatch, case):
+    monkeypatch.setattr(attention, "DQ_MODE", "split")
+    shape, dtype, p = case
+    _check(*_qkv_gqa(*shape, dtype, seed=6), dropout_p=p, seed=_seed(2**41 + 5))
+
+
+def _grads_in_mode(monkeypatch, mode, q, k, v, do, p, seed):
+    monkeypatch.setattr(attention, "DQ_MODE", mode)
+    with poisoned_outputs():
+        return torch.autograd.grad(flash_attention(q, k, v, p, seed), (q, k, v), do)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_dq_keeps_dk_dv_bit_equal_and_launches_the_dq_kernel(monkeypatch, dtype):
+    """The split dK/dV kernel is the atomic one without its dQ GEMM: dk and dv are the same bits; dq differs
+    by summation order only (fp32 sums, one rounding to the dtype). And only split runs the dQ kernel."""
+    q, k, v = _qkv_gqa(1, 4, 2, 45, 64, dtype, seed=9)
+    do = torch.randn_like(q)
+    seed = _seed(77)
+    launched = []
+    monkeypatch.setattr(attention, "_launch_dq", lambda *a, _l=attention._launch_dq, **kw: launched.append(1) or _l(*a, **kw))
+    atomic = _grads_in_mode(monkeypatch, "atomic", q, k, v, do, P_DROP, seed)
+    assert launched == []
+    split = _grads_in_mode(monkeypatch, "split", q, k, v, do, P_DROP, seed)
+    assert launched == [1]
+    for a, b in zip(atomic[1:], split[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ulp = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(atomic[0].float(), split[0].float(), rtol=0, atol=ulp * atomic[0].abs().max().item())
+
+
+def test_deterministic_algorithms_select_split_dq_and_repeat_bit_for_bit(monkeypatch):
+    """torch.use_deterministic_algorithms(True) runs the split dQ whatever DQ_MODE says, and two backward
+    passes give the same bits (on a GPU the atomic dQ does not promise that)."""
+    monkeypatch.setattr(attention, "DQ_MODE", "atomic")
+    q, k, v = _qkv(1, 2, 33, 96, torch.bfloat16 if CUDA else torch.float32, seed=12)
+    do = torch.randn_like(q)
+    seed = _seed(5)
+    launched = []
+    monkeypatch.setattr(attention, "_launch_dq", lambda *a, _l=attention._launch_dq, **kw: launched.append(1) or _l(*a, **kw))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert attention.dq_mode() == "split"
+        runs = [torch.autograd.grad(flash_attention(q, k, v, P_DROP, seed), (q, k, v), do) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert launched == [1, 1]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert attention.dq_mode() == "atomic"
+
+
+def test_unknown_dq_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(attention, "DQ_MODE", "fast")
+    q, k, v = _qkv(1, 1, 8, 16, torch.float32)
+    o = flash_attention(q, k, v)
+    with pytest.raises(ValueError, match=r"dQ mode 'fast' \(STAGED_FAST_ATTN_DQ\) is not one of .*atomic.*split"):
+        o.sum().backward()
+
+
+@pytest.mark.parametrize("index", range(len(attention._DQ_SHAPES)))
+def test_every_gpu_dq_config_matches_float64(monkeypatch, index):
+    """Each GPU config of the dQ kernel, forced, at T = 67, head_dim 96 and dropout 0.1 (the dK/dV kernel
+    runs its first config)."""
+    monkeypatch.setattr(attention, "DQ_MODE", "split")
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v = _qkv(1, 2, 67, 96, dtype, seed=4)
+    m, n, warps, stages = attention._DQ_SHAPES[index]
+    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+    key = (attention._t_key(67), 96, True, dtype, dtype)
+    monkeypatch.setattr(attention._launch_dq, "_chosen", {key: (config, config.all_kwargs())})
+    _check(q, k, v, dropout_p=P_DROP, seed=_seed(99))
+    assert attention._launch_dq.last is config, "the forced config did not run"

@@ -20,6 +20,7 @@ TRAINING_KERNELS = {
     "_layer_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_partials_kernel", "_attn_fwd_kernel",
     "_attn_bwd_prep_kernel", "_attn_bwd_kernel", "_ce_row_kernel", "_rms_norm_fwd_kernel", "_rope_kernel",
     "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+    "_attn_bwd_dq_kernel",  # the deterministic backward's (torch.use_deterministic_algorithms)
 }
 
 
@@ -53,6 +54,9 @@ def test_every_training_launch_compiles_for_sm90(tmp_path):
     for head_dim in (64, 96, 128):  # with dropout (training) and without (eval)
         for dropout in (True, False):
             assert any(f"HEAD_DIM={head_dim} " in c and f"DROPOUT={dropout} " in c for c in attention), attention
+    backward = [r["constexprs"] for r in rows if r["kernel"] == "_attn_bwd_kernel"]
+    for atomic in (True, False):  # atomic dQ (default) and split (the dQ kernel beside it)
+        assert any(f"DQ_ATOMIC={atomic} " in c for c in backward), backward
     loss = [r["constexprs"] for r in rows if r["kernel"] == "_ce_row_kernel"]
     assert any("WRITE_GRAD=True" in c for c in loss) and any("WRITE_GRAD=False" in c for c in loss)
     residual_bwd = [r for r in rows if r["kernel"] == "_norm_bwd_kernel" and "HAS_DX2=True" in r["constexprs"]]

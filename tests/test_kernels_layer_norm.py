@@ -287,3 +287,17 @@ def test_autotuned_backward_matches_float64(monkeypatch):
         for name, o, t, r in zip(["dsum", "dweight", "dbias"], (dsum, *param_grads), torch_out, ref):
             assert_within_torch_error(o, t, r, name=name, atol=1e-5 * r.abs().max().item())
         torch.testing.assert_close(dcopy, dsum.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_autotuning_is_off_under_deterministic_algorithms():
+    """The norm backward (and attention) autotune only when their switch is on and deterministic algorithms
+    are off: timing may choose another tiling in another run, and the tiling orders the partial sums."""
+    from staged_fast.kernels._common import autotuning
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert autotuning(True) is True and autotuning(False) is False
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert autotuning(True) is False
+    finally:
+        torch.use_deterministic_algorithms(False)

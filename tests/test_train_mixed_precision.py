@@ -3,6 +3,7 @@ GradScaler) once crashed at update 1 (the fused residual layer norm rejected a 1
 beside the fp32 residual stream). Five real updates each, through the CLI: on CPU under the interpreter
 with a 512-token BPE (the GPT-2 vocabulary's LM head is the slow part there), compiled on a GPU."""
 import math
+import os
 
 import pytest
 import torch
@@ -47,3 +48,24 @@ def test_compile_recompiles_once_after_growth(tmp_path, small_vocab):
     frames = torch._dynamo.utils.counters["frames"]
     assert frames["ok"] >= 2, dict(frames)  # the small model's graph, then the grown one's
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_deterministic_runs_the_split_dq_and_repeats_bit_for_bit(tmp_path, small_vocab, monkeypatch):
+    """--deterministic: torch's deterministic algorithms for the run (every op of a bf16 Triton training step
+    has one: nothing raises), the attention backward's split dQ (its dQ kernel launches), two runs of the
+    same command give the same losses to the bit, and the caller's settings come back afterwards."""
+    from staged_fast.kernels import attention
+
+    tokenizer, cache = small_vocab
+    launched = []
+    monkeypatch.setattr(attention, "_launch_dq", lambda *a, _l=attention._launch_dq, **kw: launched.append(1) or _l(*a, **kw))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    args = ["--deterministic", "--kernels", "triton", "--bf16", "--train_steps", "2", "--seqlen", "37",
+            "--batch_size", "2", "--dropout", "0.1", "--val_batches", "1", "--tokenizer", tokenizer, "--device", DEVICE]
+    curves = []
+    for run in ("a", "b"):
+        assert train(tmp_path / run, cache, *args) == 0
+        curves.append(losses(tmp_path / run))
+    assert len(launched) >= 2 * 2  # every update's attention backward, in both runs
+    assert len(curves[0]) == 2 and curves[0] == curves[1], curves
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ

@@ -22,6 +22,13 @@ def env_switch(name: str, default: bool = True) -> bool:
     return default if value is None else value.lower() not in ("0", "false", "off", "no")
 
 
+def autotuning(switch: bool) -> bool:
+    """Whether an autotuner with this on/off switch may time configs now: not under
+    torch.use_deterministic_algorithms(True), because timing can pick another config in another run and a
+    config's tiling sets the order of its sums (the bits). Then each kernel runs its default config."""
+    return switch and not torch.are_deterministic_algorithms_enabled()
+
+
 def interpreting() -> bool:
     """True when TRITON_INTERPRET is set now (Triton reads it when a kernel is decorated)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

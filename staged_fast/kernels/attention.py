@@ -31,6 +31,12 @@ BLOCK_M x hs fp32 reductions into L2 per tile, i.e. 1/BLOCK_N of the tile's MMA 
 which is what FlashAttention-2's own CUDA backward does. Price: dQ is not bitwise deterministic on the
 GPU (the order of the fp32 atomic adds varies); dK, dV are. The autotuner re-runs the kernel while
 benchmarking, so the accumulator is declared `reset_to_zero` and the dropout seed is read from a tensor.
+Split mode (`DQ_MODE = "split"`, STAGED_FAST_ATTN_DQ=split, and always under
+torch.use_deterministic_algorithms(True), i.e. `--deterministic`): the same kernel without GEMM 5 and its
+atomics gives dK, dV, then a dQ kernel shaped like the forward (one program per query block and query
+head, key blocks up to the diagonal) recomputes P and dP and accumulates dQ = dS K in registers (3 GEMMs a
+tile, 7 in all) and stores it once, in q's dtype: the same bits on every run, at the price of the two
+recomputed GEMMs; `bench_kernels.py --only attention_dq` times the two modes side by side.
 
 Autotuning: `triton.autotune` keyed on (T bucket = next power of two of T, head_dim, dropout flag, and
 for the backward the GQA group r, which sets its program count and length; the autotuner also keys on
@@ -39,8 +45,9 @@ not re-tune at every T. GPU config sets (BLOCK_M, BLOCK_N, warps, stages), check
 for sm_90 (bf16, head_dim 64/96/128: the backward ones are spill-free or nearly so at 64/128, while
 BLOCK_N 128 with only 4 warps spilled heavily and was dropped):
 forward  (128,64,8,3) (128,128,8,3) (128,64,4,3) (128,32,4,3) (64,64,4,3) (64,32,4,4);
-backward (32,128,8,3) (32,128,8,2) (64,128,8,2) (16,128,8,3) (64,64,8,3) (16,64,4,3).
-Configs whose own tile is taller than max(64, T bucket) are pruned. fp32 inputs (exact FMA dots, tests
+backward (32,128,8,3) (32,128,8,2) (16,64,8,2) (16,128,8,3) (64,64,8,3) (16,64,4,3).
+Configs whose own tile is taller than max(64, T bucket) are pruned, and so is the forward 128x128/s3 at
+head_dim 128 with dropout, which needs 240 KiB of shared memory (sm_90 allows 227; compile_check.py). fp32 inputs (exact FMA dots, tests
 only) get a single config, forward (32,32,4,2) and backward (16,32,4,2): larger fp32 tiles only spill and
 take up to a minute to compile. `AUTOTUNE = False` (or STAGED_FAST_ATTN_AUTOTUNE=0) runs the first config
 of each set without timing (GPU tests use it to keep compiles few); it applies to keys not tuned yet.
@@ -76,12 +83,13 @@ lse, delta and the dQ accumulator are fp32. Under TRITON_INTERPRET=1 all operand
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, TunedLaunch, cdiv, env_switch, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
+from ._common import INTERPRETED, TunedLaunch, autotuning, cdiv, env_switch, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
 
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
@@ -152,6 +160,17 @@ def _load_rows(ptr, offs, stride, T, D0: tl.constexpr, D1: tl.constexpr, BOUNDS:
 
 
 @triton.jit
+def _zero_blocks(ROWS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """fp32 accumulators for the two column blocks; with D1 == 0 the second is a placeholder, never used."""
+    x0 = tl.zeros([ROWS, D0], dtype=tl.float32)
+    if D1 > 0:
+        x1 = tl.zeros([ROWS, D1], dtype=tl.float32)
+    else:
+        x1 = tl.zeros([ROWS, 16], dtype=tl.float32)
+    return x0, x1
+
+
+@triton.jit
 def _store_rows(ptr, offs, stride, T, x0, x1, D0: tl.constexpr, D1: tl.constexpr):
     cols0 = tl.arange(0, D0)
     tl.store(ptr + offs[:, None] * stride + cols0[None, :], x0.to(ptr.dtype.element_ty), mask=offs[:, None] < T)
@@ -203,12 +222,34 @@ _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 
 # for sm_90a (216-1880 bytes under Triton 3.6; 16x64/w8/s2: 0-92; benchmarks/kernel_resources.py
 # --kernel attention, RESULTS.md).
 _BWD_SHAPES = [(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3), (16, 64, 4, 3)]
+# Split mode's dQ kernel (BLOCK_M % BLOCK_N == 0, like the forward); fp32 and the interpreter reuse the
+# forward's single configs. Compiled for sm_90a (compile_check.py --ptxas, bf16): none spills at head_dim
+# 64/96/128; 128x32 with 4 warps, dropped, spilled 108 B at 96 and 304 B at 128.
+_DQ_SHAPES = [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
 _FWD_FP32, _BWD_FP32 = (32, 32, 4, 2), (16, 32, 4, 2)
 _INTERPRETER_FWD, _INTERPRETER_BWD = (32, 16, 4, 1), (16, 32, 4, 1)
 
 # Autotuning on (default) or off (each kernel runs its default config: quick compiles, e.g. for GPU tests).
 # Read at each launch whose key is new to the autotuner; set STAGED_FAST_ATTN_AUTOTUNE=0 or assign here.
 AUTOTUNE = env_switch("STAGED_FAST_ATTN_AUTOTUNE")
+
+# How the backward computes dQ: "atomic" (default: fp32 atomic adds from the dK/dV kernel, 5 GEMMs per
+# tile, dQ bits vary from run to run on a GPU) or "split" (a second kernel, 7 GEMMs per tile in all, no
+# atomics: the same bits every run). torch.use_deterministic_algorithms(True) selects "split" whatever
+# this says. Set STAGED_FAST_ATTN_DQ=split, or assign here; read at each backward.
+DQ_MODES = ("atomic", "split")
+DQ_MODE = os.environ.get("STAGED_FAST_ATTN_DQ", "atomic")
+
+
+def dq_mode() -> str:
+    """The dQ mode the next backward runs: "split" under torch.use_deterministic_algorithms(True),
+    else DQ_MODE."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "split"
+    if DQ_MODE not in DQ_MODES:
+        raise ValueError(f"flash_attention: dQ mode {DQ_MODE!r} (STAGED_FAST_ATTN_DQ) is not one of {DQ_MODES}; "
+                         f"use atomic (fast) or split (deterministic).")
+    return DQ_MODE
 
 
 def _configs(shapes, fp32_shape, interpreter_shape):
@@ -217,9 +258,17 @@ def _configs(shapes, fp32_shape, interpreter_shape):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _prune(block: str):
+def _fwd_over_shared_memory(config, args) -> bool:
+    """The forward 128x128/s3 at head_dim 128 with dropout: 240 KiB of shared memory, over sm_90's 227
+    (benchmarks/compile_check.py). It would compile and then fail to load: one wasted compile per key."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return bool(args.get("DROPOUT")) and args.get("HEAD_DIM", 0) > 96 and m * n >= 128 * 128 and config.num_stages >= 3
+
+
+def _prune(block: str, too_big=None):
     """fp32 inputs: their one config (the last). 16-bit: the others whose `block` (the program's own
-    tile height) is at most max(64, T bucket); only the first (the default) when AUTOTUNE is off."""
+    tile height) is at most max(64, T bucket) and that `too_big(config, args)` does not reject; only
+    the first (the default) when AUTOTUNE is off or deterministic algorithms are on (`autotuning`)."""
 
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
@@ -231,13 +280,15 @@ def _prune(block: str):
         t_key = args.get("T_KEY")
         if t_key is not None:
             kept = [c for c in kept if c.kwargs[block] <= max(64, t_key)] or kept
-        return kept if AUTOTUNE else kept[:1]
+        if too_big is not None:
+            kept = [c for c in kept if not too_big(c, args)] or kept
+        return kept if autotuning(AUTOTUNE) else kept[:1]
 
     return prune
 
 
 @triton.autotune(configs=_configs(_FWD_SHAPES, _FWD_FP32, _INTERPRETER_FWD), key=["T_KEY", "HEAD_DIM", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", _fwd_over_shared_memory)})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, Seed,
@@ -264,11 +315,7 @@ def _attn_fwd_kernel(
         seed = tl.load(Seed)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    else:
-        acc1 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)  # placeholder, never updated or stored
+    acc0, acc1 = _zero_blocks(BLOCK_M, D0, D1)
     for start_n in range(0, start_m, BLOCK_N):  # strictly below the diagonal: mask-free
         acc0, acc1, l_i, m_i = _attn_fwd_tile(
             acc0, acc1, l_i, m_i, q0, q1, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
@@ -293,10 +340,10 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_prep_kernel(
     O, DO, Delta, DQ, stride_dob, stride_doh, stride_dom, H, T, delta_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
-    """delta[i] = (1 - p_eff) * sum_d dO[i, d] * O[i, d] (fp32), and zero the fp32 dQ accumulator rows.
-    O and DQ are contiguous (B, nh, T, hs); dO may be strided."""
+    """delta[i] = (1 - p_eff) * sum_d dO[i, d] * O[i, d] (fp32), and (ZERO_DQ) zero the fp32 dQ
+    accumulator rows. O and DQ are contiguous (B, nh, T, hs); dO may be strided."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
@@ -309,7 +356,8 @@ def _attn_bwd_prep_kernel(
     if D1 > 0:
         delta += tl.sum(o1 * do1, axis=1)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta * delta_scale, mask=offs_m < T)
-    _store_rows(DQ + base, offs_m, HEAD_DIM, T, tl.zeros_like(o0), tl.zeros_like(o1), D0, D1)
+    if ZERO_DQ:
+        _store_rows(DQ + base, offs_m, HEAD_DIM, T, tl.zeros_like(o0), tl.zeros_like(o1), D0, D1)
 
 
 @triton.jit
@@ -326,6 +374,7 @@ def _attn_bwd_tile(
     offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
     CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q0, q1 = _load_rows(Q_ptr, offs_m, stride_qm, T, D0, D1, BOUNDS, UPCAST)
@@ -362,18 +411,19 @@ def _attn_bwd_tile(
     dk0 = tl.dot(dsT, q0, dk0, input_precision=PRECISION)  #                                 GEMM 4
     if D1 > 0:
         dk1 = tl.dot(dsT, q1, dk1, input_precision=PRECISION)
-    ds = tl.trans(dsT)
-    dq_rows = DQ_ptr + offs_m[:, None] * (D0 + D1)  # the fp32 accumulator is contiguous (T, hs) per head
-    dq0 = tl.dot(ds, k0, input_precision=PRECISION)  # (M, D0)                              GEMM 5
-    _atomic_add_rows(dq_rows + tl.arange(0, D0)[None, :], dq0, offs_m, T, BOUNDS)
-    if D1 > 0:
-        dq1 = tl.dot(ds, k1, input_precision=PRECISION)
-        _atomic_add_rows(dq_rows + D0 + tl.arange(0, D1)[None, :], dq1, offs_m, T, BOUNDS)
+    if DQ_ATOMIC:  # else the dQ kernel computes dQ (split mode)
+        ds = tl.trans(dsT)
+        dq_rows = DQ_ptr + offs_m[:, None] * (D0 + D1)  # the fp32 accumulator is contiguous (T, hs) per head
+        dq0 = tl.dot(ds, k0, input_precision=PRECISION)  # (M, D0)                          GEMM 5
+        _atomic_add_rows(dq_rows + tl.arange(0, D0)[None, :], dq0, offs_m, T, BOUNDS)
+        if D1 > 0:
+            dq1 = tl.dot(ds, k1, input_precision=PRECISION)
+            _atomic_add_rows(dq_rows + D0 + tl.arange(0, D1)[None, :], dq1, offs_m, T, BOUNDS)
     return dk0, dk1, dv0, dv1
 
 
 @triton.autotune(configs=_configs(_BWD_SHAPES, _BWD_FP32, _INTERPRETER_BWD),
-                 key=["T_KEY", "HEAD_DIM", "DROPOUT", "GROUP"],
+                 key=["T_KEY", "HEAD_DIM", "DROPOUT", "GROUP", "DQ_ATOMIC"],
                  reset_to_zero=["DQ"], prune_configs_by={"early_config_prune": _prune("BLOCK_N")})
 @triton.jit
 def _attn_bwd_kernel(
@@ -382,11 +432,11 @@ def _attn_bwd_kernel(
     stride_dob, stride_doh, stride_dom,
     H, GROUP, T, T_KEY, qk_scale, ds_scale, dv_scale, threshold,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of one key block of one kv head (stored) and the dQ contributions of its GROUP query heads
-    (atomically added to the fp32 DQ).
+    """dK, dV of one key block of one kv head (stored) and, with DQ_ATOMIC, the dQ contributions of its
+    GROUP query heads (atomically added to the fp32 DQ; without it, DQ is not touched).
 
     GQA: the program loops over the GROUP query heads that share its kv head and sums their dK, dV in
     the same registers, so K, V are loaded once, no atomics and no per-query-head dK/dV buffer are
@@ -409,14 +459,8 @@ def _attn_bwd_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    if D1 > 0:
-        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    else:  # placeholders, never updated or stored
-        dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    dk0, dk1 = _zero_blocks(BLOCK_N, D0, D1)
+    dv0, dv1 = _zero_blocks(BLOCK_N, D0, D1)
     t_full = (T // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g  # the query head: it keys Q, dO, lse, delta, dQ and the dropout mask
@@ -431,25 +475,104 @@ def _attn_bwd_kernel(
             dk0, dk1, dv0, dv1 = _attn_bwd_tile(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
                 offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
-                True, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+                True, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1, DQ_ATOMIC,
             )
         # 2. Full query blocks strictly after the key block: no masks at all.
         for start_m in range(start_n + BLOCK_N, t_full, BLOCK_M):
             dk0, dk1, dv0, dv1 = _attn_bwd_tile(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
                 offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
-                False, False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+                False, False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1, DQ_ATOMIC,
             )
         # 3. The partial last query block, when it lies after the diagonal (runs 0 or 1 times): bounds only.
         for start_m in range(tl.maximum(t_full, start_n + BLOCK_N), T, BLOCK_M):
             dk0, dk1, dv0, dv1 = _attn_bwd_tile(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q_ptr, DO_ptr, DQ_ptr, LSE_ptr, Delta_ptr, stride_qm, stride_dom,
                 offs_n, start_n, start_m, T, qk_scale, ds_scale, seed, bh, threshold,
-                False, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+                False, True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1, DQ_ATOMIC,
             )
     out = bhkv.to(tl.int64) * T * HEAD_DIM  # DK, DV: contiguous (B, n_kv, T, hs)
     _store_rows(DK + out, offs_n, HEAD_DIM, T, dk0, dk1, D0, D1)
     _store_rows(DV + out, offs_n, HEAD_DIM, T, dv0 * dv_scale, dv1 * dv_scale, D0, D1)
+
+
+@triton.jit
+def _attn_bwd_dq_tile(
+    dq0, dq1, q0, q1, do0, do1, lse, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
+    qk_scale, ds_scale, seed, bh, threshold,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    # As in the forward: interior tiles (CAUSAL False) lie inside the sequence, so they load unmasked.
+    k0, k1 = _load_rows(K_ptr, offs_n, stride_kn, T, D0, D1, CAUSAL, UPCAST)
+    v0, v1 = _load_rows(V_ptr, offs_n, stride_vn, T, D0, D1, CAUSAL, UPCAST)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)  # (M, N)                        GEMM 1
+    if D1 > 0:
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if CAUSAL:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)  # (M, N)                      GEMM 2
+    if D1 > 0:
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
+    if DROPOUT:
+        dp = tl.where(_keep_mask(seed, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N), dp, 0.0)
+    ds = (p * (dp - delta[:, None]) * ds_scale).to(k0.dtype)  # as in _attn_bwd_tile
+    dq0 = tl.dot(ds, k0, dq0, input_precision=PRECISION)  #                                   GEMM 3
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, dq1, input_precision=PRECISION)
+    return dq0, dq1
+
+
+@triton.autotune(configs=_configs(_DQ_SHAPES, _FWD_FP32, _INTERPRETER_FWD), key=["T_KEY", "HEAD_DIM", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M")})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    H, GROUP, T, T_KEY, qk_scale, ds_scale, threshold,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split mode's dQ: one program per (query block, query head) walks the key blocks up to its
+    diagonal, as the forward does, recomputing P and dP (3 GEMMs per tile), and stores its dQ rows once:
+    no atomics, so dQ is the same bits on every run."""
+    tl.static_assert(D0 + D1 == HEAD_DIM)
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first, as in the forward
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    off_hkv = off_h // GROUP
+    K_ptr = K + off_b * stride_kb + off_hkv * stride_kh
+    V_ptr = V + off_b * stride_vb + off_hkv * stride_vh
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q0, q1 = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, T, D0, D1, True, UPCAST)
+    do0, do1 = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, T, D0, D1, True, UPCAST)
+    # Rows past T load q = dO = lse = delta = 0: dP - delta = 0 there, so they add nothing (and are not stored).
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    dq0, dq1 = _zero_blocks(BLOCK_M, D0, D1)
+    for start_n in range(0, start_m, BLOCK_N):  # strictly below the diagonal: mask-free
+        dq0, dq1 = _attn_bwd_dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
+            qk_scale, ds_scale, seed, bh, threshold,
+            False, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+        )
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):  # diagonal blocks
+        dq0, dq1 = _attn_bwd_dq_tile(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, K_ptr, V_ptr, stride_kn, stride_vn, offs_m, start_n, T,
+            qk_scale, ds_scale, seed, bh, threshold,
+            True, DROPOUT, UPCAST, PRECISION, BLOCK_M, BLOCK_N, D0, D1,
+        )
+    _store_rows(DQ + bh.to(tl.int64) * T * HEAD_DIM, offs_m, HEAD_DIM, T, dq0, dq1, D0, D1)
 
 
 @triton.jit
@@ -552,8 +675,9 @@ def _attn_fwd(q, k, v, dropout_p, seed):
 
 
 def flash_attention_backward(do, q, k, v, o, lse, dropout_p: float = 0.0, seed: torch.Tensor | None = None):
-    """Launch the backward (prep + one dK/dV/dQ kernel). Returns (dq, dk, dv), contiguous, in q's dtype,
-    dk and dv with k's head count. `o` and `lse` are the forward's outputs (o contiguous)."""
+    """Launch the backward: prep + one dK/dV/dQ kernel, or in split mode (`dq_mode`) prep + a dK/dV
+    kernel + a dQ kernel. Returns (dq, dk, dv), contiguous, in q's dtype, dk and dv with k's head count.
+    `o` and `lse` are the forward's outputs (o contiguous)."""
     _check_qkv(q, k, v)
     if do.shape != q.shape:
         raise ValueError(f"flash_attention_backward: grad shape {tuple(do.shape)} != {tuple(q.shape)}.")
@@ -569,12 +693,14 @@ def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
     o = o.contiguous()
     B, H, T, D = q.shape
     fp32 = q.dtype == torch.float32
-    dq_acc = new_empty((B, H, T, D), dtype=torch.float32, device=q.device)  # zeroed by the prep kernel
+    atomic = dq_mode() == "atomic"
+    # Atomic: an fp32 accumulator zeroed by the prep kernel (cast once at the end); split: dQ itself.
+    dq_acc = new_empty((B, H, T, D), dtype=torch.float32 if atomic else q.dtype, device=q.device)
     H_kv = k.shape[1]
     dk = new_empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
     dv = new_empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
     if dk.numel() == 0:
-        return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
+        return dq_acc.to(q.dtype), dk, dv
     threshold = dropout_threshold(dropout_p)
     dropout = threshold > 0
     keep_frac = 1.0 - threshold / 256.0
@@ -582,24 +708,37 @@ def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
     delta = new_empty((B, H, T), dtype=torch.float32, device=q.device)
     _attn_bwd_prep_kernel[(cdiv(T, 64), B * H)](
         o, do, delta, dq_acc, do.stride(0), do.stride(1), do.stride(2), H, T, keep_frac,
-        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=64,
+        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=64, ZERO_DQ=atomic,
     )
     # One program per (key block, kv head); it loops over the kv head's query heads (see the kernel).
     grid = lambda meta: (cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
     t_key, group = _t_key(T), _group(q, k)
-    _launch_bwd(  # the autotuner's key: T bucket, head_dim, dropout, GQA group, the tensors' dtypes
-        grid, (t_key, D, dropout, group, q.dtype, do.dtype),
+    qk_scale, ds_scale = LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D))
+    _launch_bwd(  # the autotuner's key: T bucket, head_dim, dropout, GQA group, dQ mode, the tensors' dtypes
+        grid, (t_key, D, dropout, group, atomic, q.dtype, do.dtype),
         q, k, v, do, lse, delta, dq_acc, dk, dv, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, group, T, t_key, LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D)), 1.0 / keep_frac,
-        threshold,
+        H, group, T, t_key, qk_scale, ds_scale, 1.0 / keep_frac, threshold,
+        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
+        DQ_ATOMIC=atomic,
+    )
+    if atomic:
+        return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
+    dq_grid = lambda meta: (cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _launch_dq(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes
+        dq_grid, (t_key, D, dropout, q.dtype, do.dtype),
+        q, k, v, do, lse, delta, dq_acc, seed if dropout else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, group, T, t_key, qk_scale, ds_scale, threshold,
         HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
     )
-    return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
+    return dq_acc, dk, dv
 
 
 _launch_fwd, _launch_bwd = TunedLaunch(_attn_fwd_kernel), TunedLaunch(_attn_bwd_kernel)
+_launch_dq = TunedLaunch(_attn_bwd_dq_kernel)
 
 
 def dropout_mask(seed: torch.Tensor, B: int, H: int, T: int, dropout_p: float) -> torch.Tensor:

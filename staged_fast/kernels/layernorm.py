@@ -14,8 +14,9 @@ Backward: dx needs only its own row; dweight/dbias need a sum over rows. A grid 
 per SM: one wave) strides over the row tiles; each accumulates its partial dweight/dbias in fp32
 registers and writes one row of a (G, N) fp32 buffer; one small kernel sums the partials and casts
 both to the parameter dtype. Rows per tile, warps and programs per SM are autotuned on a GPU (keyed on
-M, N, the flags and the dtypes; STAGED_FAST_NORM_AUTOTUNE=0 keeps the default). With a residual, the
-gradient arriving at s from later layers is added to dx in the same pass, and when the branch x has
+M, N, the flags and the dtypes; STAGED_FAST_NORM_AUTOTUNE=0, or torch.use_deterministic_algorithms(True),
+keeps the default). With a residual, the gradient arriving at s from later layers is added to dx in the
+same pass, and when the branch x has
 another dtype than s (autocast: bf16 branch, fp32 stream) dx is also written in x's dtype, in place of
 a separate cast. Bytes of the residual backward: reads dy, ds, s, writes dsum (4 tensors; 5 with the
 16-bit copy).
@@ -34,7 +35,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ._common import INTERPRETED, TunedLaunch, cdiv, env_switch, check_device, check_dtype, new_empty, next_power_of_2, num_sms
+from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, env_switch, new_empty,
+                      next_power_of_2, num_sms)
 
 MAX_HIDDEN = 16384  # a row must fit in one program's registers
 
@@ -336,7 +338,7 @@ def _norm_bwd(dy, x, weight, mean, rstd, ds=None, copy_dtype=None, config=None):
     if m == 0:
         return (dx.view(x.shape), *copies, dw.zero_()) + (() if rms else (db.zero_(),))
     sms = num_sms(x.device)
-    if config is None and (INTERPRETED or not AUTOTUNE):
+    if config is None and (INTERPRETED or not autotuning(AUTOTUNE)):
         config = _default_bwd_config(n)  # the interpreter has no GPU to time configs on
     # Partial sums: one row per program of the largest grid any config may launch.
     max_groups = _groups(m, 1, _MAX_PER_SM, sms)
