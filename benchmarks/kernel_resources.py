@@ -155,21 +155,19 @@ def forward_rows(hidden: int, arch: str) -> list[dict]:
 
 
 def _attention_signature(kernel: str, dropout: bool) -> dict:
+    """Argument types, in order, of the attention kernel `kernel` (fwd, bwd or dq) on bf16 tensors."""
     seed = "*i64" if dropout else "*fp32"
-    if kernel == "dq":
-        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "Delta": "*fp32",
-               "DQ": "*bf16", "Seed": seed}
-        strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m" if t in ("q", "do") else "n")]
-        scalars = {"qk_scale": "fp32", "ds_scale": "fp32", "threshold": "i32"}
-    elif kernel.startswith("bwd"):
-        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "Delta": "*fp32",
-               "DQ": "*fp32", "DK": "*bf16", "DV": "*bf16", "Seed": seed}
-        strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m" if t in ("q", "do") else "n")]
-        scalars = {"qk_scale": "fp32", "ds_scale": "fp32", "dv_scale": "fp32", "threshold": "i32"}
-    else:
+    if kernel == "fwd":
         sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "Seed": seed}
         strides = [f"stride_{t}{d}" for t in ("q", "k", "v") for d in ("b", "h", "m" if t == "q" else "n")]
         scalars = {"qk_scale": "fp32", "out_scale": "fp32", "threshold": "i32"}
+    else:  # the dQ kernel takes the backward's arguments less DK, DV and dv_scale, and writes dQ in bf16
+        outputs = {"DQ": "*bf16"} if kernel == "dq" else {"DQ": "*fp32", "DK": "*bf16", "DV": "*bf16"}
+        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "Delta": "*fp32",
+               **outputs, "Seed": seed}
+        strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m" if t in ("q", "do") else "n")]
+        scalars = {"qk_scale": "fp32", "ds_scale": "fp32", **({} if kernel == "dq" else {"dv_scale": "fp32"}),
+                   "threshold": "i32"}
     sig.update({name: "i32" for name in strides + ["H", "GROUP", "T", "T_KEY"]})
     sig.update(scalars)
     return sig

@@ -471,6 +471,14 @@ def test_split_dq_gqa_matches_float64(monkeypatch, case):
     _check(*_qkv_gqa(*shape, dtype, seed=6), dropout_p=p, seed=_seed(2**41 + 5))
 
 
+def _count_dq_launches(monkeypatch) -> list:
+    """A list that grows by one at each launch of the split mode's dQ kernel."""
+    launched = []
+    launch = attention._launch_dq
+    monkeypatch.setattr(attention, "_launch_dq", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
+    return launched
+
+
 def _grads_in_mode(monkeypatch, mode, q, k, v, do, p, seed):
     monkeypatch.setattr(attention, "DQ_MODE", mode)
     with poisoned_outputs():
@@ -484,8 +492,7 @@ def test_split_dq_keeps_dk_dv_bit_equal_and_launches_the_dq_kernel(monkeypatch, 
     q, k, v = _qkv_gqa(1, 4, 2, 45, 64, dtype, seed=9)
     do = torch.randn_like(q)
     seed = _seed(77)
-    launched = []
-    monkeypatch.setattr(attention, "_launch_dq", lambda *a, _l=attention._launch_dq, **kw: launched.append(1) or _l(*a, **kw))
+    launched = _count_dq_launches(monkeypatch)
     atomic = _grads_in_mode(monkeypatch, "atomic", q, k, v, do, P_DROP, seed)
     assert launched == []
     split = _grads_in_mode(monkeypatch, "split", q, k, v, do, P_DROP, seed)
@@ -503,8 +510,7 @@ def test_deterministic_algorithms_select_split_dq_and_repeat_bit_for_bit(monkeyp
     q, k, v = _qkv(1, 2, 33, 96, torch.bfloat16 if CUDA else torch.float32, seed=12)
     do = torch.randn_like(q)
     seed = _seed(5)
-    launched = []
-    monkeypatch.setattr(attention, "_launch_dq", lambda *a, _l=attention._launch_dq, **kw: launched.append(1) or _l(*a, **kw))
+    launched = _count_dq_launches(monkeypatch)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

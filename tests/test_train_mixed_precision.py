@@ -57,8 +57,8 @@ def test_deterministic_runs_the_split_dq_and_repeats_bit_for_bit(tmp_path, small
     from staged_fast.kernels import attention
 
     tokenizer, cache = small_vocab
-    launched = []
-    monkeypatch.setattr(attention, "_launch_dq", lambda *a, _l=attention._launch_dq, **kw: launched.append(1) or _l(*a, **kw))
+    launched, launch = [], attention._launch_dq
+    monkeypatch.setattr(attention, "_launch_dq", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     args = ["--deterministic", "--kernels", "triton", "--bf16", "--train_steps", "2", "--seqlen", "37",
             "--batch_size", "2", "--dropout", "0.1", "--val_batches", "1", "--tokenizer", tokenizer, "--device", DEVICE]

@@ -47,9 +47,9 @@ BLOCK_N 128 with only 4 warps spilled heavily and was dropped):
 forward  (128,64,8,3) (128,128,8,3) (128,64,4,3) (128,32,4,3) (64,64,4,3) (64,32,4,4);
 backward (32,128,8,3) (32,128,8,2) (16,64,8,2) (16,128,8,3) (64,64,8,3) (16,64,4,3).
 Configs whose own tile is taller than max(64, T bucket) are pruned, and so is the forward 128x128/s3 at
-head_dim 128 with dropout, which needs 240 KiB of shared memory (sm_90 allows 227; compile_check.py). fp32 inputs (exact FMA dots, tests
-only) get a single config, forward (32,32,4,2) and backward (16,32,4,2): larger fp32 tiles only spill and
-take up to a minute to compile. `AUTOTUNE = False` (or STAGED_FAST_ATTN_AUTOTUNE=0) runs the first config
+head_dim 128 with dropout, which needs 240 KiB of shared memory (sm_90 allows 227; compile_check.py).
+fp32 inputs (exact FMA dots, tests only) get a single config, forward (32,32,4,2) and backward
+(16,32,4,2): larger fp32 tiles only spill and take up to a minute to compile. `AUTOTUNE = False` (or STAGED_FAST_ATTN_AUTOTUNE=0) runs the first config
 of each set without timing (GPU tests use it to keep compiles few); it applies to keys not tuned yet.
 Under TRITON_INTERPRET=1 (no GPU to benchmark on) exactly one small config runs: forward 32x16,
 backward 16x32, which still reaches interior, diagonal and tail tiles at T of a few dozen.
@@ -89,7 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, TunedLaunch, autotuning, cdiv, env_switch, check_device, check_dtype, dot_precision, new_empty, next_power_of_2
+from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, dot_precision, env_switch,
+                      new_empty, next_power_of_2)
 
 HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
