@@ -428,7 +428,7 @@ def bench_attention_dq(rows, peaks):
         fwd_flops = 4 * B * H * T * T * D / 2
         flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}  # counted as in bench_attention
         qs, ks, vs = (t[:1, :2].detach().contiguous().requires_grad_() for t in (q, k, v))
-        results, configs = {}, {}
+        results, configs, mode_before = {}, {}, attention.DQ_MODE
         try:
             for mode in ("atomic", "split"):
                 attention.DQ_MODE = mode
@@ -441,7 +441,7 @@ def bench_attention_dq(rows, peaks):
                 results[mode] = time_modes(lambda: flash_attention(q, k, v, dropout_p=p, seed=seed), [q, k, v], [do])
                 configs[mode] = attention_configs()
         finally:
-            attention.DQ_MODE = "atomic"
+            attention.DQ_MODE = mode_before
         for mode, times in results.items():
             base = ("triton_atomic_dq", results["atomic"]) if mode == "split" else None
             add_rows(rows, "attention", shape, f"triton_{mode}_dq", times, flops.get, "TFLOP/s", peaks["matmul_flops"],
