@@ -112,6 +112,13 @@ def test_warmup_longer_than_training_is_warned_about_once(tmp_path, data_cache, 
     assert err.count("warning: --warmup_steps 5 is longer than --train_steps 2") == 1, err
 
 
+def test_unknown_attention_dq_mode_exits_2_before_training(tmp_path, data_cache, capsys, monkeypatch):
+    monkeypatch.setenv("STAGED_FAST_ATTN_DQ", "fastest")
+    run = tmp_path / "run"
+    _fails(capsys, train(run, data_cache, "--train_steps", "2"), "STAGED_FAST_ATTN_DQ='fastest'", "atomic, split")
+    assert not run.exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_gpu(tmp_path, data_cache, capsys):
     run = tmp_path / "run"

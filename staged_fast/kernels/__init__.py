@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "auto")
+# How the flash attention backward computes dQ (STAGED_FAST_ATTN_DQ; attention.DQ_MODE): fp32 atomic adds
+# from the dK/dV kernel (default), or a separate dQ kernel whose result is the same bits on every run.
+DQ_MODES = ("atomic", "split")
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:

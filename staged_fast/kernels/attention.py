@@ -89,6 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import DQ_MODES
 from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, dot_precision, env_switch,
                       new_empty, next_power_of_2)
 
@@ -238,7 +239,6 @@ AUTOTUNE = env_switch("STAGED_FAST_ATTN_AUTOTUNE")
 # tile, dQ bits vary from run to run on a GPU) or "split" (a second kernel, 7 GEMMs per tile in all, no
 # atomics: the same bits every run). torch.use_deterministic_algorithms(True) selects "split" whatever
 # this says. Set STAGED_FAST_ATTN_DQ=split, or assign here; read at each backward.
-DQ_MODES = ("atomic", "split")
 DQ_MODE = os.environ.get("STAGED_FAST_ATTN_DQ", "atomic")
 
 
