@@ -16,3 +16,14 @@ except ImportError:  # pragma: no cover
 def data_cache(tmp_path_factory):
     """One tokenized-data cache for the whole session (the bundled corpus is tokenized once)."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="session")
+def small_vocab(tmp_path_factory):
+    """(tokenizer folder, data cache) of a 512-token BPE trained on the bundled corpus: training runs whose
+    point is not the vocabulary are much faster with it, above all under the Triton interpreter, where the
+    GPT-2 vocabulary's LM-head loss dominates."""
+    from benchmarks.staged_vs_direct import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("bpe512")
+    return str(make_tokenizer(folder / "tokenizer", 512)), str(folder / "cache")

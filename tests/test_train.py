@@ -63,12 +63,14 @@ def test_torchrun_two_ranks_match_single_process_with_double_accumulation(tmp_pa
     assert ck.trainer_state["world_size"] == 2 and len(ck.trainer_state["rng"]) == 2
 
 
-def test_cli_kernels_triton_on_cpu_tracks_torch(tmp_path, data_cache):
+def test_cli_kernels_triton_on_cpu_tracks_torch(tmp_path, small_vocab):
     """`--kernels triton` from a fresh process (no TRITON_INTERPRET set) switches on the interpreter before
-    anything imports Triton, and its losses track the torch path's."""
+    anything imports Triton, and its losses track the torch path's (a 512-token vocabulary: the interpreter's
+    LM-head loss over GPT-2's 50257 took most of this test's time)."""
+    tokenizer, cache = small_vocab
     common = ["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--warmup_steps", "1", "--log_rate", "1",
               "--train_steps", "3", "--dropout", "0", "--val_every", "100", "--val_batches", "1", "--no_progress",
-              "--cache_dir", data_cache, "--device", "cpu"]
+              "--tokenizer", tokenizer, "--cache_dir", cache, "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for backend in ("torch", "triton"):
         proc = subprocess.run([sys.executable, "-m", "staged_fast.train", *common, "--kernels", backend,

@@ -8,16 +8,9 @@ import os
 import pytest
 import torch
 
-from benchmarks.staged_vs_direct import make_tokenizer
 from train_utils import losses, train
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bpe512")
-    return str(make_tokenizer(folder / "tokenizer", 512)), str(folder / "cache")
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
