@@ -103,7 +103,8 @@ XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
 # Tests run the norm backward's default config (autotuning each new shape would compile and time up
 # to 9 configs); its configs are each tested forced, and the autotuner by one test that turns it on.
-step tests_kernels 100 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x $XDIST $KERNEL_TESTS
+# --durations: which tests fill the step's limit (93 tests took 58 s on the H200; the files have grown since).
+step tests_kernels 100 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x --durations=12 $XDIST $KERNEL_TESTS
 # bench_kernels in three steps, so a step cut off by its limit costs only its own rows: layer norm (the
 # open bandwidth goal; its backward autotunes 6-7 configs per new shape, ~30 s of compiles in all), then
 # attention, and after the growth and training steps the fused CE and the llama kernels (RMSNorm, SwiGLU,
