@@ -346,6 +346,13 @@ def attention_configs() -> dict:
     return out
 
 
+def attention_flops(B, H, T, D) -> dict:
+    """Causal attention FLOPs by mode (per query head under GQA): the forward's QK^T and PV over the causal
+    half, the backward 2.5x that (5 GEMMs to the forward's 2), as FlashAttention counts them."""
+    fwd = 4 * B * H * T * T * D / 2
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}
+
+
 def bench_attention(rows, peaks):
     if CPU:
         shapes = [(1, 2, 64, 64), (1, 2, 64, 96)]
@@ -357,8 +364,7 @@ def bench_attention(rows, peaks):
         shape = f"{B}x{H}x{T}x{D}"
         q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE).requires_grad_() for _ in range(3))
         do = torch.randn_like(q)
-        fwd_flops = 4 * B * H * T * T * D / 2  # QK^T and PV, causal half
-        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+        flops = attention_flops(B, H, T, D)
 
         # Autotune on the timed shape first: the tuner keys on (T, head_dim, dropout), not on batch x heads,
         # so the small validation call below must not be the first to pick the configuration.
@@ -425,8 +431,7 @@ def bench_attention_dq(rows, peaks):
         q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE).requires_grad_() for _ in range(3))
         do = torch.randn_like(q)
         seed = attention.new_seed(DEVICE)
-        fwd_flops = 4 * B * H * T * T * D / 2
-        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}  # counted as in bench_attention
+        flops = attention_flops(B, H, T, D)  # the split's 2 extra GEMMs are not counted: equal work, rates compare
         qs, ks, vs = (t[:1, :2].detach().contiguous().requires_grad_() for t in (q, k, v))
         results, configs, mode_before = {}, {}, attention.DQ_MODE
         try:
@@ -461,8 +466,7 @@ def bench_attention_gqa(rows, peaks):
         q = torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE).requires_grad_()
         k, v = (torch.randn(B, H_kv, T, D, device=DEVICE, dtype=DTYPE).requires_grad_() for _ in range(2))
         do = torch.randn_like(q)
-        fwd_flops = 4 * B * H * T * T * D / 2  # per query head, as for MHA
-        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+        flops = attention_flops(B, H, T, D)
         flash_attention(q, k, v).backward(do)  # autotune on the timed shape first (see bench_attention)
         q.grad = k.grad = v.grad = None
         # Validate on one batch element and two kv heads (2r query heads): the GQA path, a small T x T reference.

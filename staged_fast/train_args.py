@@ -8,7 +8,7 @@ import argparse
 import os
 
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
-from .kernels import BACKENDS, DQ_MODES
+from .kernels import BACKENDS, check_dq_mode
 
 GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "append_copy")
 
@@ -230,10 +230,10 @@ def validate(args) -> None:
         model_config(args, vocab_size=50257)
     if args.fp16 and args.bf16:
         raise UsageError("--fp16 and --bf16 are exclusive: pick one.")
-    dq_mode = os.environ.get("STAGED_FAST_ATTN_DQ")
-    if dq_mode is not None and dq_mode not in DQ_MODES:
-        raise UsageError(f"STAGED_FAST_ATTN_DQ={dq_mode!r}: the attention backward's dQ mode is one of {', '.join(DQ_MODES)} "
-                         f"(split: deterministic, as --deterministic selects); set one of them or unset it.")
+    try:  # here, before any work, not at the first backward
+        check_dq_mode(os.environ.get("STAGED_FAST_ATTN_DQ", "atomic"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if getattr(args, "parallel", "ddp") == "fsdp" and args.fp16:
         raise UsageError("--parallel fsdp does not support --fp16 (a GradScaler over sharded gradients); use --bf16 "
                          "(bf16 compute, fp32 gradient reduce) or --parallel ddp.")

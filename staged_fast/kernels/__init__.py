@@ -33,6 +33,15 @@ BACKENDS = ("torch", "triton", "auto")
 DQ_MODES = ("atomic", "split")
 
 
+def check_dq_mode(mode: str) -> str:
+    """`mode` if it is one of DQ_MODES, else a ValueError naming the variable and the choices."""
+    if mode not in DQ_MODES:
+        raise ValueError(f"STAGED_FAST_ATTN_DQ={mode!r}: the attention backward's dQ mode is one of "
+                         f"{', '.join(DQ_MODES)} (split: deterministic, as --deterministic selects); set one of them "
+                         f"or unset it.")
+    return mode
+
+
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """Map a --kernels choice to the backend actually used on `device`."""
     if name not in BACKENDS:

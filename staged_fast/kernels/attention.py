@@ -49,8 +49,9 @@ backward (32,128,8,3) (32,128,8,2) (16,64,8,2) (16,128,8,3) (64,64,8,3) (16,64,4
 Configs whose own tile is taller than max(64, T bucket) are pruned, and so is the forward 128x128/s3 at
 head_dim 128 with dropout, which needs 240 KiB of shared memory (sm_90 allows 227; compile_check.py).
 fp32 inputs (exact FMA dots, tests only) get a single config, forward (32,32,4,2) and backward
-(16,32,4,2): larger fp32 tiles only spill and take up to a minute to compile. `AUTOTUNE = False` (or STAGED_FAST_ATTN_AUTOTUNE=0) runs the first config
-of each set without timing (GPU tests use it to keep compiles few); it applies to keys not tuned yet.
+(16,32,4,2): larger fp32 tiles only spill and take up to a minute to compile. `AUTOTUNE = False` (or
+STAGED_FAST_ATTN_AUTOTUNE=0, or deterministic algorithms) runs the first config of each set without
+timing (GPU tests use it to keep compiles few); it applies to keys not tuned yet.
 Under TRITON_INTERPRET=1 (no GPU to benchmark on) exactly one small config runs: forward 32x16,
 backward 16x32, which still reaches interior, diagonal and tail tiles at T of a few dozen.
 
@@ -89,7 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DQ_MODES
+from . import check_dq_mode
 from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, dot_precision, env_switch,
                       new_empty, next_power_of_2)
 
@@ -245,12 +246,7 @@ DQ_MODE = os.environ.get("STAGED_FAST_ATTN_DQ", "atomic")
 def dq_mode() -> str:
     """The dQ mode the next backward runs: "split" under torch.use_deterministic_algorithms(True),
     else DQ_MODE."""
-    if torch.are_deterministic_algorithms_enabled():
-        return "split"
-    if DQ_MODE not in DQ_MODES:
-        raise ValueError(f"flash_attention: dQ mode {DQ_MODE!r} (STAGED_FAST_ATTN_DQ) is not one of {DQ_MODES}; "
-                         f"use atomic (fast) or split (deterministic).")
-    return DQ_MODE
+    return "split" if torch.are_deterministic_algorithms_enabled() else check_dq_mode(DQ_MODE)
 
 
 def _configs(shapes, fp32_shape, interpreter_shape):
@@ -693,7 +689,6 @@ def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
         do = do.contiguous()
     o = o.contiguous()
     B, H, T, D = q.shape
-    fp32 = q.dtype == torch.float32
     atomic = dq_mode() == "atomic"
     # Atomic: an fp32 accumulator zeroed by the prep kernel (cast once at the end); split: dQ itself.
     dq_acc = new_empty((B, H, T, D), dtype=torch.float32 if atomic else q.dtype, device=q.device)
@@ -725,7 +720,7 @@ def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
         DQ_ATOMIC=atomic,
     )
     if atomic:
-        return (dq_acc if fp32 else dq_acc.to(q.dtype)), dk, dv
+        return dq_acc.to(q.dtype), dk, dv  # no copy for fp32 inputs
     dq_grid = lambda meta: (cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch_dq(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes
         dq_grid, (t_key, D, dropout, q.dtype, do.dtype),

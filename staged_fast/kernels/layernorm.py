@@ -16,9 +16,8 @@ registers and writes one row of a (G, N) fp32 buffer; one small kernel sums the 
 both to the parameter dtype. Rows per tile, warps and programs per SM are autotuned on a GPU (keyed on
 M, N, the flags and the dtypes; STAGED_FAST_NORM_AUTOTUNE=0, or torch.use_deterministic_algorithms(True),
 keeps the default). With a residual, the gradient arriving at s from later layers is added to dx in the
-same pass, and when the branch x has
-another dtype than s (autocast: bf16 branch, fp32 stream) dx is also written in x's dtype, in place of
-a separate cast. Bytes of the residual backward: reads dy, ds, s, writes dsum (4 tensors; 5 with the
+same pass, and when the branch x has another dtype than s (autocast: bf16 branch, fp32 stream) dx is
+also written in x's dtype, in place of a separate cast. Bytes of the residual backward: reads dy, ds, s, writes dsum (4 tensors; 5 with the
 16-bit copy).
 
 Layers: @triton.jit kernels; launchers `layer_norm_forward` / `layer_norm_backward`; torch.library
