@@ -181,10 +181,13 @@ def test_gqa_rejects_bad_head_ratios():
         flash_attention(q, k[:, :3, :8], v[:, :3, :8])
 
 
+@pytest.mark.parametrize("dq_mode", ["atomic", "split"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_flash_attention_under_autocast(dtype):
+def test_flash_attention_under_autocast(monkeypatch, dtype, dq_mode):
     """q, k, v made by a Linear under autocast (16-bit, strided), dropout on; the gradient reaches the
-    Linear's fp32 weight and bias. Bound: 2x the error of the same pipeline with torch's attention."""
+    Linear's fp32 weight and bias, through either dQ mode of the backward. Bound: 2x the error of the same
+    pipeline with torch's attention."""
+    monkeypatch.setattr(attention, "DQ_MODE", dq_mode)
     B, H, T, D, C = (2, 4, 300, 64, 256) if CUDA else (1, 2, 40, 64, 48)
     g = torch.Generator(device="cpu").manual_seed(3)
     x = torch.randn(B, T, C, generator=g).to(DEVICE)
