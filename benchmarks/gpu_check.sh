@@ -101,10 +101,13 @@ install_wait() {
 }
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
-# Tests run the norm backward's default config (autotuning each new shape would compile and time up
-# to 9 configs); its configs are each tested forced, and the autotuner by one test that turns it on.
-# --durations: which tests fill the step's limit (93 tests took 58 s on the H200; the files have grown since).
-step tests_kernels 100 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x --durations=12 $XDIST $KERNEL_TESTS
+# Tests run each kernel's default config: autotuning every new key would compile and time up to 9 norm
+# backward configs, and 6 forward + 6 backward attention configs per (T bucket, head_dim, dtype, dropout)
+# key over the 211 kernel tests. Every config is tested forced, and each autotuner by one test
+# that turns it back on. --durations: which tests fill the step's limit (93 tests took 58 s on the H200,
+# attention autotuning on; 211 now).
+TESTS_ENV="STAGED_FAST_NORM_AUTOTUNE=0 STAGED_FAST_ATTN_AUTOTUNE=0"
+step tests_kernels 100 env $TESTS_ENV "$PY" -m pytest -q -x --durations=12 $XDIST $KERNEL_TESTS
 # bench_kernels in three steps, so a step cut off by its limit costs only its own rows: layer norm (the
 # open bandwidth goal; its backward autotunes 6-7 configs per new shape, ~30 s of compiles in all), then
 # attention, and after the growth and training steps the fused CE and the llama kernels (RMSNorm, SwiGLU,
@@ -112,7 +115,7 @@ step tests_kernels 100 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x --d
 step bench_kernels 55 "$PY" benchmarks/bench_kernels.py --quick --only layer_norm --json "$OUT_DIR/bench_kernels.json"
 step bench_kernels_attn 50 "$PY" benchmarks/bench_kernels.py --quick --only attention
 install_wait
-step tests_ext 20 "$PY" -m pytest -q -x tests/test_ext_ops.py
+step tests_ext 20 env $TESTS_ENV "$PY" -m pytest -q -x tests/test_ext_ops.py
 # FSDP2 on one GPU over nccl (a one-rank group): bf16 mixed precision, growth inside the shards at update 3,
 # a sharded checkpoint, then the same command resumed from it.
 # (One line: a newline inside it would end the command in the bash -c below.)
@@ -138,7 +141,7 @@ for f in $KERNEL_TESTS tests/test_ext_ops.py tests/test_kernels_compile_gpu.py; 
 # Its runs (checkpoints) stay in /tmp; only the tables and the figure come back (the 8-file limit).
 step staged_gpu 420 bash -c '"$0" benchmarks/staged_sweep.py --gpu --seeds 1 --out /tmp/staged_sweep_gpu &&
   for f in sweep.md sweep.json sweep.png; do cp /tmp/staged_sweep_gpu/$f "$1/staged_gpu_$f"; done' "$PY" "$OUT_DIR"
-step tests_rest 30 env STAGED_FAST_NORM_AUTOTUNE=0 "$PY" -m pytest -q -x $XDIST tests $IGNORES
+step tests_rest 30 env $TESTS_ENV "$PY" -m pytest -q -x $XDIST tests $IGNORES
 rm -f "$OUT_DIR/current.log"
 
 {

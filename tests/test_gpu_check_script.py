@@ -48,7 +48,9 @@ def _run(tmp_path, steps, budget):
     """gpu_check.sh with PYTHON a stand-in that says what it was asked and exits 3 (the same on any
     machine, GPU or not): the script's own bookkeeping is what is tested."""
     fake = tmp_path / "fake_python"
-    fake.write_text('#!/bin/sh\necho "fake python: $*"\nexit 3\n')
+    fake.write_text('#!/bin/sh\necho "fake python: $*"\n'
+                    'echo "fake autotune: attn=${STAGED_FAST_ATTN_AUTOTUNE-on} norm=${STAGED_FAST_NORM_AUTOTUNE-on}"\n'
+                    'exit 3\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_STEPS": steps, "GPU_CHECK_BUDGET": str(budget),
@@ -93,8 +95,11 @@ def test_every_default_step_reaches_its_command_whole(tmp_path):
     for argv in calls:  # cpu for cuda: validate() checks that the device exists, the rest is the same
         validate(parse_args(["cpu" if a == "cuda" else a for a in argv[2:]]))
     # tests_rest leaves out what earlier steps ran and the no-GPU compile check (the GPU compiles for real)
-    pytest_calls = [line.split("fake python: ", 1)[1].split() for line in (out / "steps.log").read_text().splitlines()
-                    if line.startswith("fake python: -m pytest")]
+    lines = (out / "steps.log").read_text().splitlines()
+    pytest_at = [i for i, line in enumerate(lines) if line.startswith("fake python: -m pytest")]
+    pytest_calls = [lines[i].split("fake python: ", 1)[1].split() for i in pytest_at]
+    # the tests run each kernel's default config (each autotuner has its own test, which turns it on)
+    assert all(lines[i + 1] == "fake autotune: attn=0 norm=0" for i in pytest_at), [lines[i + 1] for i in pytest_at]
     rest = next(c for c in pytest_calls if "tests" in c)
     ignored = {a.split("=", 1)[1] for a in rest if a.startswith("--ignore=")}
     earlier = {a for c in pytest_calls if c is not rest for a in c if a.startswith("tests/")}
