@@ -190,6 +190,8 @@ def main(argv=None):
     # run cut short by a time limit still reports its first rows.
     timings = {} if cuda else time_interleaved(steps_by_row, warmup=3, reps=steps)
     rows = []
+    meta = {"size": args.size, "batch": batch, "seqlen": seqlen, "device": device_name, "kernels": backend,
+            "amp_bf16": amp, "peak_flops": peak}
     for name, step in steps_by_row.items():
         t = timings[name] if name in timings else time_fn(step, name=name, device=device, warmup=3, reps=steps)
         tokens_per_s = batch * seqlen / (t.median_ms * 1e-3)
@@ -197,13 +199,13 @@ def main(argv=None):
                "MFU": 6 * n_matmul * tokens_per_s / peak if peak else None}
         if cuda:
             row["peak_GiB"] = peak_memory_cuda(step, device) / 2**30
-        rows.append(row)
-        print(f"{name}: {t.median_ms:.1f} ms/step, {tokens_per_s:.0f} tokens/s", flush=True)
-    base = rows[0]["tokens/s"]
-    for row in rows:
-        row["vs_hf"] = row["tokens/s"] / base
+        row["vs_hf"] = tokens_per_s / rows[0]["tokens/s"] if rows else 1.0
         if timings:  # CPU: also the median of the per-round ratios (each round's steps shared the same load)
-            row["vs_hf_paired"] = paired_ratio(timings[rows[0]["model"]], timings[row["model"]])
+            row["vs_hf_paired"] = paired_ratio(timings[order[0]], timings[name])
+        rows.append(row)
+        print(f"{name}: {t.median_ms:.1f} ms/step, {tokens_per_s:.0f} tokens/s, {row['vs_hf']:.2f}x HF SDPA", flush=True)
+        if args.json:  # after every row: a run cut off by a time limit keeps the rows it measured
+            write_json(args.json, {**meta, "complete": len(rows) == len(steps_by_row), "rows": rows})
     print_table(rows, ["model", "ms/step", "p20", "p80", "tokens/s", "vs_hf"] + (["vs_hf_paired"] if timings else [])
                 + ["MFU", "peak_GiB"])
     if peak is None:
@@ -211,9 +213,6 @@ def main(argv=None):
     print(f"MFU = 6 x {n_matmul / 1e6:.1f}M matmul params x tokens/s / {peak or 0:.3g} FLOP/s; "
           f"vs_hf = tokens/s / HF's (same run)" + ("; vs_hf_paired = median over rounds of HF's step time / "
                                                     "this row's in the same round." if timings else "."))
-    if args.json:
-        write_json(args.json, {"size": args.size, "batch": batch, "seqlen": seqlen, "device": device_name,
-                               "kernels": backend, "amp_bf16": amp, "peak_flops": peak, "rows": rows})
 
 
 if __name__ == "__main__":

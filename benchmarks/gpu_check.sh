@@ -103,9 +103,9 @@ XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles kernels per process: spread them
 # Tests run each kernel's default config: autotuning every new key would compile and time up to 9 norm
 # backward configs, and 6 forward + 6 backward attention configs per (T bucket, head_dim, dtype, dropout)
-# key over the 211 kernel tests. Every config is tested forced, and each autotuner by one test
-# that turns it back on. --durations: which tests fill the step's limit (93 tests took 58 s on the H200,
-# attention autotuning on; 211 now).
+# key (the attention tests turn it off themselves; the model, trainer and llama tests did not). Every
+# config is tested forced, and each autotuner by one test that turns it back on. --durations: which tests
+# fill the step's limit (93 tests took 58 s on the H200; 211 now).
 TESTS_ENV="STAGED_FAST_NORM_AUTOTUNE=0 STAGED_FAST_ATTN_AUTOTUNE=0"
 step tests_kernels 100 env $TESTS_ENV "$PY" -m pytest -q -x --durations=12 $XDIST $KERNEL_TESTS
 # bench_kernels in three steps, so a step cut off by its limit costs only its own rows: layer norm (the
@@ -123,9 +123,12 @@ FSDP_ARGS="--parallel fsdp --device cuda --size tiny_div2_width --bf16 --train_s
   --grow_ops width --save_every 3 --val_every 3 --val_batches 1 --no_progress --save_prefix /tmp/fsdp_nccl"
 step fsdp_nccl 35 bash -c "rm -rf /tmp/fsdp_nccl && $PY -m staged_fast.train $FSDP_ARGS --stop_at_step 3 &&
   $PY -m staged_fast.train $FSDP_ARGS --resume latest && tail -n 3 /tmp/fsdp_nccl/metrics.jsonl"
-# bench_train's rows in priority order (HF SDPA, the baseline, runs first): a cut-off run keeps ours first.
+# bench_train's rows in priority order (HF SDPA, the baseline, runs first): a cut-off run keeps ours first,
+# in the log and in its JSON (written after each row). Last, if time is left: ours torch + compile, which
+# says whether --kernels auto should still pick Triton on CUDA when the model is compiled.
 step bench_train 100 "$PY" benchmarks/bench_train.py --quick \
-  --rows "${BENCH_TRAIN_ROWS:-ours_triton,ours_triton_compile,hf_sdpa_compiled,ours_torch}" --json "$OUT_DIR/bench_train.json"
+  --rows "${BENCH_TRAIN_ROWS:-ours_triton,ours_triton_compile,hf_sdpa_compiled,ours_torch,ours_torch_compile}" \
+  --json "$OUT_DIR/bench_train.json"
 step bench_growth 25 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
 step profile 20 "$PY" benchmarks/profile_ops.py
 step host_overhead 15 "$PY" benchmarks/host_overhead.py --device cuda --calls 200 --rounds 3

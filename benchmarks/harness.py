@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -141,6 +142,10 @@ def _fmt(v) -> str:
 
 
 def write_json(path, payload: dict) -> None:
+    """Write `payload` and its provenance to `path` atomically (a temporary file renamed over it): a
+    benchmark killed by its time limit mid-write leaves the previous version, never half a file."""
     payload = dict(payload, provenance=provenance())
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    os.replace(tmp, path)

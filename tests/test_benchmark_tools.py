@@ -86,9 +86,11 @@ def test_bench_train_runs_rows_in_the_order_named_after_the_baseline(tmp_path):
                            "--rows", "ours_torch,hf_sdpa", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["hf_sdpa", "ours_torch"]
-    assert rows[0]["vs_hf"] == 1 and rows[1]["tokens/s"] > 0
+    payload = json.loads(out.read_text())  # written after each row (atomically), marked complete after the last
+    rows = payload["rows"]
+    assert [r["model"] for r in rows] == ["hf_sdpa", "ours_torch"] and payload["complete"] is True
+    assert rows[0]["vs_hf"] == 1 and rows[1]["tokens/s"] > 0 and rows[1]["vs_hf"] == rows[1]["tokens/s"] / rows[0]["tokens/s"]
+    assert [p.name for p in tmp_path.iterdir()] == ["train.json"]  # no temporary file left
     bad = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--rows", "ours_tirton"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown --rows ['ours_tirton']" in bad.stderr
