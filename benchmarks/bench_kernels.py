@@ -190,6 +190,17 @@ def add_rows(rows, kernel, shape, impl, times, work, unit, peak, baseline=None, 
         row.update(extra or {})
         rows.append(row)
         print("row:", " | ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)  # survives a timeout
+    _save(rows, complete=False)
+
+
+_PEAKS = {}  # the run's measured peaks, for the JSON written after each row
+
+
+def _save(rows, complete: bool) -> None:
+    """--json: the rows so far (atomically; a run cut off by a time limit keeps them), complete or not."""
+    if ARGS.json:
+        write_json(ARGS.json, {"device": str(DEVICE), "dtype": str(DTYPE), "peaks": _PEAKS, "complete": complete,
+                               "rows": rows})
 
 
 # ---- LayerNorm ----
@@ -651,6 +662,7 @@ def main():
     if CPU:
         print("note: CPU run under TRITON_INTERPRET=1 at toy shapes: proves the script runs; times are meaningless.")
     peaks = measure_peaks()
+    _PEAKS.update(peaks)
     print(f"measured peaks: copy bandwidth {peaks['bandwidth_Bps'] / 1e9:.0f} GB/s, "
           f"matmul ({peaks['matmul_dtype']}) {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s")
     rows = []
@@ -665,8 +677,7 @@ def main():
     print("speedup = ms of the baseline named in 'vs' / this ms (> 1 is faster); frac_peak = rate / measured peak "
           "(copy bandwidth for GB/s, bf16 matmul for TFLOP/s), both measured in this run; frac_spec = GB/s / the card's "
           "datasheet bandwidth. Kernel times: triton.testing.do_bench medians, L2 flushed before each call.")
-    if ARGS.json:
-        write_json(ARGS.json, {"device": str(DEVICE), "dtype": str(DTYPE), "peaks": peaks, "rows": rows})
+    _save(rows, complete=True)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def test_bench_kernels_times_split_dq_against_atomic_dq(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--quick", "--device", "cpu", "--only",
                            "attention_dq", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    payload = json.loads(out.read_text())  # rewritten after each row, complete after the last
+    rows = payload["rows"]
+    assert payload["complete"] is True and payload["peaks"]["bandwidth_Bps"] > 0
     assert {(r["impl"], r["mode"]) for r in rows} == {
         (impl, mode) for impl in ("triton_atomic_dq", "triton_split_dq") for mode in ("fwd", "bwd", "fwd+bwd")}
     assert all(r["vs"] == "triton_atomic_dq" and r["speedup"] > 0 for r in rows if r["impl"] == "triton_split_dq")
