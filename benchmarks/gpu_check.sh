@@ -59,7 +59,9 @@ step() {  # step NAME SECONDS CMD...: run with a timeout inside the budget; log;
   [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   echo "=== $name (limit ${limit}s, t=${SECONDS}s): $*" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/current.log" 2>&1
+  # SIGINT, not timeout's default SIGTERM: pytest then prints its failures and --durations so far, and a
+  # Python benchmark its traceback (where it was), before the exit status 124 marks the step TIMEOUT.
+  timeout -s INT --kill-after=10 "$limit" "$@" >"$OUT_DIR/current.log" 2>&1
   local rc=$?
   local took=$((SECONDS - start))
   cat "$OUT_DIR/current.log" >>"$LOG"

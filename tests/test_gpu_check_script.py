@@ -44,13 +44,16 @@ def test_default_steps_run_in_the_issues_priority_order():
     assert default_steps[-1] == "tests_rest"
 
 
-def _run(tmp_path, steps, budget):
+def _run(tmp_path, steps, budget, hang_on=None):
     """gpu_check.sh with PYTHON a stand-in that says what it was asked and exits 3 (the same on any
-    machine, GPU or not): the script's own bookkeeping is what is tested."""
+    machine, GPU or not): the script's own bookkeeping is what is tested. A call whose arguments contain
+    `hang_on` instead waits to be interrupted, and says which signal reached it."""
     fake = tmp_path / "fake_python"
+    hang = (f'case "$*" in *{hang_on}*) trap \'echo "fake python: got SIGINT"; exit 130\' INT; '
+            f'trap \'echo "fake python: got SIGTERM"; exit 143\' TERM; sleep 60 & wait $!;; esac\n' if hang_on else "")
     fake.write_text('#!/bin/sh\necho "fake python: $*"\n'
                     'echo "fake autotune: attn=${STAGED_FAST_ATTN_AUTOTUNE-on} norm=${STAGED_FAST_NORM_AUTOTUNE-on}"\n'
-                    'exit 3\n')
+                    + hang + 'exit 3\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_STEPS": steps, "GPU_CHECK_BUDGET": str(budget),
@@ -69,6 +72,16 @@ def test_a_failing_step_is_recorded_and_the_run_goes_on(tmp_path):
     log = (out / "steps.log").read_text()
     assert "fake python: benchmarks/host_overhead.py --device cuda" in log
     assert "fake python: benchmarks/bench_growth.py --device cuda" in log
+
+
+def test_a_step_over_its_limit_is_interrupted_and_marked_timeout(tmp_path):
+    """Past its limit a step gets SIGINT (pytest then prints its failures and durations so far, a benchmark
+    where it was), and the summary says TIMEOUT; the next step still runs."""
+    _, out = _run(tmp_path, "host_overhead bench_kernels_dq", 530, hang_on="host_overhead")
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^host_overhead\s+TIMEOUT\s+1[5-9]s", summary, re.M), summary
+    assert re.search(r"^bench_kernels_dq\s+FAIL\(3\)", summary, re.M), summary
+    assert "fake python: got SIGINT" in (out / "steps.log").read_text()
 
 
 def test_a_step_that_no_longer_fits_is_skipped_and_said_so(tmp_path):
