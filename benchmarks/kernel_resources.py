@@ -2,7 +2,9 @@
 
 Triton compiles a kernel ahead of time for a named target (here sm_90a, H100/H200) on any machine; the
 PTX then goes through Triton's own ptxas with -v, which reports the registers per thread and the bytes
-spilled. From the registers and warps follow how many programs one SM holds (64K registers, 64 warps,
+spilled. Each kernel is compiled as a launch at GPT-2's shapes would be (launch_attrs: the 16-divisible
+pointers and integers marked, an integer equal to 1 made a constant), so the figures are those of
+compile_check.py's real launches. From the registers and warps follow how many programs one SM holds (64K registers, 64 warps,
 32 blocks), and from the grid's programs per SM how many waves the backward's grid takes. This is what
 chose the backward's configs and its untuned default (staged_fast/kernels/layernorm.py); whether a
 config is also the fastest is for bench_kernels.py on a GPU, where the autotuner times them. With
@@ -89,12 +91,27 @@ def resident_programs(regs: int, warps: int, shared: int) -> int:
     return max(0, min(by_regs, SM_WARPS // warps, SM_BLOCKS, by_shared))
 
 
-def compile_usage(fn, signature: dict, constexprs: dict, warps: int, arch: str) -> dict:
+def launch_attrs(fn, signature: dict, divisible_ints=()) -> dict:
+    """The argument attributes a real launch gives the compiler: Triton's JIT marks a pointer whose address,
+    and an integer whose value, is a multiple of 16 (tt.divisibility). torch's allocations are aligned, and at
+    the shapes training runs (GPT-2: T 1024, hidden and head_dim multiples of 16) so are the strides and sizes
+    named in `divisible_ints`. Without the marks loads are not vectorised, addresses take more registers, and
+    ptxas reports spills a real launch does not have."""
+    marked = [name for name, ty in signature.items() if ty.startswith("*") or name in divisible_ints]
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in marked}
+
+
+def compile_usage(fn, signature: dict, constexprs: dict, options: dict, arch: str, divisible_ints=()) -> dict:
+    """Compile `fn` for sm_`arch` as a real launch with these arguments would (launch_attrs); its registers,
+    spills, shared memory and the programs one SM holds."""
     target = GPUTarget("cuda", int(arch.rstrip("a")), 32)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": warps})
+    signature = {**signature, **{k: "constexpr" for k in constexprs}}
+    source = ASTSource(fn, signature, constexprs, launch_attrs(fn, signature, divisible_ints))
+    kernel = triton.compile(source, target=target, options=options)
     regs, spill = ptxas_usage(kernel.asm["ptx"], arch)
     shared = int(getattr(kernel.metadata, "shared", 0) or 0)
-    return {"regs": regs, "spill_bytes": spill, "shared": shared, "resident": resident_programs(regs, warps, shared)}
+    return {"regs": regs, "spill_bytes": spill, "shared": shared,
+            "resident": resident_programs(regs, options["num_warps"], shared)}
 
 
 def backward_signature(case, rms: bool) -> tuple[dict, dict]:
@@ -104,6 +121,18 @@ def backward_signature(case, rms: bool) -> tuple[dict, dict]:
            "DX2": p(dx2), "DW_partial": "*fp32", "DB_partial": "*fp32"}
     sig.update({name: "i32" for name in ("stride_dy", "stride_x", "stride_ds", "stride_dx", "M", "N")})
     return sig, {"RMS": rms, "HAS_DS": has_ds, "HAS_DX2": has_dx2}
+
+
+TOKENS = 16 * 1024  # the norms' rows at launch (batch 16 x 1024 tokens), for the divisibility marks
+
+
+def _norm_divisible_ints(signature: dict, hidden: int) -> list[str]:
+    """A norm launch's integers that are multiples of 16: the rows (TOKENS), and with a hidden size that is
+    one, the hidden size and the row strides (contiguous rows)."""
+    ints = ["M"] if TOKENS % 16 == 0 else []
+    if hidden % 16 == 0:
+        ints += ["N"] + [name for name in signature if name.startswith("stride_")]
+    return ints
 
 
 def backward_rows(hidden: int, arch: str, rms: bool) -> list[dict]:
@@ -121,8 +150,8 @@ def backward_rows(hidden: int, arch: str, rms: bool) -> list[dict]:
             seen.add(tag)
             elements = layernorm._thread_elements(config, block_n)
             constexprs = {**flags, **config.kwargs, "BLOCK_N": block_n}
-            usage = compile_usage(layernorm._norm_bwd_kernel.fn, {**sig, **{k: "constexpr" for k in constexprs}},
-                                  constexprs, config.num_warps, arch)
+            usage = compile_usage(layernorm._norm_bwd_kernel.fn, sig, constexprs, {"num_warps": config.num_warps},
+                                  arch, _norm_divisible_ints(sig, hidden))
             lo, hi = layernorm._THREAD_ELEMENTS
             timed = "default" if config is default else ("tuned" if lo <= elements <= hi else "pruned")
             rows.append({
@@ -146,8 +175,8 @@ def forward_rows(hidden: int, arch: str) -> list[dict]:
                "Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
                "stride_s": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
         constexprs = {"HAS_RESIDUAL": has_residual, "BLOCK_M": block_m, "BLOCK_N": block_n}
-        usage = compile_usage(layernorm._layer_norm_fwd_kernel, {**sig, **{k: "constexpr" for k in constexprs}},
-                              constexprs, warps, arch)
+        usage = compile_usage(layernorm._layer_norm_fwd_kernel, sig, constexprs, {"num_warps": warps}, arch,
+                              _norm_divisible_ints(sig, hidden))
         rows.append({"kernel": "layer_norm fwd", "hidden": hidden, "case": case_name,
                      "rows/warps/per_sm": f"{block_m}/{warps}/-", "autotune": "fixed",
                      "elements/thread": block_m * block_n // (32 * warps), **usage, "waves": None})
@@ -182,6 +211,13 @@ ATTENTION_KERNELS = {
 }
 
 
+# The attention launch's integers that are multiples of 16 at GPT-2's shapes (q, k, v views of the (B, T, 3,
+# H, D) projection, head_dim 64/96/128, T 1024): every stride and T; not H (12 heads). GROUP is 1 (no GQA),
+# which the JIT specialises to a constant, as it does any integer argument equal to 1.
+ATTENTION_DIVISIBLE_INTS = ("T", "T_KEY") + tuple(
+    f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m", "n"))
+
+
 def attention_rows(arch: str, head_dims=(64, 96, 128), dropouts=(False, True)) -> list[dict]:
     """Every GPU config of the attention autotuners (bf16), per head_dim and dropout: the forward, the
     backward, and the split (deterministic) backward's dK/dV and dQ kernels."""
@@ -193,18 +229,15 @@ def attention_rows(arch: str, head_dims=(64, 96, 128), dropouts=(False, True)) -
             for dropout in dropouts:
                 sig = _attention_signature(kind, dropout)
                 for block_m, block_n, warps, stages in shapes:
-                    constexprs = {"HEAD_DIM": head_dim, "D0": d0, "D1": d1, "DROPOUT": dropout, "UPCAST": False,
-                                  "PRECISION": "tf32", **extra, "BLOCK_M": block_m, "BLOCK_N": block_n}
-                    target = GPUTarget("cuda", int(arch.rstrip("a")), 32)
-                    kernel = triton.compile(ASTSource(fn, {**sig, **{k: "constexpr" for k in constexprs}}, constexprs),
-                                            target=target, options={"num_warps": warps, "num_stages": stages})
-                    regs, spill = ptxas_usage(kernel.asm["ptx"], arch)
-                    shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+                    constexprs = {"GROUP": 1, "HEAD_DIM": head_dim, "D0": d0, "D1": d1, "DROPOUT": dropout,
+                                  "UPCAST": False, "PRECISION": "tf32", **extra, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    usage = compile_usage(fn, sig, constexprs, {"num_warps": warps, "num_stages": stages}, arch,
+                                          ATTENTION_DIVISIBLE_INTS)
                     rows.append({
-                        "kernel": name, "head_dim": head_dim,
-                        "dropout": dropout, "config": f"{block_m}x{block_n}/w{warps}/s{stages}", "regs": regs,
-                        "spill_bytes": spill, "shared_KiB": round(shared / 1024, 1),
-                        "resident": resident_programs(regs, warps, shared),
+                        "kernel": name, "head_dim": head_dim, "dropout": dropout,
+                        "config": f"{block_m}x{block_n}/w{warps}/s{stages}", "regs": usage["regs"],
+                        "spill_bytes": usage["spill_bytes"], "shared_KiB": round(usage["shared"] / 1024, 1),
+                        "resident": usage["resident"],
                     })
                     print("row:", rows[-1], flush=True)
     return rows

@@ -221,9 +221,9 @@ def _attn_fwd_tile(
 # Forward tiles need BLOCK_M % BLOCK_N == 0, backward tiles BLOCK_N % BLOCK_M == 0. fp32 inputs (exact
 # "ieee" FMA dots, used by tests only) get one small config: bigger fp32 tiles only spill and compile slowly.
 _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-# Backward: (16, 64, 8, 2) replaced (64, 128, 8, 2), which spilled the most at every head_dim when compiled
-# for sm_90a (216-1880 bytes under Triton 3.6; 16x64/w8/s2: 0-92; benchmarks/kernel_resources.py
-# --kernel attention, RESULTS.md).
+# Backward: (16, 64, 8, 2) replaced (64, 128, 8, 2), which spilled the most at head_dim 96 and 128 when
+# compiled for sm_90a as GPT-2 launches it (52-276 bytes under Triton 3.6; 16x64/w8/s2: none;
+# benchmarks/kernel_resources.py --kernel attention, RESULTS.md).
 _BWD_SHAPES = [(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3), (16, 64, 4, 3)]
 # Split mode's dQ kernel (BLOCK_M % BLOCK_N == 0, like the forward); fp32 and the interpreter reuse the
 # forward's single configs. Compiled for sm_90a (compile_check.py --ptxas, bf16): none spills at head_dim

@@ -77,17 +77,17 @@ def _layer_norm_fwd_kernel(
 # the fastest per (M, N, flags, dtypes). Why: the fp32 dweight/dbias accumulators and the row tiles live
 # in registers, so the tile sets the registers, the registers how many programs an SM holds, and those
 # the bytes in flight. Compiled for sm_90a (benchmarks/kernel_resources.py), the first untuned config
-# (4 rows x 1024 lanes, 8 warps: 16 elements per thread) took 147-156 registers: one 8-warp program
-# per SM, 4 waves of a 4-per-SM grid; an H200 ran it at ~69% of copy bandwidth. At 4 elements per
-# thread it is 40 registers (48 under Triton 3.6) and 6 (5) programs of 8 warps fit; at 8, 64-80
-# registers (24-32 warps); at 32 it spills. Programs per SM match what fits: one wave, since a program
-# that finds no free slot runs after the others, doubling the time.
+# (4 rows x 1024 lanes, 8 warps: 16 elements per thread) took 120-128 registers: two 8-warp programs
+# per SM, 2 waves of a 4-per-SM grid; an H200 ran it at ~69% of copy bandwidth. At 4 elements per
+# thread it is 40-51 registers (Triton 3.6 and 3.8, compiled as a launch at GPT-2 shapes is) and 5-6
+# programs of 8 warps fit; at 8, 63-80 registers (24-32 warps); at 32, 190-242. Programs per SM match
+# what fits: one wave, since a program that finds no free slot runs after the others, doubling the time.
 _BWD_SHAPES = [(1, 8, 6), (1, 8, 5), (1, 8, 4), (1, 4, 7), (1, 4, 3), (2, 8, 4), (2, 8, 3), (1, 16, 3), (4, 8, 1)]
 # Autotuning on (default) or off (the default config: quick, e.g. for GPU tests). Read at each launch;
 # set STAGED_FAST_NORM_AUTOTUNE=0 or assign here.
 AUTOTUNE = env_switch("STAGED_FAST_NORM_AUTOTUNE")
 _THREAD_ELEMENTS = (4, 16)  # elements of a row tile per thread worth timing: fewer idle, more cost registers
-RESIDENT_WARPS = 40  # warps of 40-48-register programs one SM surely holds (64K registers, 64 warps)
+RESIDENT_WARPS = 40  # warps of 40-51-register programs one SM surely holds (64K registers, 64 warps)
 _MAX_PER_SM = max(max(c[2] for c in _BWD_SHAPES), RESIDENT_WARPS // 4)  # the widest grid, for the partials
 
 
@@ -97,7 +97,7 @@ def _bwd_config(block_m: int, warps: int, per_sm: int) -> triton.Config:
 
 @functools.lru_cache(maxsize=None)
 def _default_bwd_config(n: int) -> triton.Config:
-    """The untuned config: 4 elements of a row tile per thread (40-48 registers), warps by the row
+    """The untuned config: 4 elements of a row tile per thread (40-51 registers), warps by the row
     length, and as many programs per SM as surely fit at that size (one wave)."""
     block_n = next_power_of_2(n)
     warps = max(4, min(16, block_n // 128))
