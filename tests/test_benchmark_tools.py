@@ -35,6 +35,31 @@ def test_default_backward_config_fits_one_wave(tmp_path):
     assert "resident = programs one SM holds" in proc.stdout
 
 
+def test_kernel_resources_marks_arguments_as_the_jit_does():
+    """kernel_resources compiles each config with the attributes Triton's JIT gives a real launch: pointers
+    and the named 16-divisible integers marked as the backend marks them, nothing else; and the JIT does
+    turn an integer equal to 1 into a constant (so GROUP=1 is compiled as one)."""
+    code = """
+from benchmarks import kernel_resources as kr
+from staged_fast.kernels import attention
+from triton.backends.compiler import BaseBackend
+from triton._C.libtriton import native_specialize_impl
+fn = attention._attn_bwd_kernel.fn
+sig = kr._attention_signature("bwd", True)
+attrs = kr.launch_attrs(fn, sig, kr.ATTENTION_DIVISIBLE_INTS)
+marked = sorted(fn.arg_names[i] for (i,) in attrs)
+expected = sorted(n for n, t in sig.items() if t.startswith("*") or n in kr.ATTENTION_DIVISIBLE_INTS)
+assert marked == expected and "H" not in marked and "T" in marked and "Q" in marked, marked
+assert all(v == BaseBackend.parse_attr("D") for v in attrs.values()), attrs
+assert native_specialize_impl(BaseBackend, 1, False, True, True) == ("constexpr", 1)
+assert native_specialize_impl(BaseBackend, 1024, False, True, True) == ("i32", "D")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
 def test_attention_configs_compile_for_sm90(tmp_path):
     """Every config of the attention autotuners compiles for sm_90a (head_dim 64, no dropout here: the full
     table takes minutes): forward, backward, and the split backward's dK/dV and dQ kernels, each with its
