@@ -427,7 +427,7 @@ def _attn_bwd_kernel(
     Q, K, V, DO, LSE, Delta, DQ, DK, DV, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    H, GROUP, T, T_KEY, qk_scale, ds_scale, dv_scale, threshold,
+    H, GROUP: tl.constexpr, T, T_KEY, qk_scale, ds_scale, dv_scale, threshold,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -439,7 +439,9 @@ def _attn_bwd_kernel(
     the same registers, so K, V are loaded once, no atomics and no per-query-head dK/dV buffer are
     needed, and dK, dV stay deterministic (the alternatives: fp32 atomics into dK/dV, or (B, nh, T, hs)
     temporaries reduced afterwards). The price is GROUP times fewer, longer programs, which matters only
-    when B * n_kv * T / BLOCK_N is below the SM count. GROUP == 1 is the plain MHA kernel, op for op."""
+    when B * n_kv * T / BLOCK_N is below the SM count. GROUP == 1 is the plain MHA kernel, op for op.
+    GROUP is a constant of the compile (a model has one; it is in the autotuner's key anyway): compiled for
+    sm_90a, the llama block's (group 3) atomic backward spilled 80 bytes with GROUP a runtime argument."""
     tl.static_assert(D0 + D1 == HEAD_DIM)
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     pid_n = tl.program_id(0)
