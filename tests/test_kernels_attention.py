@@ -420,21 +420,29 @@ def test_every_gpu_config_matches_float64(monkeypatch, index):
         assert launch.last is config, "the forced config did not run"
 
 
-@pytest.mark.parametrize("head_dim, dropout, pruned", [(128, True, True), (128, False, False), (96, True, False)])
-def test_autotune_prune_drops_the_forward_config_over_shared_memory(monkeypatch, head_dim, dropout, pruned):
+OVER_SHARED, SPILLS = (128, 128, 8, 3), (128, 64, 4, 3)
+
+
+@pytest.mark.parametrize("head_dim, dropout, pruned", [
+    (128, True, {OVER_SHARED, SPILLS}), (128, False, {SPILLS}), (96, True, {SPILLS}), (96, False, set()),
+    (64, True, set()),
+])
+def test_autotune_prune_drops_the_forward_configs_that_do_not_fit(monkeypatch, head_dim, dropout, pruned):
     """The forward prune (host code, no kernel runs) keeps every 16-bit GPU config that fits a T bucket
-    of 1024, but drops 128x128/s3 where it needs more than sm_90's 227 KiB of shared memory: head_dim 128
-    with dropout (240 KiB, benchmarks/compile_check.py). fp32 inputs keep their own config only."""
+    of 1024, but drops 128x128/s3 where it needs more than sm_90's 227 KiB of shared memory (head_dim 128
+    with dropout: 240 KiB, benchmarks/compile_check.py) and 128x64 on 4 warps where it spills hundreds of
+    bytes (head_dim 128; 96 with dropout: benchmarks/kernel_resources.py). fp32 inputs keep their own
+    config only."""
     monkeypatch.setattr(attention, "AUTOTUNE", True)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in attention._FWD_SHAPES + [attention._FWD_FP32]]
-    prune = attention._prune("BLOCK_M", attention._fwd_over_shared_memory)
+    prune = attention._prune("BLOCK_M", attention._fwd_does_not_fit)
     q16 = torch.randn(1, 1, 4, head_dim, dtype=torch.bfloat16)
     kept = prune(configs, {"Q": q16}, T_KEY=1024, HEAD_DIM=head_dim, DROPOUT=dropout)
     shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
-    expected = [s for s in attention._FWD_SHAPES if not (pruned and s == (128, 128, 8, 3))]
-    assert shapes == expected
-    assert len(expected) == len(attention._FWD_SHAPES) - pruned
+    expected = [s for s in attention._FWD_SHAPES if s not in pruned]
+    assert shapes == expected and shapes[0] == attention._FWD_SHAPES[0]  # the default is never pruned
+    assert len(expected) == len(attention._FWD_SHAPES) - len(pruned)
     kept32 = prune(configs, {"Q": q16.float()}, T_KEY=1024, HEAD_DIM=head_dim, DROPOUT=dropout)
     assert kept32 == [configs[-1]]
     was = torch.are_deterministic_algorithms_enabled()

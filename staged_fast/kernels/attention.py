@@ -255,11 +255,18 @@ def _configs(shapes, fp32_shape, interpreter_shape):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _fwd_over_shared_memory(config, args) -> bool:
-    """The forward 128x128/s3 at head_dim 128 with dropout: 240 KiB of shared memory, over sm_90's 227
-    (benchmarks/compile_check.py). It would compile and then fail to load: one wasted compile per key."""
+def _fwd_does_not_fit(config, args) -> bool:
+    """Forward configs not worth a compile at this key, measured by compiling for sm_90a:
+    - 128x128/s3 at head_dim 128 with dropout needs 240 KiB of shared memory, over sm_90's 227
+      (benchmarks/compile_check.py): it would compile and then fail to load;
+    - 128x64 on 4 warps holds 128 fp32 accumulator columns per thread at head_dim 128 and spills 252-720
+      bytes there, 120-324 at head_dim 96 with dropout (benchmarks/kernel_resources.py, Triton 3.6 and 3.8);
+      128x64 on 8 warps and 128x32 on 4 hold the same tiles without spilling."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return bool(args.get("DROPOUT")) and args.get("HEAD_DIM", 0) > 96 and m * n >= 128 * 128 and config.num_stages >= 3
+    head_dim, dropout = args.get("HEAD_DIM", 0), bool(args.get("DROPOUT"))
+    over_shared = dropout and head_dim > 96 and m * n >= 128 * 128 and config.num_stages >= 3
+    spills = (m, n, config.num_warps) == (128, 64, 4) and (head_dim > 96 or (dropout and head_dim > 64))
+    return over_shared or spills
 
 
 def _prune(block: str, too_big=None):
@@ -285,7 +292,7 @@ def _prune(block: str, too_big=None):
 
 
 @triton.autotune(configs=_configs(_FWD_SHAPES, _FWD_FP32, _INTERPRETER_FWD), key=["T_KEY", "HEAD_DIM", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", _fwd_over_shared_memory)})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_M", _fwd_does_not_fit)})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, Seed,
