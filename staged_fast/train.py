@@ -6,19 +6,30 @@ for the whole run (run_folder.RunLock): a second run on the same --save_prefix s
 """
 from __future__ import annotations
 
-import os
 import signal
-import sys
-import time
-from pathlib import Path
 
-import torch
+_SIGTERM_WHILE_IMPORTING: list[int] = []
 
-from . import distributed as D
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .run_folder import RunFolderError, RunLock, remove_leftovers
-from .train_args import UsageError, demo_argv, parse_args
+
+def _sigterm_while_importing(signum, frame):
+    _SIGTERM_WHILE_IMPORTING.append(signum)
+
+
+if __name__ == "__main__":  # `python -m staged_fast.train`: a SIGTERM during the imports below (torch takes ~2 s)
+    signal.signal(signal.SIGTERM, _sigterm_while_importing)  # is kept for main's Preemption, not fatal
+
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from . import distributed as D  # noqa: E402
+from .checkpoint import CheckpointError  # noqa: E402
+from .config import ConfigError  # noqa: E402
+from .run_folder import RunFolderError, RunLock, remove_leftovers  # noqa: E402
+from .train_args import UsageError, demo_argv, parse_args  # noqa: E402
 
 # Errors that are the user's to fix: one paragraph, exit code 2, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, UsageError, RunFolderError)
@@ -104,15 +115,17 @@ class Determinism:
 
 
 class Preemption:
-    """SIGTERM (a scheduler preempting the job, to one rank or all) from the first line of main on. Before
+    """SIGTERM (a scheduler preempting the job, to one rank or all) from the first line of main on (run as
+    `python -m staged_fast.train`, from this module's first lines: one during the imports is kept). Before
     the trainer exists (rendezvous, data, model, resume) the request is kept and handed to it, and the ranks
     leave before their first update; after, the trainer saves at the next update boundary and stops. Without
     this, a SIGTERM during the start killed that rank and torchrun reported the whole job as failed."""
 
     def __init__(self):
         self.trainer = None
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = bool(_SIGTERM_WHILE_IMPORTING)  # arrived while `python -m staged_fast.train` imported
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = signal.SIG_DFL if previous is _sigterm_while_importing else previous
 
     def _handle(self, signum, frame):
         self.requested = True

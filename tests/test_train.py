@@ -224,6 +224,40 @@ def test_sigterm_during_the_start_leaves_cleanly_and_the_same_command_continues(
     assert len(losses(run)) == 3
 
 
+_PREEMPTED_WHILE_IMPORTING = '''
+import os, runpy, signal, sys
+
+class SigtermWhenTorchIsImported:  # the scheduler's signal while `python -m staged_fast.train` imports torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+assert "torch" not in sys.modules
+sys.meta_path.insert(0, SigtermWhenTorchIsImported())
+sys.argv = ["staged_fast.train", *sys.argv[1:]]
+runpy.run_module("staged_fast.train", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_sigterm_while_the_module_imports_leaves_cleanly(tmp_path, data_cache):
+    """A SIGTERM that lands before main runs, while `python -m staged_fast.train` imports torch (~2 s), is
+    kept and handled as one during the start (exit 0, nothing written); it used to kill the process."""
+    script = tmp_path / "preempted_while_importing.py"
+    script.write_text(_PREEMPTED_WHILE_IMPORTING)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(script), "--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "3",
+           "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--no_progress", "--cache_dir",
+           data_cache, "--device", "cpu", "--save_prefix", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, (proc.returncode, out[-3000:])
+    assert "stop requested (SIGTERM) before the first update at step 0" in out, out[-3000:]
+    assert list_checkpoints(run) == []
+
+
 def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):
     """main installs its preemption handler first thing; a caller running it in-process (a test, a notebook)
     gets its own handler back, also after a refused start."""
