@@ -123,16 +123,21 @@ def backward_signature(case, rms: bool) -> tuple[dict, dict]:
     return sig, {"RMS": rms, "HAS_DS": has_ds, "HAS_DX2": has_dx2}
 
 
-TOKENS = 16 * 1024  # the norms' rows at launch (batch 16 x 1024 tokens), for the divisibility marks
+def _strides(signature: dict) -> list[str]:
+    return [name for name in signature if name.startswith("stride_")]
 
 
 def _norm_divisible_ints(signature: dict, hidden: int) -> list[str]:
-    """A norm launch's integers that are multiples of 16: the rows (TOKENS), and with a hidden size that is
-    one, the hidden size and the row strides (contiguous rows)."""
-    ints = ["M"] if TOKENS % 16 == 0 else []
-    if hidden % 16 == 0:
-        ints += ["N"] + [name for name in signature if name.startswith("stride_")]
-    return ints
+    """A norm launch's integers that are multiples of 16: the rows M (batch 16 x 1024 tokens), and with a
+    hidden size that is one, the hidden size and the row strides (contiguous rows)."""
+    return ["M"] + (["N", *_strides(signature)] if hidden % 16 == 0 else [])
+
+
+def attention_divisible_ints(signature: dict) -> list[str]:
+    """An attention launch's integers that are multiples of 16 at GPT-2's shapes (q, k, v views of the
+    (B, T, 3, H, D) projection, head_dim 64/96/128, T 1024): every stride, T and its bucket; not H (12
+    heads). GROUP is 1 (no GQA), which the JIT turns into a constant, as it does any integer equal to 1."""
+    return ["T", "T_KEY", *_strides(signature)]
 
 
 def backward_rows(hidden: int, arch: str, rms: bool) -> list[dict]:
@@ -211,13 +216,6 @@ ATTENTION_KERNELS = {
 }
 
 
-# The attention launch's integers that are multiples of 16 at GPT-2's shapes (q, k, v views of the (B, T, 3,
-# H, D) projection, head_dim 64/96/128, T 1024): every stride and T; not H (12 heads). GROUP is 1 (no GQA),
-# which the JIT specialises to a constant, as it does any integer argument equal to 1.
-ATTENTION_DIVISIBLE_INTS = ("T", "T_KEY") + tuple(
-    f"stride_{t}{d}" for t in ("q", "k", "v", "do") for d in ("b", "h", "m", "n"))
-
-
 def attention_rows(arch: str, head_dims=(64, 96, 128), dropouts=(False, True)) -> list[dict]:
     """Every GPU config of the attention autotuners (bf16), per head_dim and dropout: the forward, the
     backward, and the split (deterministic) backward's dK/dV and dQ kernels."""
@@ -232,7 +230,7 @@ def attention_rows(arch: str, head_dims=(64, 96, 128), dropouts=(False, True)) -
                     constexprs = {"GROUP": 1, "HEAD_DIM": head_dim, "D0": d0, "D1": d1, "DROPOUT": dropout,
                                   "UPCAST": False, "PRECISION": "tf32", **extra, "BLOCK_M": block_m, "BLOCK_N": block_n}
                     usage = compile_usage(fn, sig, constexprs, {"num_warps": warps, "num_stages": stages}, arch,
-                                          ATTENTION_DIVISIBLE_INTS)
+                                          attention_divisible_ints(sig))
                     rows.append({
                         "kernel": name, "head_dim": head_dim, "dropout": dropout,
                         "config": f"{block_m}x{block_n}/w{warps}/s{stages}", "regs": usage["regs"],

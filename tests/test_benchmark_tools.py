@@ -46,10 +46,10 @@ from triton.backends.compiler import BaseBackend
 from triton._C.libtriton import native_specialize_impl
 fn = attention._attn_bwd_kernel.fn
 sig = kr._attention_signature("bwd", True)
-attrs = kr.launch_attrs(fn, sig, kr.ATTENTION_DIVISIBLE_INTS)
+attrs = kr.launch_attrs(fn, sig, kr.attention_divisible_ints(sig))
 marked = sorted(fn.arg_names[i] for (i,) in attrs)
-expected = sorted(n for n, t in sig.items() if t.startswith("*") or n in kr.ATTENTION_DIVISIBLE_INTS)
-assert marked == expected and "H" not in marked and "T" in marked and "Q" in marked, marked
+expected = sorted(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_") or n in ("T", "T_KEY"))
+assert marked == expected and "H" not in marked and "GROUP" not in marked and "stride_qm" in marked, marked
 assert all(v == BaseBackend.parse_attr("D") for v in attrs.values()), attrs
 assert native_specialize_impl(BaseBackend, 1, False, True, True) == ("constexpr", 1)
 assert native_specialize_impl(BaseBackend, 1024, False, True, True) == ("i32", "D")
