@@ -18,6 +18,7 @@ def _sigterm_while_importing(signum, frame):
 if __name__ == "__main__":  # `python -m staged_fast.train`: a SIGTERM during the imports below (torch takes ~2 s)
     signal.signal(signal.SIGTERM, _sigterm_while_importing)  # is kept for main's Preemption, not fatal
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -52,19 +53,40 @@ def _user_errors():
     return tuple(errors)
 
 
-def _relaunch_for_gpu_count(args, argv: list[str]) -> bool:
-    """The seed's --gpu_count N: outside torchrun, start N processes with torch.distributed.run."""
+def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> int | None:
+    """The seed's --gpu_count N: outside torchrun, run N processes with torch.distributed.run; returns the
+    job's exit code, or None when this process is to train itself. No traceback of torchrun's reaches the
+    user: a SIGTERM before its agent takes the signal over starts no worker (exit 0, nothing written); one
+    after is passed on to the workers, which save and stop (exit 0); a failed worker gives torchrun's
+    summary of the failure and that worker's exit code."""
     if args.gpu_count in (None, 1) or "WORLD_SIZE" in os.environ:
-        return False
-    import torch
-
+        return None
     n = torch.cuda.device_count() if args.gpu_count == -1 else args.gpu_count
     if n <= 1:
-        return False
-    from torch.distributed.run import main as torchrun_main
+        return None
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "staged_fast.train", *argv])
-    return True
+    try:
+        with preemption.raising_until_launch():
+            from torch.distributed.run import main as torchrun_main
+
+            torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "staged_fast.train", *argv])
+    except PreemptedBeforeLaunch:
+        print(f"stop requested (SIGTERM) before the {n} worker processes started: none launched, nothing "
+              "written; run the same command to start", file=sys.stderr)
+    except SignalException as e:  # torchrun's agent got the signal, passed it to the workers and waited for them
+        print(f"stop requested ({signal.Signals(e.sigval).name}): torchrun passed it to the {n} workers, which "
+              "save a checkpoint at their next update and stop (torchrun waits up to 30 s for them, then kills "
+              "them; the last complete checkpoint stays usable); run the same command to continue", file=sys.stderr)
+        # SIGTERM is a preemption, as in one process (exit 0); Ctrl-C and the like: the shell's status for it.
+        return 0 if e.sigval == signal.SIGTERM else 128 + int(e.sigval)
+    except ChildFailedError as e:  # the worker's own error is in its output above; torchrun's table says which
+        rank, failure = e.get_first_failure()
+        print(f"error: {n} worker processes launched with --gpu_count; rank {rank} failed first:\n{e}",
+              file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
+    return 0
 
 
 def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
@@ -114,6 +136,11 @@ class Determinism:
         self._saved = None
 
 
+class PreemptedBeforeLaunch(BaseException):
+    """A SIGTERM while --gpu_count launches its workers. A BaseException, as KeyboardInterrupt: it must pass
+    through torchrun's `except Exception` handlers (which record errors) untouched."""
+
+
 class Preemption:
     """SIGTERM (a scheduler preempting the job, to one rank or all) from the first line of main on (run as
     `python -m staged_fast.train`, from this module's first lines: one during the imports is kept). Before
@@ -137,6 +164,24 @@ class Preemption:
         if self.requested:  # arrived during the start
             trainer.stop_requested = True
 
+    @contextlib.contextmanager
+    def raising_until_launch(self):
+        """--gpu_count's launch: here a SIGTERM raises PreemptedBeforeLaunch, out of torchrun's start-up, until
+        torchrun's agent installs its own handler just before it spawns the workers (recording it instead, as
+        before, let the workers start and train on as if no signal had come)."""
+
+        def raise_preempted(signum, frame):
+            self.requested = True
+            raise PreemptedBeforeLaunch
+
+        signal.signal(signal.SIGTERM, raise_preempted)
+        try:
+            if self.requested:  # arrived before this point
+                raise PreemptedBeforeLaunch
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, self._handle)
+
     def close(self) -> None:
         """The handler main found (a caller's, e.g. a test process calling main in-process) comes back."""
         signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
@@ -158,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.deterministic:
             determinism.enable()
-        if _relaunch_for_gpu_count(args, argv):
-            return 0
+        relaunched = _relaunch_for_gpu_count(args, argv, preemption)
+        if relaunched is not None:
+            return relaunched
         dist = D.init(args.device, args.parallel)
         if args.save_prefix is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -96,54 +96,74 @@ def _worker_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rank", [1, 0])
-def test_sigterm_to_one_ddp_rank_saves_one_checkpoint_and_all_ranks_exit_zero(tmp_path, data_cache, rank):
-    """A preempted rank (kill -TERM of one worker, not of torchrun): the ranks agree on stopping at one update,
-    save one checkpoint and all exit 0 (it used to hang: the signalled rank saved alone)."""
+def _sigterm_mid_run(tmp_path, data_cache, launcher: list[str], target) -> tuple[int, str, float]:
+    """Start a 2-rank CPU job with `launcher` (the command before the trainer's arguments), wait for 3
+    logged updates, SIGTERM the process target(job pid) names, and return (exit code, output, seconds from
+    the signal to the job's exit). Fails if the job does not exit within 60 s."""
     import contextlib
     import signal
     import time
 
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "staged_fast.train", "--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "100000",
+    cmd = [*launcher, "--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "100000",
            "--warmup_steps", "10", "--log_rate", "1", "--val_every", "100000", "--val_batches", "1",
            "--save_every", "100000", "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
            "--save_prefix", str(run)]
-    log = open(tmp_path / "torchrun.log", "w")
+    log = open(tmp_path / "job.log", "w")
     proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    workers = []
     try:
         deadline = time.monotonic() + 180
         while not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl")) >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
             time.sleep(0.2)
         workers = [_worker_pid(proc.pid, r) for r in (0, 1)]
         assert None not in workers
         t0 = time.monotonic()
-        os.kill(workers[rank], signal.SIGTERM)
+        os.kill(target(proc.pid, workers), signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"SIGTERM to rank {rank}: the job did not exit within 60 s\n" +
-                        (tmp_path / "torchrun.log").read_text()[-3000:])
+            pytest.fail("SIGTERM: the job did not exit within 60 s\n" + (tmp_path / "job.log").read_text()[-3000:])
         elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:  # a hung job: torchrun's workers run in their own sessions
-            for pid in [proc.pid, *(w for w in locals().get("workers", []) if w)]:
+            for pid in [proc.pid, *(w for w in workers if w)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    out = (tmp_path / "torchrun.log").read_text()
+    out = (tmp_path / "job.log").read_text()
     assert proc.returncode == 0, out[-3000:]
     (ckpt,) = list_checkpoints(run)
     state = load_checkpoint(ckpt).trainer_state
     records = read_metrics(run / "metrics.jsonl")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["iteration"] == records[-1]["iteration"] == len(records)
-    print(f"SIGTERM to rank {rank} -> checkpoint {ckpt.name} and exit 0 of both ranks in {elapsed:.1f} s")
+    return proc.returncode, out, elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigterm_to_one_ddp_rank_saves_one_checkpoint_and_all_ranks_exit_zero(tmp_path, data_cache, rank):
+    """A preempted rank (kill -TERM of one worker, not of torchrun): the ranks agree on stopping at one update,
+    save one checkpoint and all exit 0 (it used to hang: the signalled rank saved alone)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "staged_fast.train"]
+    _, _, elapsed = _sigterm_mid_run(tmp_path, data_cache, torchrun, lambda job, workers: workers[rank])
+    print(f"SIGTERM to rank {rank} -> one checkpoint and exit 0 of both ranks in {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_gpu_count_launcher_saves_and_exits_zero_without_a_traceback(tmp_path, data_cache):
+    """--gpu_count 2 outside torchrun: this process is torchrun's agent. A SIGTERM to it (the job's main
+    process, what a scheduler signals) reaches both workers, which save one checkpoint; the launcher used to
+    end in torchrun's SignalException traceback with exit 1."""
+    launcher = [sys.executable, "-m", "staged_fast.train", "--gpu_count", "2"]
+    _, out, _ = _sigterm_mid_run(tmp_path, data_cache, launcher, lambda job, workers: job)
+    assert "Traceback" not in out, out[-3000:]
+    assert "stop requested (SIGTERM): torchrun passed it to the 2 workers" in out, out[-3000:]
 
 
 def test_sigterm_handled_during_the_stop_all_reduce_is_not_lost(tmp_path, data_cache, monkeypatch):
@@ -256,6 +276,43 @@ def test_sigterm_while_the_module_imports_leaves_cleanly(tmp_path, data_cache):
     assert proc.returncode == 0, (proc.returncode, out[-3000:])
     assert "stop requested (SIGTERM) before the first update at step 0" in out, out[-3000:]
     assert list_checkpoints(run) == []
+
+
+_PREEMPTED_WHILE_LAUNCHING = '''
+import os, runpy, signal, sys
+
+class SigtermWhenTorchrunIsImported:  # the scheduler's signal while --gpu_count starts torchrun's agent
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.distributed.run":
+            sys.meta_path.remove(self)
+            print("test: SIGTERM sent as torch.distributed.run is imported", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SigtermWhenTorchrunIsImported())
+sys.argv = ["staged_fast.train", *sys.argv[1:]]
+runpy.run_module("staged_fast.train", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_sigterm_while_gpu_count_launches_starts_no_worker(tmp_path, data_cache):
+    """--gpu_count 2 outside torchrun launches the workers itself. A SIGTERM after main's handler is in place
+    but before torchrun's agent installs its own was recorded and never read: the workers started and
+    trained to the end as if no signal had come. Now the launch ends there: exit 0, no worker, nothing written."""
+    script = tmp_path / "preempted_while_launching.py"
+    script.write_text(_PREEMPTED_WHILE_LAUNCHING)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(script), "--gpu_count", "2", "--size", "tiny", "--seqlen", "32", "--batch_size", "2",
+           "--train_steps", "3", "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--no_progress",
+           "--cache_dir", data_cache, "--device", "cpu", "--save_prefix", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "test: SIGTERM sent as torch.distributed.run is imported" in out, out[-3000:]
+    assert proc.returncode == 0, (proc.returncode, out[-3000:])
+    assert "before the 2 worker processes started: none launched" in out, out[-3000:]
+    assert list_checkpoints(run) == [], out[-3000:]
+    assert not (run / "metrics.jsonl").exists()
 
 
 def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):

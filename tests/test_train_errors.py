@@ -232,3 +232,22 @@ def test_disk_full_exits_2_and_keeps_earlier_checkpoints(tmp_path, data_cache, c
     assert not list(run.glob(".tmp-*"))
     load_checkpoint(run / "step_00000002")
     assert train(run, data_cache, "--train_steps", "6", "--save_every", "2", "--resume", "latest") == 0
+
+
+def test_gpu_count_worker_error_exits_with_its_code_and_no_traceback(tmp_path, data_cache):
+    """--gpu_count 2 outside torchrun launches the workers itself; a user error in them (a --resume folder that
+    holds no checkpoint) reaches the user as the workers' one-paragraph error and exit code 2, with torchrun's
+    table of which rank failed, not as torchrun's ChildFailedError traceback (exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "staged_fast.train", "--gpu_count", "2", "--device", "cpu", "--size", "tiny",
+           "--seqlen", "32", "--batch_size", "2", "--train_steps", "3", "--warmup_steps", "1", "--no_progress",
+           "--cache_dir", data_cache, "--save_prefix", str(tmp_path / "run"), "--resume", str(tmp_path / "none")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "is not a staged_fast checkpoint" in err, err[-3000:]
+    assert "error: 2 worker processes launched with --gpu_count; rank" in err, err[-3000:]
