@@ -45,6 +45,8 @@ class Trainer:
         self.iteration = 0
         self.tokens = 0
         self.last_val_loss = None
+        self.skipped_updates = torch.zeros((), device=self.device)  # non-finite grad norms, counted on the device
+        self.skipped_reported = 0
         self.growth_log: list[dict] = []
         self.stop_requested = False
         self.plan = load_plan(args, log)
@@ -335,10 +337,17 @@ class Trainer:
         if a.fp16:
             self.scaler.step(opt)  # skips the step itself on inf/nan
             self.scaler.update()
-        elif torch.isfinite(grad_norm):
-            opt.step()
         else:
-            self.log(f"warning: non-finite grad norm at step {self.step}; update skipped")
+            # A non-finite norm skips the update on the device, as GradScaler has the fused AdamW do (its
+            # found_inf: no change to weights, moments or step count): testing the norm on the host waited
+            # for the GPU at every update. log_record reports the skipped updates.
+            not_finite = (~torch.isfinite(grad_norm)).to(torch.float32)
+            opt.found_inf = not_finite
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+            self.skipped_updates += not_finite
         opt.zero_grad(set_to_none=True)
         self.step += 1
         self.iteration += 1
@@ -500,6 +509,11 @@ class Trainer:
             rec["mfu"] = fpt * tps / (self.peak_flops * self.dist.world_size)
         if not math.isfinite(loss):
             self.log(f"warning: loss is {loss} at step {self.step}")
+        skipped = int(self.skipped_updates.item())
+        if skipped > self.skipped_reported:
+            self.log(f"warning: {skipped - self.skipped_reported} update(s) skipped for a non-finite gradient norm "
+                     f"since the last log record (up to step {self.step}; {skipped} since the start)")
+            self.skipped_reported = skipped
         self.metrics.log(rec)
         return rec
 

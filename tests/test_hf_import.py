@@ -102,11 +102,15 @@ def test_export_folder_loads_in_transformers_and_back(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["unscaled", "inverse_layer_idx", "all"])
 def test_triton_backend_agrees(name):
-    """The Triton attention kernel (interpreted on CPU) gets the other scales folded into q."""
+    """The Triton attention kernel gets the other scales folded into q. On the GPU where there is one: a
+    process that has CUDA imports the kernels compiled, and they refuse CPU tensors (interpreted on CPU
+    otherwise, as tests/conftest.py sets up)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = hf_gpt2(seed=2, **OPTIONS[name])
-    torch_model = from_hf(hf).eval()
-    triton_model = from_hf(hf, kernels_backend="triton").eval()
-    idx = torch.randint(0, 97, (1, 24))
+    torch_model = from_hf(hf).to(device).eval()
+    triton_model = from_hf(hf, kernels_backend="triton").to(device).eval()
+    hf = hf.to(device)
+    idx = torch.randint(0, 97, (1, 24)).to(device)
     with torch.no_grad():
         ref = hf(idx).logits
         assert max_diff(torch_model(idx), ref) <= TOL

@@ -149,6 +149,49 @@ def test_fp16_gradients_survive_the_loss_scale():
         assert err <= 1.5 * torch_err, f"{name}: relative error {err:.2e} vs torch's {torch_err:.2e}"
 
 
+def test_fp32_output_probe_is_not_fooled_by_autocast(monkeypatch):
+    """The mode probe runs on the first training step, under autocast. With autocast on, its fp32 reference
+    product came out 16-bit, both modes were judged missing and every step took the slow "cast" path (with a
+    false warning). torch.mm/addmm stand in for torch 2.11 on CUDA (mm takes out_dtype=float32 and checks
+    `out`'s dtype; addmm refuses the fp32 addend), since CPU torch has neither."""
+    from staged_fast.kernels import fused_linear_ce
+
+    real_mm = torch.mm
+
+    def mm_as_on_cuda(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        if out is not None and out.dtype != out_dtype:
+            raise RuntimeError(f"Expected out tensor to have dtype {out_dtype}, but got {out.dtype} instead")
+        with torch.autocast("cpu", enabled=False):
+            result = real_mm(a.to(out_dtype), b.to(out_dtype))
+        return result if out is None else out.copy_(result)
+
+    def addmm_as_on_cuda(*args, out_dtype=None, **kwargs):
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    monkeypatch.setattr(torch, "mm", mm_as_on_cuda)
+    monkeypatch.setattr(torch, "addmm", addmm_as_on_cuda)
+    cpu = torch.device("cpu")
+    assert fused_linear_ce.probe_fp32_output_mode(cpu, torch.bfloat16) == "mm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_linear_ce.probe_fp32_output_mode(cpu, torch.bfloat16) == "mm"
+
+
+def test_forward_body_ignores_the_callers_autocast():
+    """The op's body inherits the caller's autocast; its matmuls have their dtypes chosen (fp32 inputs here,
+    as the tests and --kernels triton without --bf16 feed it), and under autocast they were recast to 16 bits.
+    The same inputs give the same bits with autocast on and off."""
+    h, w, t = _inputs(*SHAPES[1], torch.float32, seed=3)
+    h, w = h.detach(), w.detach()
+    plain = linear_cross_entropy_forward(h, w, t)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under_autocast = linear_cross_entropy_forward(h, w, t)
+    for name, a, b in zip(("loss", "grad_hidden", "grad_weight", "inv_n"), plain, under_autocast):
+        assert a.dtype == b.dtype == torch.float32, name
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not CUDA, reason="the fp32-output GEMM modes are cuBLAS paths (16-bit inputs on CUDA)")
 @pytest.mark.parametrize("mode", ["addmm", "mm", "cast"])
 def test_every_fp32_gemm_mode_matches_float64(monkeypatch, mode):

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from staged_fast.checkpoint import list_checkpoints, load_checkpoint
 from staged_fast.metrics import read_metrics
@@ -313,6 +314,69 @@ def test_sigterm_while_gpu_count_launches_starts_no_worker(tmp_path, data_cache)
     assert "before the 2 worker processes started: none launched" in out, out[-3000:]
     assert list_checkpoints(run) == [], out[-3000:]
     assert not (run / "metrics.jsonl").exists()
+
+
+def _tiny_trainer(tmp_path, data_cache):
+    from staged_fast import distributed as D
+    from staged_fast.train_args import parse_args
+    from staged_fast.trainer import Trainer
+
+    args = parse_args(["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
+                       "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--save_every", "100",
+                       "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
+                       "--save_prefix", str(tmp_path / "run")])
+    return Trainer(args, D.DistInfo(), log=lambda *a, **k: None)
+
+
+def test_an_update_never_reads_a_tensor_on_the_host(tmp_path, data_cache, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (bool, item, float, ...) waits for every kernel queued
+    so far, so the host cannot queue the next update while this one runs. An update used to test the grad
+    norm that way (to skip a non-finite one); now nothing in it does (CPU tensors stand in here)."""
+    trainer = _tiny_trainer(tmp_path, data_cache)
+    trainer.train_step()  # first update: optimizer state created, caches filled
+    reads = []
+    for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name):
+            reads.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    trainer.train_step()
+    monkeypatch.undo()
+    trainer.close()
+    assert reads == [], reads
+
+
+def test_a_non_finite_gradient_skips_that_update_on_the_device(tmp_path, data_cache):
+    """A NaN in one update's gradients leaves weights, AdamW moments and its step count as they were (fused
+    AdamW's found_inf, as GradScaler uses it); the next update trains; the next log record says one was skipped."""
+    trainer = _tiny_trainer(tmp_path, data_cache)
+    logged = []
+    trainer.log = lambda *a, **k: logged.append(" ".join(map(str, a)))
+    weight = trainer.model.lm_head.weight
+    poison = {"now": False}
+    handle = weight.register_hook(lambda g: g * float("nan") if poison["now"] else g)
+    trainer.train_step()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    moments = {n: trainer.optimizer.state[p]["exp_avg"].clone() for n, p in trainer.model.named_parameters()}
+    poison["now"] = True
+    loss, grad_norm = trainer.train_step()
+    assert not torch.isfinite(grad_norm)
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+        assert torch.equal(trainer.optimizer.state[p]["exp_avg"], moments[n]), n
+        assert trainer.optimizer.state[p]["step"].item() == 1, n
+    assert trainer.step == 2  # the schedule moves on, as before (the update is dropped, not retried)
+    poison["now"] = False
+    trainer.train_step()
+    assert not torch.equal(weight.detach(), before["transformer.wte.weight"])  # the head is tied to it
+    assert trainer.optimizer.state[weight]["step"].item() == 2
+    trainer.log_record(loss, grad_norm, 1.0, 64)
+    assert any("1 update(s) skipped for a non-finite gradient norm" in line for line in logged), logged
+    handle.remove()
+    trainer.close()
 
 
 def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):

@@ -99,34 +99,41 @@ def fp32_output_mode(device: torch.device, dtype: torch.dtype) -> str:
                H200 did; some versions check "self and mat2 must have the same dtype"): exact fp32
                products, and an fp32 temporary added for the accumulating GEMMs;
       "cast":  neither: 16-bit products converted (a 16-bit temporary, products rounded), with a warning.
+    Off CUDA (no such kernels in torch) always "cast".
     """
     key = (device, dtype)
     mode = _FP32_OUTPUT_MODE.get(key)
     if mode is None:
-        mode = "cast"
-        if device.type == "cuda":
-            # Small integers: exact in 16 bits, and no draw from torch's RNG.
-            x = (torch.arange(64 * 32, device=device) % 7 - 3).reshape(64, 32).to(dtype)
-            y = (torch.arange(32 * 48, device=device) % 5 - 2).reshape(32, 48).to(dtype)
-            product = x.float() @ y.float()
-
-            def addmm(a, b):
-                z = torch.ones(64, 48, device=device)
-                return torch.addmm(z, a, b, out_dtype=torch.float32, out=z)
-
-            if _probe(addmm, x, y, 1 + product):
-                mode = "addmm"
-            elif _probe(lambda a, b: torch.mm(a, b, out_dtype=torch.float32, out=torch.empty_like(product)),
-                        x, y, product):
-                mode = "mm"
-            else:
-                warnings.warn(
-                    f"fused linear+CE: torch {torch.__version__} cannot write {dtype} matmuls into fp32 "
-                    "(neither torch.addmm nor torch.mm take out_dtype=torch.float32 here); falling back to a "
-                    "16-bit product plus a conversion (slower, one extra (V, d) temporary). Use torch >= 2.8."
-                )
+        mode = probe_fp32_output_mode(device, dtype) if device.type == "cuda" else "cast"
+        if mode == "cast" and device.type == "cuda":
+            warnings.warn(
+                f"fused linear+CE: torch {torch.__version__} cannot write {dtype} matmuls into fp32 "
+                "(neither torch.addmm nor torch.mm take out_dtype=torch.float32 here); falling back to a "
+                "16-bit product plus a conversion (slower, one extra (V, d) temporary). Use torch >= 2.8."
+            )
         _FP32_OUTPUT_MODE[key] = mode
     return mode
+
+
+def probe_fp32_output_mode(device: torch.device, dtype: torch.dtype) -> str:
+    """The first of "addmm", "mm" that gives the exact fp32 product of small dtype matrices on device, else
+    "cast". Autocast is off inside: the first call comes from a training step under autocast, where the
+    fp32 reference product came out 16-bit and both modes were judged missing (the slow fallback ran)."""
+    with torch.autocast(device.type, enabled=False):
+        # Small integers: exact in 16 bits, and no draw from torch's RNG.
+        x = (torch.arange(64 * 32, device=device) % 7 - 3).reshape(64, 32).to(dtype)
+        y = (torch.arange(32 * 48, device=device) % 5 - 2).reshape(32, 48).to(dtype)
+        product = x.float() @ y.float()
+
+        def addmm(a, b):
+            z = torch.ones(64, 48, device=device)
+            return torch.addmm(z, a, b, out_dtype=torch.float32, out=z)
+
+        if _probe(addmm, x, y, 1 + product):
+            return "addmm"
+        if _probe(lambda a, b: torch.mm(a, b, out_dtype=torch.float32, out=torch.empty_like(product)), x, y, product):
+            return "mm"
+    return "cast"
 
 
 def _matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -173,7 +180,14 @@ def linear_cross_entropy_forward(hidden, weight, targets, ignore_index: int = -1
                                  chunk_rows: int | None = None):
     """Returns (loss, grad_hidden, grad_weight, inv_n): loss a 0-dim fp32 tensor; the gradients of
     n_valid * loss (unnormalised: multiply by inv_n = 1 / n_valid, a (1,) fp32 tensor, for the
-    gradient of the loss), both fp32, or None when compute_grad is False."""
+    gradient of the loss), both fp32, or None when compute_grad is False. Runs with autocast off (the
+    op's body inherits the caller's): every matmul here has its dtypes chosen, and autocast would
+    recast them."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward(hidden, weight, targets, ignore_index, compute_grad, chunk_rows)
+
+
+def _forward(hidden, weight, targets, ignore_index, compute_grad, chunk_rows):
     _check(hidden, weight, targets)
     n, d = hidden.shape
     v = weight.shape[0]
