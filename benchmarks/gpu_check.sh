@@ -119,11 +119,12 @@ step bench_kernels_attn 50 "$PY" benchmarks/bench_kernels.py --quick --only atte
 install_wait
 step tests_ext 20 env $TESTS_ENV "$PY" -m pytest -q -x tests/test_ext_ops.py
 # FSDP2 on one GPU over nccl (a one-rank group): bf16 mixed precision, growth inside the shards at update 3,
-# a sharded checkpoint, then the same command resumed from it.
-# (One line: a newline inside it would end the command in the bash -c below.)
+# a sharded checkpoint, then the same command resumed from it. A correctness check: each kernel's default
+# config (two processes, and the growth makes new shapes: autotuning them would compile and time every config
+# twice in the 35 s). (One line: a newline inside it would end the command in the bash -c below.)
 FSDP_ARGS="--parallel fsdp --device cuda --size tiny_div2_width --bf16 --train_steps 6 --warmup_steps 1 --grow_at 3 \
   --grow_ops width --save_every 3 --val_every 3 --val_batches 1 --no_progress --save_prefix /tmp/fsdp_nccl"
-step fsdp_nccl 35 bash -c "rm -rf /tmp/fsdp_nccl && $PY -m staged_fast.train $FSDP_ARGS --stop_at_step 3 &&
+step fsdp_nccl 35 env $TESTS_ENV bash -c "rm -rf /tmp/fsdp_nccl && $PY -m staged_fast.train $FSDP_ARGS --stop_at_step 3 &&
   $PY -m staged_fast.train $FSDP_ARGS --resume latest && tail -n 3 /tmp/fsdp_nccl/metrics.jsonl"
 # bench_train's rows in priority order (HF SDPA, the baseline, runs first): a cut-off run keeps ours first,
 # in the log and in its JSON (written after each row). Last, if time is left: ours torch + compile, which

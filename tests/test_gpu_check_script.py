@@ -102,13 +102,15 @@ def test_every_default_step_reaches_its_command_whole(tmp_path):
     for step in default_steps:
         expected = r"FAIL\(\d+\)" if step == "env" else r"FAIL\(3\)"  # env: nvidia-smi may be missing first
         assert re.search(rf"^{step}\s+{expected}\s", summary, re.M), (step, summary)
-    calls = [line.split("fake python: ", 1)[1].split() for line in (out / "steps.log").read_text().splitlines()
-             if line.startswith("fake python: -m staged_fast.train")]
+    lines = (out / "steps.log").read_text().splitlines()
+    train_at = [i for i, line in enumerate(lines) if line.startswith("fake python: -m staged_fast.train")]
+    calls = [lines[i].split("fake python: ", 1)[1].split() for i in train_at]
     assert calls and all("--stop_at_step" in c or "--resume" in c for c in calls)
+    # fsdp_nccl checks correctness: its processes run the default configs, as the tests do
+    assert all(lines[i + 1] == "fake autotune: attn=0 norm=0" for i in train_at), [lines[i + 1] for i in train_at]
     for argv in calls:  # cpu for cuda: validate() checks that the device exists, the rest is the same
         validate(parse_args(["cpu" if a == "cuda" else a for a in argv[2:]]))
     # tests_rest leaves out what earlier steps ran and the no-GPU compile check (the GPU compiles for real)
-    lines = (out / "steps.log").read_text().splitlines()
     pytest_at = [i for i, line in enumerate(lines) if line.startswith("fake python: -m pytest")]
     pytest_calls = [lines[i].split("fake python: ", 1)[1].split() for i in pytest_at]
     # the tests run each kernel's default config (each autotuner has its own test, which turns it on)
