@@ -22,6 +22,7 @@ import contextlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -121,7 +122,11 @@ class Determinism:
     def enable(self) -> None:
         self._saved = (torch.are_deterministic_algorithms_enabled(),
                        torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
+        if self._saved[2] is None and torch.cuda.is_initialized():  # main called in a process that used the GPU
+            warnings.warn("--deterministic: this process has used CUDA already and CUBLAS_WORKSPACE_CONFIG is "
+                          "unset; torch reads it once, at the first cuBLAS matmul, so if one ran, the run's "
+                          "first matmul raises. Set CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python.")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS matmul
         torch.use_deterministic_algorithms(True)
 
     def restore(self) -> None:

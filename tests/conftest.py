@@ -8,6 +8,9 @@ try:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # torch reads CUBLAS_WORKSPACE_CONFIG once per process, at its first cuBLAS matmul, so --deterministic
+    # run in-process after other GPU tests would find it unset (and raise); a fresh `python -m` sets it in time.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 except ImportError:  # pragma: no cover
     pass
 

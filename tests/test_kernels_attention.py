@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 CUDA = torch.cuda.is_available()
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before this module (and Triton) is imported.
@@ -300,9 +301,19 @@ def test_backward_launcher_matches_autograd():
 def test_autotuned_configs_match_float64(monkeypatch):
     """With autotuning on, the kernels run (and re-run while timing) several configs; the dQ atomics
     start from zero again (reset_to_zero) and the dropout seed is read from a tensor, so the result
-    still matches. A T bucket no other test uses, so this key is tuned here."""
+    still matches. The launchers' and the autotuners' tables are emptied, so this key is tuned here even
+    where another test ran it untuned (the autocast test's T = 300 did)."""
     monkeypatch.setattr(attention, "AUTOTUNE", True)
-    _check(*_qkv(2, 2, 300, 64, torch.bfloat16, seed=5), dropout_p=P_DROP, seed=_seed(11))
+    for launch in (attention._launch_fwd, attention._launch_bwd):
+        monkeypatch.setattr(launch, "_chosen", {})
+        monkeypatch.setattr(launch.autotuned, "cache", {})
+    timed = []
+    for launch in (attention._launch_fwd, attention._launch_bwd):
+        real = launch.autotuned._bench
+        monkeypatch.setattr(launch.autotuned, "_bench",
+                            lambda *a, _real=real, **kw: timed.append(kw.get("config")) or _real(*a, **kw))
+    _check(*_qkv(2, 2, 200, 64, torch.bfloat16, seed=5), dropout_p=P_DROP, seed=_seed(11))
+    assert len(timed) >= 4, f"the autotuners timed {len(timed)} configs"  # several forward and backward ones
 
 
 def test_dispatch_routes_triton_and_matches_sdpa():
@@ -396,6 +407,35 @@ def test_tuned_launch_skips_the_autotuner_once_a_key_has_its_config(monkeypatch)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     chosen = [c for c, _ in attention._launch_fwd._chosen.values()]
     assert chosen and all(isinstance(c, triton.Config) for c in chosen)
+
+
+def _first_config_below_100(configs, named_args, **kwargs):
+    return list(configs[:1]) if named_args["N"] < 100 else list(configs)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["N"],
+                 prune_configs_by={"early_config_prune": _first_config_below_100})
+@triton.jit
+def _iota_kernel(X, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, offs.to(tl.float32), mask=offs < N)
+
+
+def test_tuned_launch_times_nothing_when_the_prune_leaves_one_config(monkeypatch):
+    """With autotuning off (or fp32, or the interpreter) the prune leaves one config. Triton 3.6's autotuner
+    still benchmarks that one (launches and L2 flushes per new key; 3.8 skips it), so TunedLaunch launches it
+    directly: the autotuner's benchmark is never called, and the config runs and is kept for the key."""
+    from staged_fast.kernels._common import TunedLaunch
+
+    launch = TunedLaunch(_iota_kernel)
+    monkeypatch.setattr(_iota_kernel, "_bench", lambda *a, **k: pytest.fail("the one config was timed"))
+    monkeypatch.setattr(_iota_kernel, "run", lambda *a, **k: pytest.fail("the launch went through the autotuner"))
+    x = torch.full((50,), float("nan"), device=DEVICE)
+    config = launch(lambda meta: (triton.cdiv(50, meta["BLOCK"]),), ("n", 50), x, 50)
+    assert config.kwargs == {"BLOCK": 16} and launch.last is config
+    assert torch.equal(x.cpu(), torch.arange(50, dtype=torch.float32))
+    assert launch._chosen[("n", 50)][0] is config
+    assert _iota_kernel.nargs is None  # left as the autotuner leaves it
 
 
 @pytest.mark.parametrize("index", range(len(attention._FWD_SHAPES)))

@@ -396,3 +396,17 @@ def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is callers_handler
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_deterministic_in_a_process_that_used_cuda_warns_about_the_cublas_setting(monkeypatch):
+    """torch reads CUBLAS_WORKSPACE_CONFIG once, at the first cuBLAS matmul: --deterministic set in a process
+    that has used the GPU already (main called from a notebook) may come too late, and says so."""
+    from staged_fast.train import Determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    determinism = Determinism()
+    with pytest.warns(UserWarning, match="CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python"):
+        determinism.enable()
+    determinism.restore()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()

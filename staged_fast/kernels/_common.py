@@ -105,7 +105,8 @@ class TunedLaunch:
     launches with that key go straight to the compiled function with the config's arguments. Triton's
     Autotuner.run rebuilds its key from every argument on each call (~9 us of host time here, about a
     small kernel's device time). `key` must separate at least what the autotuner's key does (its key
-    arguments and the dtypes of the tensor arguments); a finer key only tunes more often."""
+    arguments and the dtypes of the tensor arguments); a finer key only tunes more often. A key whose
+    arguments leave one config after the autotuner's prune runs that config untimed."""
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
@@ -116,14 +117,31 @@ class TunedLaunch:
         """Launch on `grid`; returns the triton.Config that ran."""
         hit = self._chosen.get(key)
         if hit is None:
-            self.autotuned[grid](*args, **kwargs)
-            config = self.autotuned.best_config
-            self._chosen[key] = (config, config.all_kwargs())
-        else:
-            config, config_kwargs = hit
-            self.autotuned.fn[grid](*args, **kwargs, **config_kwargs)
+            configs = self._candidates(args, kwargs)
+            if len(configs) > 1:
+                self.autotuned[grid](*args, **kwargs)
+                config = self.autotuned.best_config
+                self._chosen[key] = (config, config.all_kwargs())
+                self.last = config
+                return config
+            # One candidate (autotuning off, fp32, the interpreter): nothing to time. Triton 3.6's autotuner
+            # would still benchmark it (~0.1 s of launches and cache flushes per new key; 3.8 skips that).
+            hit = self._chosen[key] = (configs[0], configs[0].all_kwargs())
+        config, config_kwargs = hit
+        self.autotuned.fn[grid](*args, **kwargs, **config_kwargs)
         self.last = config
         return config
+
+    def _candidates(self, args, kwargs) -> list:
+        """The configs the autotuner would time for these arguments (its own early prune)."""
+        tuner = self.autotuned
+        if len(tuner.configs) == 1:
+            return list(tuner.configs)
+        tuner.nargs = dict(zip(tuner.arg_names, args))  # what prune_configs reads, as Autotuner.run sets it
+        try:
+            return tuner.prune_configs(kwargs)
+        finally:
+            tuner.nargs = None
 
 
 @functools.lru_cache(maxsize=None)
