@@ -94,8 +94,9 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if `flag` is true on any rank (one all-reduce of a scalar)."""
-    if not info.enabled:
+    """True on every rank if `flag` is true on any rank (one all-reduce of a scalar, read on the host: on
+    nccl a wait for the GPU, so a group of one, e.g. FSDP on one GPU, skips it)."""
+    if not info.enabled or info.world_size == 1:
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

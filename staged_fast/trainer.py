@@ -77,7 +77,9 @@ class Trainer:
             (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
-        if ckpt is not None and "scaler" in ckpt.trainer_state and args.fp16:
+        # A run saved without --fp16 holds the disabled scaler's empty state: resumed with --fp16, the
+        # scaler starts afresh (loading {} raised).
+        if ckpt is not None and ckpt.trainer_state.get("scaler") and args.fp16:
             self.scaler.load_state_dict(ckpt.trainer_state["scaler"])
         self.peak_flops = device_peak_flops(self.device)
         self.metrics = MetricsLogger(self.run_dir if dist.is_main else None, tensorboard=args.tensorboard,

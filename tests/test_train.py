@@ -410,3 +410,24 @@ def test_deterministic_in_a_process_that_used_cuda_warns_about_the_cublas_settin
         determinism.enable()
     determinism.restore()
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_resume_with_fp16_from_a_run_saved_without_it(tmp_path, data_cache):
+    """A checkpoint written without --fp16 holds the disabled GradScaler's empty state; resuming it with --fp16
+    loaded that {} into an enabled scaler, which raised (a traceback, exit 1). The scaler now starts afresh."""
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "2", "--seqlen", "32", "--batch_size", "2") == 0
+    assert train(run, data_cache, "--train_steps", "4", "--seqlen", "32", "--batch_size", "2", "--fp16",
+                 "--resume", "latest") == 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_the_stop_agreement_of_a_group_of_one_reads_nothing_from_the_device(monkeypatch):
+    """--parallel fsdp on one GPU runs a one-rank nccl group; agreeing on the stop flag there needs no
+    all-reduce, whose result read on the host made every update wait for the GPU."""
+    from staged_fast import distributed as D
+
+    monkeypatch.setattr(D.dist, "all_reduce", lambda *a, **k: pytest.fail("an all-reduce in a group of one"))
+    one = D.DistInfo(world_size=1, backend="nccl")
+    assert one.enabled
+    assert D.any_rank(True, one) is True and D.any_rank(False, one) is False
