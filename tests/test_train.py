@@ -167,19 +167,26 @@ def test_sigterm_to_the_gpu_count_launcher_saves_and_exits_zero_without_a_traceb
     assert "stop requested (SIGTERM): torchrun passed it to the 2 workers" in out, out[-3000:]
 
 
-def test_sigterm_handled_during_the_stop_all_reduce_is_not_lost(tmp_path, data_cache, monkeypatch):
-    """The SIGTERM handler can run while the ranks' stop flag is being all-reduced (the Python handler runs
-    when the collective returns): the flag was set after it was read, and the loop used to write the
-    reduced value back over it, so the request was lost and the job trained on. It must stop one update later."""
+def _tiny_trainer(tmp_path, data_cache, log=print):
     from staged_fast import distributed as D
     from staged_fast.train_args import parse_args
-    from staged_fast.trainer import Trainer, run
+    from staged_fast.trainer import Trainer
 
     args = parse_args(["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
                        "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--save_every", "100",
                        "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
                        "--save_prefix", str(tmp_path / "run")])
-    trainer = Trainer(args, D.DistInfo())
+    return Trainer(args, D.DistInfo(), log=log)
+
+
+def test_sigterm_handled_during_the_stop_all_reduce_is_not_lost(tmp_path, data_cache, monkeypatch):
+    """The SIGTERM handler can run while the ranks' stop flag is being all-reduced (the Python handler runs
+    when the collective returns): the flag was set after it was read, and the loop used to write the
+    reduced value back over it, so the request was lost and the job trained on. It must stop one update later."""
+    from staged_fast import distributed as D
+    from staged_fast.trainer import run
+
+    trainer = _tiny_trainer(tmp_path, data_cache)
     reduced = []
     real_any_rank = D.any_rank
 
@@ -245,18 +252,22 @@ def test_sigterm_during_the_start_leaves_cleanly_and_the_same_command_continues(
     assert len(losses(run)) == 3
 
 
-_PREEMPTED_WHILE_IMPORTING = '''
+def _sigterm_on_import_script(module: str) -> str:
+    """A script that runs `python -m staged_fast.train` with its argv and sends itself SIGTERM the moment
+    `module` is imported (the scheduler's signal at that point of the start), saying so on stdout."""
+    return f'''
 import os, runpy, signal, sys
 
-class SigtermWhenTorchIsImported:  # the scheduler's signal while `python -m staged_fast.train` imports torch
+class SigtermOnImport:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
+        if name == {module!r}:
             sys.meta_path.remove(self)
+            print("test: SIGTERM sent as {module} is imported", flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
         return None
 
-assert "torch" not in sys.modules
-sys.meta_path.insert(0, SigtermWhenTorchIsImported())
+assert {module!r} not in sys.modules
+sys.meta_path.insert(0, SigtermOnImport())
 sys.argv = ["staged_fast.train", *sys.argv[1:]]
 runpy.run_module("staged_fast.train", run_name="__main__", alter_sys=True)
 '''
@@ -266,7 +277,7 @@ def test_sigterm_while_the_module_imports_leaves_cleanly(tmp_path, data_cache):
     """A SIGTERM that lands before main runs, while `python -m staged_fast.train` imports torch (~2 s), is
     kept and handled as one during the start (exit 0, nothing written); it used to kill the process."""
     script = tmp_path / "preempted_while_importing.py"
-    script.write_text(_PREEMPTED_WHILE_IMPORTING)
+    script.write_text(_sigterm_on_import_script("torch"))
     run = tmp_path / "run"
     cmd = [sys.executable, str(script), "--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "3",
            "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--no_progress", "--cache_dir",
@@ -274,26 +285,10 @@ def test_sigterm_while_the_module_imports_leaves_cleanly(tmp_path, data_cache):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
+    assert "test: SIGTERM sent as torch is imported" in out, out[-3000:]
     assert proc.returncode == 0, (proc.returncode, out[-3000:])
     assert "stop requested (SIGTERM) before the first update at step 0" in out, out[-3000:]
     assert list_checkpoints(run) == []
-
-
-_PREEMPTED_WHILE_LAUNCHING = '''
-import os, runpy, signal, sys
-
-class SigtermWhenTorchrunIsImported:  # the scheduler's signal while --gpu_count starts torchrun's agent
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch.distributed.run":
-            sys.meta_path.remove(self)
-            print("test: SIGTERM sent as torch.distributed.run is imported", flush=True)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return None
-
-sys.meta_path.insert(0, SigtermWhenTorchrunIsImported())
-sys.argv = ["staged_fast.train", *sys.argv[1:]]
-runpy.run_module("staged_fast.train", run_name="__main__", alter_sys=True)
-'''
 
 
 def test_sigterm_while_gpu_count_launches_starts_no_worker(tmp_path, data_cache):
@@ -301,7 +296,7 @@ def test_sigterm_while_gpu_count_launches_starts_no_worker(tmp_path, data_cache)
     but before torchrun's agent installs its own was recorded and never read: the workers started and
     trained to the end as if no signal had come. Now the launch ends there: exit 0, no worker, nothing written."""
     script = tmp_path / "preempted_while_launching.py"
-    script.write_text(_PREEMPTED_WHILE_LAUNCHING)
+    script.write_text(_sigterm_on_import_script("torch.distributed.run"))
     run = tmp_path / "run"
     cmd = [sys.executable, str(script), "--gpu_count", "2", "--size", "tiny", "--seqlen", "32", "--batch_size", "2",
            "--train_steps", "3", "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--no_progress",
@@ -316,23 +311,11 @@ def test_sigterm_while_gpu_count_launches_starts_no_worker(tmp_path, data_cache)
     assert not (run / "metrics.jsonl").exists()
 
 
-def _tiny_trainer(tmp_path, data_cache):
-    from staged_fast import distributed as D
-    from staged_fast.train_args import parse_args
-    from staged_fast.trainer import Trainer
-
-    args = parse_args(["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
-                       "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--save_every", "100",
-                       "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
-                       "--save_prefix", str(tmp_path / "run")])
-    return Trainer(args, D.DistInfo(), log=lambda *a, **k: None)
-
-
 def test_an_update_never_reads_a_tensor_on_the_host(tmp_path, data_cache, monkeypatch):
     """On a GPU, reading a tensor's value on the host (bool, item, float, ...) waits for every kernel queued
     so far, so the host cannot queue the next update while this one runs. An update used to test the grad
     norm that way (to skip a non-finite one); now nothing in it does (CPU tensors stand in here)."""
-    trainer = _tiny_trainer(tmp_path, data_cache)
+    trainer = _tiny_trainer(tmp_path, data_cache, log=lambda *a, **k: None)
     trainer.train_step()  # first update: optimizer state created, caches filled
     reads = []
     for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist"):
