@@ -103,6 +103,48 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+class StopVote:
+    """Whether any rank asked to stop, agreed by all ranks once per update without making the update wait for
+    the GPU. Each call reads the vote the previous call started, then starts one with this rank's flag: an
+    all-reduce (MAX) queued behind the update just launched, its result copied to pinned host memory with an
+    event after it. Waiting for the previous call's event lets the GPU run the update just queued, where
+    reading the new result at once (`any_rank`) waited for it to finish. So the ranks stop together one update
+    after a request. Outside a multi-rank group the flag is its own answer, read at once."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.lagged = info.enabled and info.world_size > 1
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        if self.lagged:
+            cuda = info.device.type == "cuda"
+            self.flag = torch.zeros(1, dtype=torch.int32, device=info.device)
+            self.host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda) if cuda else None
+
+    def __call__(self, flag: bool) -> bool:
+        if not self.lagged:
+            return any_rank(flag, self.info)
+        agreed = self._read_previous()
+        self.flag.fill_(1 if flag else 0)  # a kernel argument: no host-to-device copy that could wait
+        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
+        if self.host is None:  # gloo on CPU: the result is here already
+            self.pending = (self.flag.clone(), None)
+        else:
+            self.host.copy_(self.flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending = (self.host, done)
+        return agreed
+
+    def _read_previous(self) -> bool:
+        if self.pending is None:
+            return False
+        result, done = self.pending
+        self.pending = None
+        if done is not None:
+            done.synchronize()  # the previous update's work and vote, not the update just queued
+        return bool(result.item())
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's value of a picklable object on every rank."""
     if not info.enabled:

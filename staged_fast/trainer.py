@@ -539,7 +539,7 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         trainer.log(f"stop requested (SIGTERM) before the first update at step {trainer.step}: leaving without "
                     f"training; the same command continues")
         return dict(checkpoint=None, growths=trainer.growth_log)
-    stop = False
+    stop, vote = False, D.StopVote(trainer.dist)
     while trainer.step < a.train_steps and not stop:
         loss, grad_norm = trainer.train_step()
         it = trainer.iteration
@@ -552,13 +552,13 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         trainer.maybe_grow()
         bar.n = min(trainer.step, a.train_steps)
         bar.refresh()
-        if a.stop_at_step is not None and it >= a.stop_at_step:
-            trainer.stop_requested = True
-        # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at this update
-        # (an all-reduce of the flag), so all save the same one checkpoint and leave the loop together.
-        # The flag is read here, never written back: a SIGTERM handled while the all-reduce is in flight
-        # sets it after it was read, and writing the result over it lost the request (the job trained on).
-        stop = D.any_rank(trainer.stop_requested, trainer.dist)
+        # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at one update
+        # (an all-reduce of the flag, read one update later in a multi-rank run so that no update waits for
+        # the GPU), so all save the same one checkpoint and leave the loop together. The flag is read here,
+        # never written back: a SIGTERM handled while the all-reduce is in flight sets it after it was read,
+        # and writing the result over it lost the request (the job trained on).
+        # --stop_at_step is the same on every rank: no vote, no lag.
+        stop = vote(trainer.stop_requested) or (a.stop_at_step is not None and it >= a.stop_at_step)
         if it % a.save_every == 0 or stop:
             path = trainer.save()
     bar.close()

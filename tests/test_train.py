@@ -414,3 +414,59 @@ def test_the_stop_agreement_of_a_group_of_one_reads_nothing_from_the_device(monk
     one = D.DistInfo(world_size=1, backend="nccl")
     assert one.enabled
     assert D.any_rank(True, one) is True and D.any_rank(False, one) is False
+
+
+_STOP_VOTE_RANK = '''
+import sys, torch, torch.distributed as dist
+from staged_fast import distributed as D
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+vote = D.StopVote(D.DistInfo(rank, rank, 2, torch.device("cpu"), "gloo"))
+print([vote(rank == 1 and i >= 2) for i in range(5)])  # rank 1 is signalled during update 2
+dist.destroy_process_group()
+'''
+
+
+def test_two_ranks_agree_on_the_stop_one_update_after_the_request(tmp_path):
+    """The stop vote of a multi-rank run is read one update late (so that no update waits for the GPU): a
+    request on one rank during update 2 stops both ranks at update 3, never one rank alone."""
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", _STOP_VOTE_RANK, str(r), str(store)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip().splitlines()[-1] for o in outs] == ["[False, False, False, True, True]"] * 2, outs
+
+
+def test_the_stop_vote_on_a_gpu_waits_for_the_previous_update_only(monkeypatch):
+    """Under nccl the vote's result reaches the host through pinned memory and an event recorded behind it;
+    each update waits for the previous update's event (the GPU meanwhile runs the update just queued), never
+    for the device as a whole, and reads the previous result before the new vote's copy can overwrite it.
+    CUDA's events and the collective are stand-ins here: this checks the order of the steps."""
+    from staged_fast import distributed as D
+
+    steps = []
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            Event.count += 1
+            self.id = Event.count
+
+        def record(self):
+            steps.append(("record", self.id))
+
+        def synchronize(self):
+            steps.append(("wait", self.id))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: pytest.fail("a wait for the whole device"))
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, op: steps.append(("all_reduce", int(t))))
+    vote = D.StopVote(D.DistInfo(world_size=2, backend="nccl"))
+    vote.host = torch.full((1,), -1, dtype=torch.int32)  # what pinned host memory is on a CUDA device
+    assert [vote(flag) for flag in (False, True, False, False)] == [False, False, True, False]
+    assert steps == [("all_reduce", 0), ("record", 1),
+                     ("wait", 1), ("all_reduce", 1), ("record", 2),
+                     ("wait", 2), ("all_reduce", 0), ("record", 3),
+                     ("wait", 3), ("all_reduce", 0), ("record", 4)]
