@@ -20,6 +20,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #define STAGED_FAST_C10_CUDA 1
+#elif defined(STAGED_FAST_WITH_CUDA)
+// setup.py's CUDAExtension build: the fallback there would ignore torch's current stream without a word
+#error "staged_fast: c10/cuda/impl/cuda_cmake_macros.h not found: build the CUDA kernels against a CUDA build of torch"
 #endif
 
 #include "grow_op.h"
