@@ -50,16 +50,14 @@ def init(requested_device: str = "auto", parallel: str = "ddp") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":  # Triton launches on the current device, whatever its tensors' device is
+        torch.cuda.set_device(device)
     if world_size == 1 and "RANK" not in os.environ:
         if parallel != "fsdp":
             return DistInfo(device=device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         return DistInfo(0, 0, 1, device, backend)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)

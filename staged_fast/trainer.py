@@ -19,7 +19,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import ConfigError, GPTConfig, initial_lr_for
 from .heap import keep_freed_heap
-from .kernels import resolve_backend
+from .kernels import backend_for_head_dim, resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, device_peak_flops, flops_per_token
 from .model import GPT
@@ -64,6 +64,10 @@ class Trainer:
             pretrained_config(args.model)  # a folder we cannot compute exactly is refused before data preparation
         self._build_data()
         self.config = self._decide_config(ckpt)
+        try:  # before the model is built: auto may keep to torch's kernels for this shape
+            self.backend = backend_for_head_dim(args.kernels, self.backend, self.config.head_dim, log)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self._build_model_and_optimizer(ckpt)
         self._build_schedule_and_state(ckpt)
         self.growths = GrowthSchedule(

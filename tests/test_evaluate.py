@@ -341,3 +341,41 @@ def test_stride_larger_than_context(random_ckpt, capsys):
     code, err = run_main(["wikitext", "--checkpoint", str(random_ckpt), "--data_file", str(WIKITEXT),
                           "--context", "32", "--stride", "33"], capsys)
     assert code == 2 and "--stride 33" in err
+
+
+@pytest.fixture(scope="module")
+def head_dim_80_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=1, n_embd=80, n_head=1)).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("hd80"), step=1, model=model, config=model.config)
+
+
+def test_kernels_triton_on_a_head_dim_the_flash_kernel_lacks_is_refused(head_dim_80_ckpt, capsys):
+    code, err = run_main(["wikitext", "--checkpoint", str(head_dim_80_ckpt), "--data_file", str(WIKITEXT),
+                          "--kernels", "triton"], capsys)
+    assert code == 2 and "is 80" in err and "--kernels torch" in err, err
+
+
+def test_kernels_auto_evaluates_a_head_dim_the_flash_kernel_lacks_with_torch(head_dim_80_ckpt, monkeypatch, capsys):
+    """auto picks Triton on CUDA: a head_dim the flash kernel lacks used to crash at the first forward."""
+    import staged_fast.kernels as kernels
+
+    monkeypatch.setattr(kernels, "resolve_backend", lambda name, device: "triton")  # auto, as on CUDA
+    code, err = run_main(["wikitext", "--checkpoint", str(head_dim_80_ckpt), "--data_file", str(WIKITEXT),
+                          "--kernels", "auto"], capsys)
+    assert code == 0, err
+    assert "--kernels auto: head_dim 80 is not one the flash attention kernel is built for" in err
+
+
+def test_a_cuda_device_chosen_by_number_becomes_the_current_device(monkeypatch):
+    """Triton launches a kernel on the current CUDA device, not on its tensors' device: `--device cuda:1`
+    with device 0 current ran the kernels on device 0 with pointers into device 1. (CUDA is stood in.)"""
+    from staged_fast.evaluate.common import InputError, pick_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert pick_device("cuda:1") == torch.device("cuda:1") and current == [torch.device("cuda:1")]
+    with pytest.raises(InputError, match="sees 2 CUDA device"):
+        pick_device("cuda:2")

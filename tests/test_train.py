@@ -470,3 +470,18 @@ def test_the_stop_vote_on_a_gpu_waits_for_the_previous_update_only(monkeypatch):
                      ("wait", 1), ("all_reduce", 1), ("record", 2),
                      ("wait", 2), ("all_reduce", 0), ("record", 3),
                      ("wait", 3), ("all_reduce", 0), ("record", 4)]
+
+
+def test_a_single_process_on_cuda_makes_its_device_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device; a single process (no torchrun) left it unset. (CUDA is
+    stood in.)"""
+    from staged_fast import distributed as D
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    info = D.init("cuda", "ddp")
+    assert not info.enabled and info.device == torch.device("cuda", 0) and current == [info.device]

@@ -35,6 +35,8 @@ def _fails(capsys, code, *fragments):
     (["--fp16", "--bf16"], ["exclusive"]),
     (["--grow_at", "5,10", "--grow_ops", "width"], ["one operator per growth"]),
     (["--grow_ops", "wider"], ["unknown operator 'wider'"]),
+    pytest.param(["--kernels", "triton", "--n_layer", "1", "--n_embd", "80", "--n_head", "1"],
+                 ["--kernels triton", "head_dim 16, 32, 64, 96, 128", "is 80", "--kernels torch"], id="triton_head_dim_80"),
     pytest.param(["--lr", "-0.001"], ["--lr must be positive, got -0.001"], id="negative_lr"),
     pytest.param(["--warmup_steps", "-1"], ["--warmup_steps must be 0 or more, got -1"], id="negative_warmup"),
     pytest.param(["--stop_at_step", "-1"], ["--stop_at_step must be 1 or more, got -1"], id="negative_stop_at_step"),
@@ -117,6 +119,19 @@ def test_unknown_attention_dq_mode_exits_2_before_training(tmp_path, data_cache,
     run = tmp_path / "run"
     _fails(capsys, train(run, data_cache, "--train_steps", "2"), "STAGED_FAST_ATTN_DQ='fastest'", "atomic, split")
     assert not run.exists()
+
+
+def test_kernels_auto_keeps_to_torch_for_a_head_dim_the_flash_kernel_lacks(tmp_path, data_cache, capsys, monkeypatch):
+    """On CUDA --kernels auto picks Triton; a model whose head_dim the flash kernel is not built for (80 here)
+    crashed at its first forward with the kernel's ValueError (a traceback, exit 1). It now trains on
+    PyTorch's kernels and says so."""
+    import staged_fast.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "resolve_backend", lambda name, device: "triton")  # auto, as on CUDA
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "1", "--n_layer", "1", "--n_embd", "80", "--n_head", "1") == 0
+    out = capsys.readouterr()
+    assert "--kernels auto: head_dim 80 is not one the flash attention kernel is built for" in out.out + out.err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")

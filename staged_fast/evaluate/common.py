@@ -52,13 +52,18 @@ def pick_device(device: str | None) -> torch.device:
         raise InputError(f"--device {device!r} is not a device torch knows ({e}). Fix: use cpu, cuda or cuda:N.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for but torch sees no CUDA device. Fix: use --device cpu.")
+    if dev.type == "cuda":
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0. "
+                             f"Fix: use one of them (CUDA_VISIBLE_DEVICES renumbers them).")
+        torch.cuda.set_device(dev)  # Triton launches on the current device, whatever its tensors' device is
     return dev
 
 
 def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: str = "torch"):
     """Our GPT, in eval mode, from a staged_fast checkpoint / run folder, a HF GPT-2 folder or a hub name."""
     from ..hf import HFImportError
-    from ..kernels import resolve_backend
+    from ..kernels import backend_for_head_dim, resolve_backend
 
     backend = resolve_backend(kernels, device)
     p = Path(path).expanduser()
@@ -88,6 +93,12 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
             f"checkpoint (step_<8-digit update> folder or run folder), or a Hugging Face GPT2LMHeadModel folder; hub "
             f"names such as 'gpt2' need network access to huggingface.co or a filled HF cache."
         ) from e
+    try:
+        fitted = backend_for_head_dim(kernels, backend, model.config.head_dim, log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if fitted != backend:
+        model.set_kernels(fitted)
     return model.eval()
 
 

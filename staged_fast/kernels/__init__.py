@@ -53,6 +53,26 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+# The head_dims the flash attention kernel is built for (attention.HEAD_DIMS): here, so that a model can be
+# checked before Triton is imported.
+FLASH_HEAD_DIMS = (16, 32, 64, 96, 128)
+
+
+def backend_for_head_dim(requested: str, resolved: str, head_dim: int, log=print) -> str:
+    """The backend for a model of this head_dim: the resolved one when the flash kernel is built for it; else
+    'torch' under --kernels auto (logged), and a ValueError naming the fix for an explicit --kernels triton."""
+    if resolved != "triton" or head_dim in FLASH_HEAD_DIMS:
+        return resolved
+    dims = ", ".join(map(str, FLASH_HEAD_DIMS))
+    if requested == "auto":
+        log(f"--kernels auto: head_dim {head_dim} is not one the flash attention kernel is built for ({dims}); "
+            f"running PyTorch's kernels (SDPA, F.layer_norm) instead of the Triton ones")
+        return "torch"
+    raise ValueError(f"--kernels triton: the flash attention kernel is built for head_dim {dims}, and this model's "
+                     f"is {head_dim} (n_embd / n_head). Fix: pick n_head so that n_embd / n_head is one of them, or use "
+                     f"--kernels torch (or auto).")
+
+
 def _enable_interpreter() -> None:
     """Triton fixes interpreted vs compiled when `triton.language` is imported (its own tl.sum etc. are
     jit functions), so the switch must come before anything imports triton (torch's fused AdamW does)."""

@@ -90,11 +90,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_dq_mode
+from . import FLASH_HEAD_DIMS, check_dq_mode
 from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, dot_precision, env_switch,
                       new_empty, next_power_of_2)
 
-HEAD_DIMS = (16, 32, 64, 96, 128)  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
+HEAD_DIMS = FLASH_HEAD_DIMS  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
 _DROP_GROUP = 16  # key columns per Philox call (4 words x 4 bytes)
 
