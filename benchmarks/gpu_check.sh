@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_check.sh       # there, from the repository root, with .whl carried along
 #   GPU_CHECK_STEPS="install tests_kernels bench_kernels" bash benchmarks/gpu_check.sh   # a subset
 #   BENCH_TRAIN_ROWS=ours_triton,hf_eager bash benchmarks/gpu_check.sh   # other bench_train rows, in this order
-#   GPU_CHECK_STEPS="env staged_gpu" bash benchmarks/gpu_check.sh    # one seed of benchmarks/staged_sweep.py --gpu
+#   STAGED_GPU_DATA=corpus/ GPU_CHECK_STEPS="env staged_gpu" bash benchmarks/gpu_check.sh  # one seed of staged_sweep.py --gpu
 #
 # Steps: env (card, versions); install (the package and its CUDA extension against the installed torch,
 # no deps); tests_kernels (the Triton kernel tests, compiled for the GPU); bench_kernels --quick (layer
@@ -149,9 +149,12 @@ IGNORES=""
 # test_kernels_compile_gpu.py compiles for sm_90a without a GPU (~2 min): here tests_kernels compiles for real.
 for f in $KERNEL_TESTS tests/test_ext_ops.py tests/test_kernels_compile_gpu.py; do IGNORES="$IGNORES --ignore=$f"; done
 # Not in the default list (about 6 minutes alone): one seed of the staged-vs-direct sweep at GPU speed.
-# Its runs (checkpoints) stay in /tmp; only the tables and the figure come back (the 8-file limit).
-step staged_gpu 420 bash -c '"$0" benchmarks/staged_sweep.py --gpu --seeds 1 --out /tmp/staged_sweep_gpu &&
-  for f in sweep.md sweep.json sweep.png; do cp /tmp/staged_sweep_gpu/$f "$1/staged_gpu_$f"; done' "$PY" "$OUT_DIR"
+# It needs a corpus of 26M+ tokens carried along (STAGED_GPU_DATA=path, GPT-2 BPE): the sweep refuses the
+# bundled 1.6M-token one (each run reads 24.6M). Its runs (checkpoints) stay in /tmp; only the tables and the
+# figure come back (the 8-file limit).
+step staged_gpu 420 bash -c '"$0" benchmarks/staged_sweep.py --gpu --seeds 1 --out /tmp/staged_sweep_gpu \
+  --vocab gpt2 --data "$2" && for f in sweep.md sweep.json sweep.png; do cp /tmp/staged_sweep_gpu/$f "$1/staged_gpu_$f"; done' \
+  "$PY" "$OUT_DIR" "${STAGED_GPU_DATA:-/STAGED_GPU_DATA-is-unset}"
 step tests_rest 30 env $TESTS_ENV "$PY" -m pytest -q -x $XDIST tests $IGNORES
 rm -f "$OUT_DIR/current.log"
 

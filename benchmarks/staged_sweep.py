@@ -22,7 +22,9 @@ it stopped when given the same command. `--analyze_only` rebuilds the tables and
 
     python benchmarks/staged_sweep.py --quick                 # tiny, 3 seeds x {width, depth}: ~1 h on 2 cores
     python benchmarks/staged_sweep.py                         # small (4L/256d): the 2-3 hour sweep
-    python benchmarks/staged_sweep.py --gpu --seeds 1         # 6L/384d, T 512, bf16: ~6 min on one H100
+    python benchmarks/staged_sweep.py --gpu --seeds 1 --data CORPUS --vocab gpt2
+                                      # 6L/384d, T 512, bf16: ~6 min on one H100; CORPUS: 26M+ tokens
+                                      # (each run reads 24.6M; data a run would read twice is refused)
     python benchmarks/staged_sweep.py --analyze_only [--quick]
 
 Writes <out>/sweep.json (every number, argv, loads), <out>/sweep.md (the tables) and <out>/sweep.png
@@ -80,16 +82,63 @@ def target_config(target, seqlen: int):
     return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=seqlen)
 
 
-def run_args(cfg: dict, tokenizer: str, cache_dir: str | None, seed: int, lr: float, gpu: bool) -> list[str]:
+def run_args(cfg: dict, tokenizer: str, cache_dir: str | None, seed: int, lr: float, gpu: bool,
+             data: list[str] | None = None, val_fraction: float = 0.01) -> list[str]:
     """The trainer flags every run of the sweep shares; resumable (checkpoints, --resume latest)."""
     base = [a for a in svd.common_args(cfg, tokenizer, cache_dir, seed) if a != "--overwrite"]
     i = base.index("--save_every")
     base[i + 1] = str(max(1, cfg["train_steps"] // 10))
-    base += ["--lr", f"{lr:g}", "--resume", "latest"]
+    base += ["--lr", f"{lr:g}", "--resume", "latest", "--val_fraction", f"{val_fraction:g}"]
+    if data:
+        base += ["--data", *data]
     if gpu:
         base[base.index("--kernels") + 1] = "auto"
-        base += ["--bf16", "--device", "cuda"]
+        base[base.index("--device") + 1] = "cuda"
+        base += ["--bf16"]
     return base
+
+
+def check_data(cfg: dict, tokenizer: str, data: list[str] | None, val_fraction: float, cache_dir: str | None,
+               seeds: list[int]) -> None:
+    """Refuse data that cannot carry the sweep, before any run: every run must read at most one epoch (more,
+    and the direct runs overfit, so their final loss, the target L* and the LR they pick reward the staged run
+    for training the big model less), and the validation split must fill --val_batches batches (the
+    trainer stops at the first validation without one). The data is tokenized here as the runs will read it
+    (same cache), once per seed: the seed picks the held-out documents."""
+    from staged_fast.data import DataError, prepare_data
+    from staged_fast.data.sampler import num_windows
+    from staged_fast.tokenizer import load_tokenizer
+
+    T, B, S, V = cfg["seqlen"], cfg["batch_size"], cfg["train_steps"], cfg["val_batches"]
+    tok = load_tokenizer(tokenizer)
+    splits = []  # (train tokens, validation tokens) per seed
+    for seed in seeds:
+        try:
+            d = prepare_data(data, tok, tokenizer_name=tokenizer, cache_dir=cache_dir or "~/.cache/staged_fast",
+                             val_fraction=val_fraction, seed=seed)
+        except DataError as e:  # its message names the problem and the fix
+            raise SystemExit(f"staged_sweep: --data: {e}") from None
+        splits.append((len(d.train), len(d.val)))
+    total = min(t + v for t, v in splits)
+    val_short = any(num_windows(v, T) < V * B for _, v in splits)
+    # the split holds out whole documents up to at least the share's tokens: the share of V*B windows (+ one)
+    share = min(0.5, math.ceil(1e4 * 1.02 * ((V * B + 1) * T + 1) / total) / 1e4) if val_short else val_fraction
+    fitting_steps = int(0.95 * total * (1 - share) / (T + 1)) // B  # with the validation share named below
+    problems = []
+    train_tokens = min(t for t, _ in splits)
+    if S * B > num_windows(train_tokens, T):
+        problems.append(
+            f"each run reads {S * B * T / 1e6:.1f}M training tokens ({S} updates x {B} x {T}) but the data holds "
+            f"{train_tokens / 1e6:.2f}M: {S * B * T / train_tokens:.1f} epochs. Fix: --data with a corpus of at "
+            f"least {S * B * (T + 1) / (1 - share) / 1e6:.0f}M tokens, or --train_steps {fitting_steps} or fewer.")
+    if val_short:
+        fewest = min(num_windows(v, T) for _, v in splits)
+        problems.append(
+            f"the validation split holds as few as {fewest} samples of seqlen {T}, fewer than --val_batches {V} x "
+            f"batch {B}. Fix: --val_fraction {share:.3g} (now {val_fraction:g}), or more data.")
+    if problems:
+        raise SystemExit(f"staged_sweep: the data ({d.source}; seeds {', '.join(map(str, seeds))}) cannot carry "
+                         f"this sweep:\n- " + "\n- ".join(problems))
 
 
 def run(name: str, run_dir: Path, argv: list[str], train_steps: int, log) -> dict:
@@ -256,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width_noise", type=float, default=0.01, help="symmetry-breaking split of width growth")
     p.add_argument("--out", default=None, help="sweep folder (default runs/staged_sweep_<mode>)")
     p.add_argument("--cache_dir", default=None, help="tokenized-data cache (default: the trainer's)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="the trainer's --data (default: the bundled corpus, 1.6M tokens: too small for --gpu; "
+                        "with a corpus of your own, --vocab gpt2 tokenizes it with GPT-2's BPE)")
+    p.add_argument("--val_fraction", type=float, default=0.01, help="the trainer's --val_fraction")
     p.add_argument("--analyze_only", action="store_true", help="rebuild the tables and figure from the runs")
     return p
 
@@ -293,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.analyze_only:
         import torch
 
+        check_data(cfg, tokenizer, args.data, args.val_fraction, args.cache_dir, seeds)
         log(f"sweep {mode}: seeds {seeds}, ops {ops}, strategies {strategies}, direct LRs {cfg['lrs']}, "
             f"{S} updates per run, torch threads {torch.get_num_threads()}")
         for seed in seeds:
@@ -300,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             for lr in cfg["lrs"]:
                 d = root / f"direct_lr{lr:g}"
                 argv = [*shape_args(cfg["target"]), "--save_prefix", str(d),
-                        *run_args(cfg, tokenizer, args.cache_dir, seed, lr, args.gpu)]
+                        *run_args(cfg, tokenizer, args.cache_dir, seed, lr, args.gpu, args.data, args.val_fraction)]
                 record(loads, out, d, run(f"seed {seed} direct lr {lr:g}", d, argv, S, log))
                 loads_path.write_text(json.dumps(loads, indent=1))
             finals = {lr: svd.read_run(root / f"direct_lr{lr:g}")[0][-1]["val_loss"] for lr in cfg["lrs"]}
@@ -309,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 for strategy in strategies:
                     d = root / f"staged_{op}_{strategy}"
                     argv = ["--save_prefix", str(d), "--width_noise", str(args.width_noise),
-                            *run_args(cfg, tokenizer, args.cache_dir, seed, best_lr, args.gpu)]
+                            *run_args(cfg, tokenizer, args.cache_dir, seed, best_lr, args.gpu, args.data,
+                                     args.val_fraction)]
                     if strategy == "plan":
                         plan_path = root / f"plan_{op}.json"
                         svd.make_plan(target_config(cfg["target"], cfg["seqlen"]), S, plan_path, op=op)

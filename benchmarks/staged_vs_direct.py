@@ -412,7 +412,7 @@ def common_args(cfg: dict, tokenizer: str, cache_dir: str | None, seed: int) -> 
          "--warmup_steps", str(cfg["warmup_steps"]), "--val_every", str(cfg["val_every"]),
          "--val_batches", str(cfg["val_batches"]), "--log_rate", str(cfg["val_every"]),
          "--save_every", "1000000000", "--keep_last", "1", "--tokenizer", tokenizer, "--no_progress",
-         "--overwrite", "--kernels", "torch"]
+         "--overwrite", "--kernels", "torch", "--device", "cpu"]  # CPU-scale runs (staged_sweep --gpu: cuda)
     if cache_dir:
         a += ["--cache_dir", cache_dir]
     return a

@@ -39,3 +39,25 @@ def test_sweep_runs_resumes_and_reanalyzes(tmp_path, capsys):
     assert sweep.main([*ARGS, "--out", str(out), "--analyze_only"]) == 0
     again = json.loads((out / "sweep.json").read_text())
     assert again["summary"] == first["summary"]
+
+
+def test_data_that_cannot_carry_the_gpu_sweep_is_refused_and_the_named_fix_works(small_vocab):
+    """--gpu reads 24.6M tokens per run: on the bundled corpus (1.6M) that was ~15 epochs (the direct runs
+    overfit, and their final loss picks L* and the LR), and seeds whose held-out documents fill fewer than
+    one validation batch stopped the whole sweep at the first validation. Both are refused before any run,
+    and the fixes the message names are enough."""
+    import re
+
+    import pytest
+
+    tokenizer, cache = small_vocab
+    gpu = dict(sweep.MODES["gpu"])
+    with pytest.raises(SystemExit) as refused:
+        sweep.check_data(gpu, tokenizer, None, 0.01, cache, [1, 2])
+    msg = str(refused.value)
+    assert "epochs" in msg and re.search(r"--data with a corpus of at least 2\dM tokens", msg), msg
+    assert "fewer than --val_batches 8 x batch 32" in msg, msg
+    steps = int(re.search(r"--train_steps (\d+) or fewer", msg).group(1))  # with the validation share named
+    share = float(re.search(r"--val_fraction ([\d.]+)", msg).group(1))
+    sweep.check_data(dict(gpu, train_steps=steps), tokenizer, None, share, cache, [1, 2])
+    sweep.check_data(dict(sweep.MODES["full"]), tokenizer, None, 0.01, cache, [1, 2, 3])  # the CPU sweep's data holds
