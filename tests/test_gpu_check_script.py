@@ -44,13 +44,16 @@ def test_default_steps_run_in_the_issues_priority_order():
     assert default_steps[-1] == "tests_rest"
 
 
-def _run(tmp_path, steps, budget, hang_on=None):
+def _run(tmp_path, steps, budget, hang_on=None, slow=None):
     """gpu_check.sh with PYTHON a stand-in that says what it was asked and exits 3 (the same on any
     machine, GPU or not): the script's own bookkeeping is what is tested. A call whose arguments contain
-    `hang_on` instead waits to be interrupted, and says which signal reached it."""
+    `hang_on` instead waits to be interrupted, and says which signal reached it; with slow=(text, s), a call
+    whose arguments contain text takes s seconds first."""
     fake = tmp_path / "fake_python"
     hang = (f'case "$*" in *{hang_on}*) trap \'echo "fake python: got SIGINT"; exit 130\' INT; '
             f'trap \'echo "fake python: got SIGTERM"; exit 143\' TERM; sleep 60 & wait $!;; esac\n' if hang_on else "")
+    if slow:
+        hang += f'case "$*" in *{slow[0]}*) sleep {slow[1]};; esac\n'
     fake.write_text('#!/bin/sh\necho "fake python: $*"\n'
                     'echo "fake autotune: attn=${STAGED_FAST_ATTN_AUTOTUNE-on} norm=${STAGED_FAST_NORM_AUTOTUNE-on}"\n'
                     + hang + 'exit 3\n')
@@ -82,6 +85,15 @@ def test_a_step_over_its_limit_is_interrupted_and_marked_timeout(tmp_path):
     assert re.search(r"^host_overhead\s+TIMEOUT\s+1[5-9]s", summary, re.M), summary
     assert re.search(r"^bench_kernels_dq\s+FAIL\(3\)", summary, re.M), summary
     assert "fake python: got SIGINT" in (out / "steps.log").read_text()
+
+
+def test_a_step_may_spend_what_earlier_steps_left_of_their_limits(tmp_path):
+    """The limits are estimates: profile (20 s) ends at once, so host_overhead (15 s) may run 20 s more and
+    is not cut off at 17 s."""
+    _, out = _run(tmp_path, "profile host_overhead", 530, slow=("host_overhead", 17))
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^host_overhead\s+FAIL\(3\)\s+1[7-9]s", summary, re.M), summary
+    assert re.search(r"=== host_overhead \(limit (\d+)s", (out / "steps.log").read_text()).group(1) in {"29", "30"}
 
 
 def test_a_step_that_no_longer_fits_is_skipped_and_said_so(tmp_path):
