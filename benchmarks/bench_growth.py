@@ -64,13 +64,15 @@ def worker(preset: str, op: str, backend: str, device: str, reps: int) -> dict:
     del tiny, tiny_opt
     times, peak, old_bytes, grown_bytes, largest = [], 0, 0, 0, 0
     for _ in range(reps):
+        if dev.type == "cuda":  # each rep and backend from an empty cache: the backend run second (and a second
+            torch.cuda.empty_cache()  # rep) would otherwise reuse the first one's cached blocks
         model, opt = _build(preset, device)
         old_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())
         largest = max(p.numel() * p.element_size() for p in model.parameters())
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            base = torch.cuda.memory_allocated() - old_bytes  # as on CPU: the old state counts as growth's
         else:
             base = _rss() - old_bytes  # the old state is resident already; count it as growth's
         t0 = time.perf_counter()
@@ -147,12 +149,12 @@ def kernel_rows(device: str, copy_gbps: float | None) -> list[dict]:
     return rows
 
 
-def validate() -> None:
-    """The fused and the reference path grow a small model to identical tensors (else no timing)."""
+def validate(device: str) -> None:
+    """The fused and the reference path grow a small model on `device` to identical tensors (else no timing)."""
     from staged_fast.growth import grow_model
 
     for op in ("width", "alternate_id"):
-        (a, ao), (b, bo) = _build("tiny", "cpu"), _build("tiny", "cpu")
+        (a, ao), (b, bo) = _build("tiny", device), _build("tiny", device)
         a, ao = grow_model(a, ao, op, backend="fused")
         b, bo = grow_model(b, bo, op, backend="reference")
         for (n, p), q in zip(a.named_parameters(), b.parameters()):
@@ -174,7 +176,7 @@ def main() -> None:
 
     if not ops.extension_available(args.device):
         sys.exit(f"staged_fast._C has no kernels for {args.device}; build it first (docs/growth.md)")
-    validate()
+    validate(args.device)
     size = "base" if args.quick else "large"
     cases = [(f"GPT2_{size}_div2_width", "width"), (f"GPT2_{size}_div2_depth", "alternate_id")]
     rows = []
