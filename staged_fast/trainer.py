@@ -243,14 +243,21 @@ class Trainer:
                     self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.ddp_model = self._training_model()
 
-    def _training_model(self):
+    def _training_model(self, grown: bool = False):
         """The model the update runs: DDP-wrapped when distributed, then compiled under --compile (a fresh
         wrapper after each growth, so the grown shapes compile once instead of hitting guard failures)."""
         wrapped = self.model if self.fsdp else D.wrap(self.model, self.dist)  # fsdp: sharded in place already
         if self.args.compile:
             self.log(f"torch.compile (backend {self.args.compile}) of the {self.config.n_layer}L/{self.config.n_embd}d "
                      f"model: the first update includes compilation")
-            wrapped = torch.compile(wrapped, backend=self.args.compile)
+            if grown:
+                # The old shapes never come back: drop their graphs, which dynamo keeps on the forward's code
+                # object (shared by every wrapper); past its recompile limit (8) a frame silently runs eager.
+                torch.compiler.reset()
+            # Shapes change only at a growth: without dynamic=False dynamo would make what changed there (e.g.
+            # n_head of an FSDP block, compiled as its own frame) symbolic, and compile the grown model for
+            # every size, with shape guards on each call.
+            wrapped = torch.compile(wrapped, backend=self.args.compile, dynamic=False)
         return wrapped
 
     def _new_optimizer(self, model, lr: float) -> torch.optim.AdamW:
@@ -416,7 +423,7 @@ class Trainer:
             self._check_ranks_agree(model, optimizer)
         self.model, self.config = model.train(), model.config
         self.optimizer = optimizer
-        self.ddp_model = self._training_model()
+        self.ddp_model = self._training_model(grown=True)
         if a.lr is None:  # the seed's heuristic follows the model size
             self.schedule.base_lr = initial_lr_for(self.config)
         step_before = self.step
