@@ -123,6 +123,12 @@ def backward_signature(case, rms: bool) -> tuple[dict, dict]:
     return sig, {"RMS": rms, "HAS_DS": has_ds, "HAS_DX2": has_dx2}
 
 
+def _with_programs_per_sm(signature: dict, constexprs: dict) -> tuple[dict, dict]:
+    """The backward's PROGRAMS_PER_SM is a plain integer argument (it only sizes the grid), after BLOCK_N."""
+    constexprs = {k: v for k, v in constexprs.items() if k != "PROGRAMS_PER_SM"}
+    return {**signature, **{k: "constexpr" for k in constexprs}, "PROGRAMS_PER_SM": "i32"}, constexprs
+
+
 def _strides(signature: dict) -> list[str]:
     return [name for name in signature if name.startswith("stride_")]
 
@@ -154,8 +160,8 @@ def backward_rows(hidden: int, arch: str, rms: bool) -> list[dict]:
                 continue
             seen.add(tag)
             elements = layernorm._thread_elements(config, block_n)
-            constexprs = {**flags, **config.kwargs, "BLOCK_N": block_n}
-            usage = compile_usage(layernorm._norm_bwd_kernel.fn, sig, constexprs, {"num_warps": config.num_warps},
+            full_sig, constexprs = _with_programs_per_sm(sig, {**flags, **config.kwargs, "BLOCK_N": block_n})
+            usage = compile_usage(layernorm._norm_bwd_kernel.fn, full_sig, constexprs, {"num_warps": config.num_warps},
                                   arch, _norm_divisible_ints(sig, hidden))
             lo, hi = layernorm._THREAD_ELEMENTS
             timed = "default" if config is default else ("tuned" if lo <= elements <= hi else "pruned")

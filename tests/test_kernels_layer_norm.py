@@ -301,3 +301,16 @@ def test_autotuning_is_off_under_deterministic_algorithms():
         assert autotuning(True) is False
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_configs_differing_only_in_programs_per_sm_share_one_compile():
+    """PROGRAMS_PER_SM only sizes the backward's grid on the host. As a constexpr each of its values compiled
+    the same kernel again (9 backward configs took 9 compiles per new shape, 5 distinct). A plain integer
+    argument is specialised by Triton's JIT on divisibility by 16 and on being 1, not on its value."""
+    from staged_fast.kernels import layernorm
+
+    kernel = layernorm._norm_bwd_kernel.fn  # the jit (or interpreted) function under the autotuner
+    annotations = kernel.fn.__annotations__
+    assert "constexpr" in str(annotations["BLOCK_M"]) and "constexpr" not in str(annotations.get("PROGRAMS_PER_SM"))
+    shapes = {(c[0], c[1]) for c in layernorm._BWD_SHAPES}
+    assert len(shapes) < len(layernorm._BWD_SHAPES)  # the autotuner has configs that differ only in it

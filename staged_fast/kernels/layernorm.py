@@ -142,7 +142,8 @@ def _norm_bwd_kernel(
     HAS_DX2: tl.constexpr,  # also write dx in DX2's dtype (contiguous): the 16-bit branch's gradient
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,  # sets the grid on the host; here only part of the config
+    PROGRAMS_PER_SM,  # sets the grid on the host; unused here, and not constexpr so that configs differing
+    # only in it share one compile (as a constexpr each value compiled the same code again)
 ):
     """Program p handles row tiles p, p + G, p + 2G, ... (G = the grid, sized to fill the GPU once),
     so consecutive programs read neighbouring tiles at the same time."""
