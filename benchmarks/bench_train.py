@@ -27,31 +27,14 @@ from staged_fast.config import PRESETS, preset_config  # noqa: E402
 from staged_fast.heap import keep_freed_heap  # noqa: E402
 from staged_fast.hf import hf_config, to_hf_state_dict  # noqa: E402
 from staged_fast.kernels import BACKENDS, resolve_backend  # noqa: E402
+from staged_fast.metrics import device_peak_flops  # noqa: E402
 from staged_fast.model import GPT  # noqa: E402
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' datasheets. Matched in order
-# against torch.cuda.get_device_name(), so the specific names come before the generic ones.
-DEVICE_PEAKS_BF16 = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10G", 70e12),
-    ("RTX 4090", 165e12),
-)
-
-
 def device_peak(device: torch.device) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s or None, the device's name): the trainer's table (staged_fast.metrics)."""
     if device.type != "cuda":
         return None, "cpu"
-    name = torch.cuda.get_device_name(device)
-    for key, peak in DEVICE_PEAKS_BF16:
-        if key in name:
-            return peak, name
-    return None, name
+    return device_peak_flops(device), torch.cuda.get_device_name(device)
 
 
 ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_torch_compile", "ours_triton",
@@ -102,9 +85,10 @@ def loss_fns(ours, hf):
     "hf_logits" scores HF's logits against the same T targets as ours, for validation."""
     return {
         "ours": lambda x: ours(x[:, :-1], x[:, 1:]),
-        "hf": lambda x: hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss,
+        # use_cache=False: training needs no KV cache (the default builds one at every step)
+        "hf": lambda x: hf(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss,
         "hf_logits": lambda x: torch.nn.functional.cross_entropy(
-            hf(input_ids=x[:, :-1]).logits.float().flatten(0, 1), x[:, 1:].flatten()
+            hf(input_ids=x[:, :-1], use_cache=False).logits.float().flatten(0, 1), x[:, 1:].flatten()
         ),
     }
 
@@ -209,7 +193,7 @@ def main(argv=None):
     print_table(rows, ["model", "ms/step", "p20", "p80", "tokens/s", "vs_hf"] + (["vs_hf_paired"] if timings else [])
                 + ["MFU", "peak_GiB"])
     if peak is None:
-        print(f"note: no bf16 peak known for {device_name}: MFU not reported (add it to DEVICE_PEAKS_BF16).")
+        print(f"note: no bf16 peak known for {device_name}: MFU not reported (add it to staged_fast.metrics.DEVICE_PEAK_FLOPS).")
     print(f"MFU = 6 x {n_matmul / 1e6:.1f}M matmul params x tokens/s / {peak or 0:.3g} FLOP/s; "
           f"vs_hf = tokens/s / HF's (same run)" + ("; vs_hf_paired = median over rounds of HF's step time / "
                                                     "this row's in the same round." if timings else "."))

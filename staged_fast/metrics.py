@@ -6,27 +6,29 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks in FLOP/s (vendor datasheets, SXM parts, no sparsity).
-# Matched by substring of torch.cuda.get_device_name(); unknown devices report no MFU.
-DEVICE_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "RTX 4090": 165e12,
-}
+# Dense bf16 (fp16 on V100) tensor-core peaks in FLOP/s, no sparsity, from the vendors' datasheets. Matched
+# in order by substring of torch.cuda.get_device_name(), so the specific parts (PCIe, NVL) come before the
+# SXM ones; unknown devices report no MFU.
+DEVICE_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),  # SXM, and GH200
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+    ("RTX 4090", 165e12),
+)
 
 
 def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in DEVICE_PEAK_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    return next((peak for key, peak in DEVICE_PEAK_FLOPS if key in name), None)
 
 
 def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, seqlen: int) -> float:

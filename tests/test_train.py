@@ -485,3 +485,18 @@ def test_a_single_process_on_cuda_makes_its_device_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
     info = D.init("cuda", "ddp")
     assert not info.enabled and info.device == torch.device("cuda", 0) and current == [info.device]
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_mfu_peak_of_each_card_by_its_name(monkeypatch, name, peak):
+    """The trainer's and bench_train's one table of dense bf16 peaks: the PCIe and NVL parts have their own
+    (they matched "H100"/"H200" and got the SXM peak, understating MFU); unknown cards report no MFU."""
+    from staged_fast.metrics import device_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_flops(torch.device("cuda", 0)) == peak
+    assert device_peak_flops(torch.device("cpu")) is None
