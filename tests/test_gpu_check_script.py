@@ -44,16 +44,18 @@ def test_default_steps_run_in_the_issues_priority_order():
     assert default_steps[-1] == "tests_rest"
 
 
-def _run(tmp_path, steps, budget, hang_on=None, slow=None):
+def _run(tmp_path, steps, budget, hang_on=None, slow=None, prints=()):
     """gpu_check.sh with PYTHON a stand-in that says what it was asked and exits 3 (the same on any
     machine, GPU or not): the script's own bookkeeping is what is tested. A call whose arguments contain
     `hang_on` instead waits to be interrupted, and says which signal reached it; with slow=(text, s), a call
-    whose arguments contain text takes s seconds first."""
+    whose arguments contain text takes s seconds first; prints: (text, line) pairs, a line such a call prints."""
     fake = tmp_path / "fake_python"
     hang = (f'case "$*" in *{hang_on}*) trap \'echo "fake python: got SIGINT"; exit 130\' INT; '
             f'trap \'echo "fake python: got SIGTERM"; exit 143\' TERM; sleep 60 & wait $!;; esac\n' if hang_on else "")
     if slow:
         hang += f'case "$*" in *{slow[0]}*) sleep {slow[1]};; esac\n'
+    for text, line in prints:
+        hang += f'case "$*" in *{text}*) echo "{line}";; esac\n'
     fake.write_text('#!/bin/sh\necho "fake python: $*"\n'
                     'echo "fake autotune: attn=${STAGED_FAST_ATTN_AUTOTUNE-on} norm=${STAGED_FAST_NORM_AUTOTUNE-on}"\n'
                     + hang + 'exit 3\n')
@@ -88,12 +90,24 @@ def test_a_step_over_its_limit_is_interrupted_and_marked_timeout(tmp_path):
 
 
 def test_a_step_may_spend_what_earlier_steps_left_of_their_limits(tmp_path):
-    """The limits are estimates: profile (20 s) ends at once, so host_overhead (15 s) may run 20 s more and
+    """The limits are estimates: profile (15 s) ends at once, so host_overhead (15 s) may run 15 s more and
     is not cut off at 17 s."""
     _, out = _run(tmp_path, "profile host_overhead", 530, slow=("host_overhead", 17))
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^host_overhead\s+FAIL\(3\)\s+1[7-9]s", summary, re.M), summary
     assert re.search(r"=== host_overhead \(limit (\d+)s", (out / "steps.log").read_text()).group(1) in {"29", "30"}
+
+
+def test_the_summary_keeps_each_measured_row_of_a_cut_off_bench_train_and_of_bench_growth(tmp_path):
+    """bench_train prints each row as it is measured (its table comes at the end, lost when the step is cut
+    off); bench_growth's rows matched none of the summary's patterns (only its table headers did)."""
+    rows = [("bench_train.py", "ours_triton: 61.0 ms/step, 268590 tokens/s, 1.79x HF SDPA"),
+            ("bench_growth.py", "GPT2_large_div2_width | width | fused | 0.157"),
+            ("bench_growth.py", "c_attn 2304x768 | 4.25 | 44.9 | 10.6 | 25")]
+    _, out = _run(tmp_path, "bench_train bench_growth", 530, prints=rows)
+    summary = (out / "summary.txt").read_text()
+    for _, line in rows:
+        assert line in summary, summary
 
 
 def test_a_step_that_no_longer_fits_is_skipped_and_said_so(tmp_path):
