@@ -125,10 +125,6 @@ class LlamaAttention(nn.Module):
         q, k = kernels.apply_rope_qk(q, k, cos, sin, self.backend)
         return q.transpose(1, 2), k.transpose(1, 2), v
 
-    def repeat_kv(self, t):
-        r = self.n_head // self.n_kv_head
-        return t if r == 1 else t.repeat_interleave(r, dim=1)  # kv head j serves q heads j*r .. j*r+r-1
-
     def forward(self, x, positions):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, positions)
@@ -233,8 +229,8 @@ class Llama(GPT):
             k_cache, v_cache = cache[i]
             k_cache[:, :, past: past + T] = k
             v_cache[:, :, past: past + T] = v
-            kk, vv = attn.repeat_kv(k_cache[:, :, : past + T]), attn.repeat_kv(v_cache[:, :, : past + T])
-            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=causal)
+            kk, vv = k_cache[:, :, : past + T], v_cache[:, :, : past + T]  # n_kv heads, read as they are
+            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, attn.n_head * attn.head_dim))
             x = x + block.mlp(block.ln_2(x))
         return self.lm_head(tr.ln_f(x))

@@ -105,6 +105,18 @@ def test_cached_decoding_equals_full_forward():
             logits = dec.step(nxt)
 
 
+def test_cached_multi_token_chunk_after_cache():
+    """The masked path of llama's cached forward (several tokens after cached ones), with GQA read from the
+    cache directly (SDPA's enable_gqa; it repeated the whole cache per step before)."""
+    model = llama(vocab_size=97, n_positions=16)
+    seq = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(2))
+    dec = CachedDecoder(model)
+    with torch.no_grad():
+        dec.prefill(seq[:, :6])
+        chunk = dec._forward(seq[:, 6:])
+        torch.testing.assert_close(chunk, model(seq)[:, 6:], atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("change", [dict(hidden_act="gelu"), dict(attention_bias=True), dict(head_dim=32),
                                     dict(rope_scaling={"rope_type": "linear", "factor": 2.0})],
                          ids=["gelu", "bias", "head_dim", "rope_scaling"])

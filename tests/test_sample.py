@@ -138,3 +138,16 @@ def test_sample_cli(tmp_path, capsys):
     assert run_cli(main, ["--checkpoint", str(tmp_path / "x" / "y"), "--prompt", "a"]) == 2
     assert run_cli(main, ["--checkpoint", str(ckpt), "--top_p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.0])
+def test_non_finite_logits_stop_generation_with_a_clear_error(temperature):
+    """fp16 logits that overflow: multinomial on the NaN probabilities is a device-side assert on CUDA (the
+    process's CUDA context is lost), and greedy argmax picks garbage; generation stops with the fix instead."""
+    from staged_fast.evaluate.common import InputError
+
+    model = small_model()
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("inf")  # the tied embedding: every logit of token 5 overflows
+    with pytest.raises(InputError, match="not finite at new token 1.*--dtype bf16 or fp32"):
+        generate(model, torch.randint(0, 97, (2, 4)), 3, temperature=temperature)
