@@ -128,7 +128,7 @@ def provenance() -> dict:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """A plain aligned table (what RESULTS.md copies)."""
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(_fmt(r.get(c))) for r in rows)]) for c in columns}  # no rows: the headers
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-|-".join("-" * widths[c] for c in columns))
     for r in rows:

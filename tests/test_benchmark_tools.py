@@ -135,3 +135,12 @@ def test_bench_kernels_times_split_dq_against_atomic_dq(tmp_path):
     assert {(r["impl"], r["mode"]) for r in rows} == {
         (impl, mode) for impl in ("triton_atomic_dq", "triton_split_dq") for mode in ("fwd", "bwd", "fwd+bwd")}
     assert all(r["vs"] == "triton_atomic_dq" and r["speedup"] > 0 for r in rows if r["impl"] == "triton_split_dq")
+
+
+def test_print_table_of_no_rows_prints_the_headers(capsys):
+    """A benchmark whose rows were all filtered out (e.g. a CPU-only row asked for on a GPU) printed a
+    TypeError instead of its empty table."""
+    from benchmarks.harness import print_table
+
+    print_table([], ["kernel", "ms"])
+    assert capsys.readouterr().out.splitlines() == ["kernel | ms", "-------|---"]
