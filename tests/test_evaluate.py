@@ -372,10 +372,15 @@ def test_a_cuda_device_chosen_by_number_becomes_the_current_device(monkeypatch):
     with device 0 current ran the kernels on device 0 with pointers into device 1. (CUDA is stood in.)"""
     from staged_fast.evaluate.common import InputError, pick_device
 
+    from torch.cuda._utils import _get_device_index
+
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
-    assert pick_device("cuda:1") == torch.device("cuda:1") and current == [torch.device("cuda:1")]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # what torch.cuda.set_device does first (it refuses a device without an index), then the switch
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(_get_device_index(d)))
+    assert pick_device("cuda:1") == torch.device("cuda:1") and current == [1]
+    assert pick_device("cuda") == torch.device("cuda:0") and current == [1, 0]  # raised ValueError
     with pytest.raises(InputError, match="sees 2 CUDA device"):
         pick_device("cuda:2")

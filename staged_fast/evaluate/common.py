@@ -53,7 +53,9 @@ def pick_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for but torch sees no CUDA device. Fix: use --device cpu.")
     if dev.type == "cuda":
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.index is None:  # plain "cuda": the current device, named, so that every tensor and launch agree
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
             raise InputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0. "
                              f"Fix: use one of them (CUDA_VISIBLE_DEVICES renumbers them).")
         torch.cuda.set_device(dev)  # Triton launches on the current device, whatever its tensors' device is
