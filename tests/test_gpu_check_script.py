@@ -98,6 +98,14 @@ def test_a_step_may_spend_what_earlier_steps_left_of_their_limits(tmp_path):
     assert re.search(r"=== host_overhead \(limit (\d+)s", (out / "steps.log").read_text()).group(1) in {"29", "30"}
 
 
+def test_time_spent_waiting_outside_a_step_is_not_handed_on(tmp_path):
+    """The extension's build runs in the background beside the first steps; the wait for it before
+    tests_ext spends seconds that tests_kernels left, so tests_ext may not be given them again."""
+    _, out = _run(tmp_path, "install tests_kernels tests_ext", 530, slow=("no-build-isolation", 12))
+    limit = int(re.search(r"=== tests_ext \(limit (\d+)s", (out / "steps.log").read_text()).group(1))
+    assert 20 + 100 - 14 <= limit <= 20 + 100 - 12, limit  # its own 20 s + tests_kernels' 100 less the wait
+
+
 def test_the_summary_keeps_each_measured_row_of_a_cut_off_bench_train_and_of_bench_growth(tmp_path):
     """bench_train prints each row as it is measured (its table comes at the end, lost when the step is cut
     off); bench_growth's rows matched none of the summary's patterns (only its table headers did)."""
