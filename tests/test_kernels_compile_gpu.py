@@ -106,3 +106,33 @@ def test_a_kernel_the_interpreter_runs_but_the_compiler_rejects_is_reported(tmp_
     compiled = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_compiled_env(), capture_output=True,
                               text=True, timeout=300)
     assert "compile error: CompilationError" in compiled.stdout, compiled.stdout + compiled.stderr[-2000:]
+
+
+_NORM_BWD_COMPILES = '''
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+from benchmarks import compile_check as cc  # before triton: the kernels are decorated for the GPU
+import torch
+cc.load_kernels_for_gpu()
+from staged_fast.kernels import layernorm
+m, n = 16 * 1024, 768
+x, dy = torch.randn(m, n, dtype=torch.bfloat16), torch.randn(m, n, dtype=torch.bfloat16)
+weight, mean, rstd = torch.ones(n), torch.zeros(m), torch.ones(m)
+recorder = cc.Recorder(first_config=False)
+with cc.compile_only(recorder, "90a"):
+    layernorm.norm_backward("layer_norm", dy, x, weight, mean, rstd)
+kept = layernorm._prune_bwd(layernorm._norm_bwd_kernel.configs, {"N": n}, BLOCK_N=1024)
+print(json.dumps({"compiles": sum(1 for k in recorder.kernels if k[0] == "_norm_bwd_kernel"), "configs": len(kept),
+                  "distinct": len({(c.kwargs["BLOCK_M"], c.num_warps, c.kwargs["PROGRAMS_PER_SM"] == 1) for c in kept})}))
+'''
+
+
+def test_norm_backward_configs_differing_only_in_programs_per_sm_share_one_compile():
+    """The autotuner compiles every config it times. PROGRAMS_PER_SM only sizes the grid, and as a constexpr
+    each of its values compiled the same kernel again; a plain integer is specialised only on being 1.
+    Compiled for sm_90a here (no GPU): the distinct compiles of one new GPT-2 shape are counted."""
+    proc = subprocess.run([sys.executable, "-c", _NORM_BWD_COMPILES], cwd=ROOT, env=_compiled_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["compiles"] == counts["distinct"] < counts["configs"], counts
