@@ -8,7 +8,9 @@
 
 Every (preset, backend) runs in a fresh subprocess (CPU) so its peak resident memory is its own: peak is
 ru_maxrss above the RSS before the old model is built (glibc mmaps allocations >= 64 KiB, so freed
-tensors leave the RSS at once). On CUDA, peak is torch.cuda.max_memory_allocated above the start.
+tensors leave the RSS at once). On CUDA, peak is torch.cuda.max_memory_allocated above what was allocated
+before the old model was built (its weights and AdamW state count, as on CPU and in the bound); each rep
+starts from an empty allocator cache.
 Time: the median of --reps growths of a freshly built model with random exp_avg/exp_avg_sq. GB/s
 counts the bytes the op must move: every old tensor read once, every grown tensor written once.
 """

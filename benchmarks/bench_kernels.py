@@ -148,7 +148,10 @@ def graph_ms_l2_flushed(call, device=None) -> float:
     flush = torch.empty(2 * l2, dtype=torch.int8, device=device)
     both = triton.testing.do_bench_cudagraph(lambda: (flush.zero_(), call()), rep=50, return_mode="median")
     alone = triton.testing.do_bench_cudagraph(flush.zero_, rep=50, return_mode="median")
-    return both - alone
+    if both - alone < 0.1 * alone:  # a call this short is lost in the flush's own noise
+        print(f"note: graph timing: the call ({both - alone:.4f} ms) is under a tenth of the L2 flush ({alone:.4f} "
+              f"ms); its figure is noise-bound")
+    return max(both - alone, 1e-6)
 
 
 def time_modes(fn, inputs, grads_out) -> dict:

@@ -133,10 +133,11 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for n in range(max_new_tokens):
         # On CUDA, multinomial on NaN probabilities is a device-side assert, which ends the CUDA context; and
-        # argmax of NaNs picks garbage. fp16 overflows at large logits: say so. (generate syncs per token anyway.)
+        # argmax of NaNs picks garbage. (A host read per token: sampling reads its tokens back anyway.)
         if not bool(torch.isfinite(logits).all()):
-            raise InputError(f"the model's next-token logits are not finite at new token {n + 1} (inf or NaN: an "
-                             f"fp16 overflow?). Fix: --dtype bf16 or fp32.")
+            raise InputError(f"the model's next-token logits are not finite at new token {n + 1} (inf or NaN). "
+                             f"Fix: under --dtype fp16 the logits may overflow: use --dtype bf16 or fp32; in fp32 "
+                             f"the checkpoint itself holds inf or NaN (a diverged run): sample an earlier one.")
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if eos_token_id is not None:
             nxt = nxt.masked_fill(done, eos_token_id)

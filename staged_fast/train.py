@@ -78,7 +78,7 @@ def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> 
               "written; run the same command to start", file=sys.stderr)
     except SignalException as e:  # torchrun's agent got the signal, passed it to the workers and waited for them
         print(f"stop requested ({signal.Signals(e.sigval).name}): torchrun passed it to the {n} workers, which "
-              "save a checkpoint at their next update and stop (torchrun waits up to 30 s for them, then kills "
+              "agree to stop one update later, save a checkpoint and stop (torchrun waits up to 30 s for them, then kills "
               "them; the last complete checkpoint stays usable); run the same command to continue", file=sys.stderr)
         # SIGTERM is a preemption, as in one process (exit 0); Ctrl-C and the like: the shell's status for it.
         return 0 if e.sigval == signal.SIGTERM else 128 + int(e.sigval)
@@ -150,7 +150,8 @@ class Preemption:
     """SIGTERM (a scheduler preempting the job, to one rank or all) from the first line of main on (run as
     `python -m staged_fast.train`, from this module's first lines: one during the imports is kept). Before
     the trainer exists (rendezvous, data, model, resume) the request is kept and handed to it, and the ranks
-    leave before their first update; after, the trainer saves at the next update boundary and stops. Without
+    leave before their first update; after, the trainer saves at the next update boundary and stops (with
+    several ranks one update later: their stop vote is read one update late, see distributed.StopVote). Without
     this, a SIGTERM during the start killed that rank and torchrun reported the whole job as failed."""
 
     def __init__(self):

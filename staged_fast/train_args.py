@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", default="auto", choices=BACKENDS, help="attention/layernorm/loss implementation")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the training model (default backend inductor; e.g. aot_eager to check "
-                   "graphs cheaply). The fused kernels are single custom ops, so the graph has no breaks; it "
-                   "is compiled again once after each growth (new shapes). Evaluation runs uncompiled")
+                   "graphs cheaply). The fused kernels are single custom ops, so the model's graph has no breaks "
+                   "(--parallel fsdp: FSDP2's hooks split it at each sharded block); it is compiled again once "
+                   "after each growth (new static shapes). Evaluation runs uncompiled")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "

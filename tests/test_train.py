@@ -500,3 +500,14 @@ def test_mfu_peak_of_each_card_by_its_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert device_peak_flops(torch.device("cuda", 0)) == peak
     assert device_peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory and event path needs a GPU")
+def test_the_stop_vote_reads_its_result_through_pinned_memory_on_a_gpu(monkeypatch):
+    """The real CUDA path of the lagged stop vote (the collective is a no-op here: one process)."""
+    from staged_fast import distributed as D
+
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, op: None)
+    vote = D.StopVote(D.DistInfo(world_size=2, backend="nccl", device=torch.device("cuda", 0)))
+    assert vote.host.is_pinned() and vote.flag.is_cuda
+    assert [vote(flag) for flag in (False, True, False, False)] == [False, False, True, False]

@@ -3,7 +3,8 @@ the llama family RMSNorm (+ residual) and SwiGLU.
 
 `--kernels torch` uses PyTorch (F.layer_norm, SDPA, F.cross_entropy); `--kernels triton` uses the fused
 Triton kernels of this package (on CPU they run under TRITON_INTERPRET=1, slow, for checking);
-`--kernels auto` picks Triton on CUDA and torch elsewhere. On CPU the torch backend trains the LM-head loss
+`--kernels auto` picks Triton on CUDA (torch for a model whose head_dim the flash kernel is not built for:
+`backend_for_head_dim`) and torch elsewhere. On CPU the torch backend trains the LM-head loss
 through `cpu_linear_ce` (the same math in plain PyTorch ops, laid out for MKL: transposed logits made and
 exponentiated in vocabulary blocks, a tied embedding's gradient added into the head's in place). The Triton modules are imported lazily so
 the torch path never needs Triton installed.
