@@ -165,6 +165,7 @@ class Llama(GPT):
     """The llama family; GPT's forward (fused LM-head loss) and hidden_states contract are kept."""
 
     kernel_modules = (LlamaAttention, RMSNorm, SwiGLU)  # GPT.set_kernels switches these
+    attention_modules = (LlamaAttention,)  # with RoPE: what 'triton_sdpa' leaves on PyTorch
 
     def __init__(self, config: GPTConfig, kernels_backend: str = "torch"):
         nn.Module.__init__(self)

@@ -159,17 +159,26 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     kernel_modules = (LayerNorm, CausalSelfAttention)  # the layers whose ops set_kernels switches
+    attention_modules = (CausalSelfAttention,)  # what 'triton_sdpa' leaves on PyTorch (SDPA)
 
     def set_kernels(self, backend: str) -> None:
-        """Select 'torch' or 'triton' ops for every layer norm, attention and the LM-head loss."""
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"backend must be 'torch' or 'triton' (resolve 'auto' first), got {backend!r}")
+        """Select 'torch' or 'triton' ops for every layer norm, attention and the LM-head loss; 'triton_sdpa':
+        the Triton ops with attention on SDPA (a head_dim the flash kernel is not built for)."""
+        if backend not in kernels.MODEL_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(kernels.MODEL_BACKENDS)} (resolve 'auto' first), "
+                             f"got {backend!r}")
         self.kernels_backend = backend
-        if backend == "triton":
+        if self.ops_backend == "triton":
             kernels.preload_triton()
         for m in self.modules():
             if isinstance(m, self.kernel_modules):
-                m.backend = backend
+                sdpa = backend == kernels.TRITON_SDPA and isinstance(m, self.attention_modules)
+                m.backend = "torch" if sdpa else self.ops_backend
+
+    @property
+    def ops_backend(self) -> str:
+        """'torch' or 'triton': the backend of every op but attention (the LM-head loss, the norms)."""
+        return "torch" if self.kernels_backend == "torch" else "triton"
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -216,5 +225,5 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h)
         return kernels.linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), backend=self.kernels_backend, head_link=link
+            h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), backend=self.ops_backend, head_link=link
         )

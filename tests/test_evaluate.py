@@ -365,6 +365,7 @@ def test_kernels_auto_evaluates_a_head_dim_the_flash_kernel_lacks_with_torch(hea
                           "--kernels", "auto"], capsys)
     assert code == 0, err
     assert "--kernels auto: head_dim 80 is not one the flash attention kernel is built for" in err
+    assert "attention runs PyTorch's SDPA" in err
 
 
 def test_a_cuda_device_chosen_by_number_becomes_the_current_device(monkeypatch):

@@ -121,17 +121,33 @@ def test_unknown_attention_dq_mode_exits_2_before_training(tmp_path, data_cache,
     assert not run.exists()
 
 
-def test_kernels_auto_keeps_to_torch_for_a_head_dim_the_flash_kernel_lacks(tmp_path, data_cache, capsys, monkeypatch):
+def test_kernels_auto_runs_sdpa_attention_for_a_head_dim_the_flash_kernel_lacks(tmp_path, small_vocab, capsys,
+                                                                                 monkeypatch):
     """On CUDA --kernels auto picks Triton; a model whose head_dim the flash kernel is not built for (80 here)
-    crashed at its first forward with the kernel's ValueError (a traceback, exit 1). It now trains on
-    PyTorch's kernels and says so."""
+    crashed at its first forward with the kernel's ValueError (a traceback, exit 1). Now its attention runs
+    SDPA and the other Triton kernels stay (the norms; the fused loss, the memory saver), and it says so;
+    a growth keeps the split."""
     import staged_fast.trainer as trainer_module
+    from staged_fast import kernels
+    from staged_fast.kernels import attention
 
+    tokenizer, cache = small_vocab
+    calls = []
     monkeypatch.setattr(trainer_module, "resolve_backend", lambda name, device: "triton")  # auto, as on CUDA
+    for name in ("layer_norm_residual", "linear_cross_entropy"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append((_name, k.get(
+            "backend", a[-1] if isinstance(a[-1], str) else None))) or _real(*a, **k))
+    monkeypatch.setattr(attention, "flash_attention", lambda *a, **k: pytest.fail("the flash kernel ran"))
     run = tmp_path / "run"
-    assert train(run, data_cache, "--train_steps", "1", "--n_layer", "1", "--n_embd", "80", "--n_head", "1") == 0
+    assert train(run, cache, "--train_steps", "2", "--n_layer", "1", "--n_embd", "80", "--n_head", "1", "--seqlen",
+                 "16", "--batch_size", "2", "--tokenizer", tokenizer, "--grow_at", "1", "--grow_ops", "width",
+                 "--val_batches", "1") == 0
     out = capsys.readouterr()
-    assert "--kernels auto: head_dim 80 is not one the flash attention kernel is built for" in out.out + out.err
+    assert "head_dim 80 is not one the flash attention kernel is built for" in out.out + out.err
+    assert "attention runs PyTorch's SDPA, the other Triton kernels stay" in out.out + out.err
+    assert {n for n, b in calls if b == "triton"} == {"layer_norm_residual", "linear_cross_entropy"}, calls
+    assert not [c for c in calls if c[1] != "triton"], calls
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")

@@ -3,8 +3,8 @@ the llama family RMSNorm (+ residual) and SwiGLU.
 
 `--kernels torch` uses PyTorch (F.layer_norm, SDPA, F.cross_entropy); `--kernels triton` uses the fused
 Triton kernels of this package (on CPU they run under TRITON_INTERPRET=1, slow, for checking);
-`--kernels auto` picks Triton on CUDA (torch for a model whose head_dim the flash kernel is not built for:
-`backend_for_head_dim`) and torch elsewhere. On CPU the torch backend trains the LM-head loss
+`--kernels auto` picks Triton on CUDA (attention on SDPA for a model whose head_dim the flash kernel is not
+built for: `backend_for_head_dim`) and torch elsewhere. On CPU the torch backend trains the LM-head loss
 through `cpu_linear_ce` (the same math in plain PyTorch ops, laid out for MKL: transposed logits made and
 exponentiated in vocabulary blocks, a tied embedding's gradient added into the head's in place). The Triton modules are imported lazily so
 the torch path never needs Triton installed.
@@ -29,6 +29,10 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "auto")
+# What a model runs (GPT.set_kernels): the two backends, and the Triton ops with attention on SDPA, which
+# --kernels auto picks on CUDA for a head_dim the flash kernel is not built for.
+TRITON_SDPA = "triton_sdpa"
+MODEL_BACKENDS = ("torch", "triton", TRITON_SDPA)
 # How the flash attention backward computes dQ (STAGED_FAST_ATTN_DQ; attention.DQ_MODE): fp32 atomic adds
 # from the dK/dV kernel (default), or a separate dQ kernel whose result is the same bits on every run.
 DQ_MODES = ("atomic", "split")
@@ -61,14 +65,15 @@ FLASH_HEAD_DIMS = (16, 32, 64, 96, 128)
 
 def backend_for_head_dim(requested: str, resolved: str, head_dim: int, log=print) -> str:
     """The backend for a model of this head_dim: the resolved one when the flash kernel is built for it; else
-    'torch' under --kernels auto (logged), and a ValueError naming the fix for an explicit --kernels triton."""
+    under --kernels auto the Triton ops with attention on SDPA (logged), and for an explicit --kernels
+    triton a ValueError naming the fix."""
     if resolved != "triton" or head_dim in FLASH_HEAD_DIMS:
         return resolved
     dims = ", ".join(map(str, FLASH_HEAD_DIMS))
     if requested == "auto":
         log(f"--kernels auto: head_dim {head_dim} is not one the flash attention kernel is built for ({dims}); "
-            f"running PyTorch's kernels (SDPA, F.layer_norm) instead of the Triton ones")
-        return "torch"
+            f"attention runs PyTorch's SDPA, the other Triton kernels stay")
+        return TRITON_SDPA
     raise ValueError(f"--kernels triton: the flash attention kernel is built for head_dim {dims}, and this model's "
                      f"is {head_dim} (n_embd / n_head). Fix: pick n_head so that n_embd / n_head is one of them, or use "
                      f"--kernels torch (or auto).")
