@@ -112,35 +112,33 @@ class StopVote:
     def __init__(self, info: DistInfo):
         self.info = info
         self.lagged = info.enabled and info.world_size > 1
-        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.started = False  # a vote is in flight (every call after the first)
+        self.done: torch.cuda.Event | None = None  # recorded after the vote's copy to the host (CUDA)
         if self.lagged:
-            cuda = info.device.type == "cuda"
             self.flag = torch.zeros(1, dtype=torch.int32, device=info.device)
-            self.host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda) if cuda else None
+            # where the result is read: pinned memory on CUDA; on CPU (gloo) the flag itself
+            cuda = info.device.type == "cuda"
+            self.host = torch.zeros(1, dtype=torch.int32, pin_memory=True) if cuda else self.flag
 
     def __call__(self, flag: bool) -> bool:
         if not self.lagged:
             return any_rank(flag, self.info)
-        agreed = self._read_previous()
+        agreed = self._read_previous()  # before the new vote overwrites flag and host
         self.flag.fill_(1 if flag else 0)  # a kernel argument: no host-to-device copy that could wait
         dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
-        if self.host is None:  # gloo on CPU: the result is here already
-            self.pending = (self.flag.clone(), None)
-        else:
+        if self.host is not self.flag:
             self.host.copy_(self.flag, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self.pending = (self.host, done)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        self.started = True
         return agreed
 
     def _read_previous(self) -> bool:
-        if self.pending is None:
+        if not self.started:
             return False
-        result, done = self.pending
-        self.pending = None
-        if done is not None:
-            done.synchronize()  # the previous update's work and vote, not the update just queued
-        return bool(result.item())
+        if self.done is not None:
+            self.done.synchronize()  # the previous update's work and vote, not the update just queued
+        return bool(self.host.item())
 
 
 def broadcast_object(obj, info: DistInfo):

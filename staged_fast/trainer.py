@@ -64,7 +64,7 @@ class Trainer:
             pretrained_config(args.model)  # a folder we cannot compute exactly is refused before data preparation
         self._build_data()
         self.config = self._decide_config(ckpt)
-        try:  # before the model is built: auto may keep to torch's kernels for this shape
+        try:  # before the model is built: under auto, attention may run SDPA for this head_dim
             self.backend = backend_for_head_dim(args.kernels, self.backend, self.config.head_dim, log)
         except ValueError as e:
             raise ConfigError(str(e)) from None
