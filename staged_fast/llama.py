@@ -207,9 +207,9 @@ class Llama(GPT):
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
-    def cached_forward(self, idx, past: int, cache: list, n_positions: int):
+    def cached_forward(self, idx, past: int, cache: list, capacity: int):
         """Logits (B, T, V) of `idx` placed after `past` cached positions; `cache` holds per-layer (k, v)
-        buffers (B, n_kv, n_positions, hs), created on first use (staged_fast.sample.CachedDecoder)."""
+        buffers (B, n_kv, capacity, hs), created on first use (staged_fast.sample.CachedDecoder)."""
         tr = self.transformer
         B, T = idx.shape
         positions = torch.arange(past, past + T, device=idx.device)
@@ -225,7 +225,7 @@ class Llama(GPT):
             attn = block.attn
             q, k, v = attn.qkv(block.ln_1(x), positions)
             if len(cache) <= i:
-                shape = (B, attn.n_kv_head, n_positions, attn.head_dim)
+                shape = (B, attn.n_kv_head, capacity, attn.head_dim)
                 cache.append((k.new_empty(shape), v.new_empty(shape)))
             k_cache, v_cache = cache[i]
             k_cache[:, :, past: past + T] = k

@@ -59,12 +59,16 @@ class CachedDecoder:
 
     `prefill(idx)` runs a prompt (B, T) and `step(tokens)` one new token per row; both return the logits
     for the next token, (B, V), equal to `model(sequence[:, -n_positions:])[:, -1]`.
+
+    `max_length` (prompt + tokens to be fed) sizes the caches when it is below n_positions: a model with a
+    long window (an HF folder's max_position_embeddings) would otherwise hold a window's worth per layer.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, max_length: int | None = None):
         self.model = model
         self.n_positions = model.config.n_positions
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, nh, n_positions, hs)
+        self.capacity = self.n_positions if max_length is None else max(1, min(max_length, self.n_positions))
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, nh, capacity, hs)
         self.length = 0  # positions filled in the cache
         self.tokens: torch.Tensor | None = None  # (B, L) everything seen so far
 
@@ -78,16 +82,23 @@ class CachedDecoder:
         self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
         if self.length == self.n_positions:  # window full: positions shift, the cache is stale
             return self._restart()
+        if self.length == self.capacity:
+            raise ValueError(f"the decoder's caches were sized for max_length={self.capacity} tokens and are full; "
+                             f"build it with a larger max_length (at most n_positions={self.n_positions})")
         return self._forward(tokens[:, None])[:, -1]
 
     def _restart(self) -> torch.Tensor:
         self.cache, self.length = [], 0
-        return self._forward(self.tokens[:, -self.n_positions :])[:, -1]
+        window = self.tokens[:, -self.n_positions :]
+        if window.shape[1] > self.capacity:
+            raise ValueError(f"a prompt of {window.shape[1]} tokens does not fit the decoder's max_length="
+                             f"{self.capacity}; build it with max_length >= prompt + new tokens")
+        return self._forward(window)[:, -1]
 
     def _forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of `idx` placed after the `self.length` cached positions."""
         if self.model.config.arch == "llama":  # RoPE and GQA caches: staged_fast.llama.Llama.cached_forward
-            logits = self.model.cached_forward(idx, self.length, self.cache, self.n_positions)
+            logits = self.model.cached_forward(idx, self.length, self.cache, self.capacity)
             self.length += idx.shape[1]
             return logits
         tr = self.model.transformer
@@ -109,7 +120,7 @@ class CachedDecoder:
             # (B, T, C) -> (B, nh, T, hs)
             q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
             if len(self.cache) <= i:
-                shape = (B, attn.n_head, self.n_positions, C // attn.n_head)
+                shape = (B, attn.n_head, self.capacity, C // attn.n_head)
                 self.cache.append((k.new_empty(shape), v.new_empty(shape)))
             k_cache, v_cache = self.cache[i]
             k_cache[:, :, past : past + T] = k
@@ -127,7 +138,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
              top_p: float | None = None, generator: torch.Generator | None = None,
              eos_token_id: int | None = None) -> torch.Tensor:
     """Prompt (B, T) -> (B, T + max_new_tokens). After a row emits `eos_token_id` it repeats it (padding)."""
-    decoder = CachedDecoder(model)
+    # The last new token is never fed back, so prompt + max_new_tokens positions always suffice.
+    decoder = CachedDecoder(model, max_length=idx.shape[1] + max_new_tokens)
     logits = decoder.prefill(idx)
     out = idx
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)

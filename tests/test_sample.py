@@ -47,6 +47,42 @@ def test_cached_multi_token_chunk_after_cache():
         torch.testing.assert_close(chunk, model(seq)[:, 6:], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cache_sized_to_prompt_plus_new_tokens(monkeypatch, arch):
+    """generate's caches hold prompt + new tokens, not the whole window; a decoder given too little says so."""
+    if arch == "llama":
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(arch="llama", n_layer=2, n_embd=48, n_head=4, n_kv_head=2, intermediate_size=96,
+                              vocab_size=97, n_positions=24)).eval()
+    else:
+        model = small_model(n_positions=24)
+    prompt = torch.randint(0, 97, (2, 4))
+    cache_lengths = []
+    real_prefill = CachedDecoder.prefill
+
+    def prefill_and_record(self, idx):
+        logits = real_prefill(self, idx)
+        cache_lengths.append(self.cache[0][0].shape[2])
+        return logits
+
+    monkeypatch.setattr(CachedDecoder, "prefill", prefill_and_record)
+    out = generate(model, prompt, 5, temperature=0)
+    assert cache_lengths == [4 + 5]  # not n_positions=24
+    with torch.no_grad():
+        seq = prompt
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1)[:, None]], dim=1)
+    assert torch.equal(out, seq)
+    dec = CachedDecoder(model, max_length=5)
+    with torch.no_grad():
+        dec.prefill(prompt)
+        dec.step(prompt[:, 0])
+        with pytest.raises(ValueError, match="max_length=5"):
+            dec.step(prompt[:, 0])
+        with pytest.raises(ValueError, match="does not fit"):
+            CachedDecoder(model, max_length=3).prefill(prompt)
+
+
 def test_greedy_generate_equals_uncached_greedy():
     model = small_model()
     prompt = torch.randint(0, 97, (2, 4))
