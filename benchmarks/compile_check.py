@@ -12,8 +12,8 @@ point is only that each launch compiles. Autotuned kernels: every config the pru
 
 Workloads (--workloads): a GPT-2 block at head_dim 64 (768/12), 96 (768/8) and 128 (1536/12), T = 1024,
 vocabulary 50257, dropout 0.1, forward + backward + an eval forward, under autocast bf16 and fp16 and in
-fp32 (--dtypes); and the llama block (GQA, RMSNorm, RoPE, SwiGLU). Each also runs attention's deterministic
-backward (split dQ: the dK/dV kernel without dQ, then the dQ kernel) at its shapes.
+fp32, exact and with --tf32 (--dtypes); and the llama block (GQA, RMSNorm, RoPE, SwiGLU). Each also runs
+attention's deterministic backward (split dQ: the dK/dV kernel without dQ, then the dQ kernel) at its shapes.
 
     python benchmarks/compile_check.py                         # everything, sm_90a
     python benchmarks/compile_check.py --workloads gpt2_hd64 --dtypes bf16 --first_config
@@ -54,7 +54,9 @@ WORKLOADS = {
     "gpt2_hd128": dict(n_embd=1536, n_head=12),
     "llama": dict(arch="llama", n_embd=768, n_head=12, n_kv_head=4),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# name: (autocast dtype or None, torch's fp32 matmul precision: "high" is the trainer's --tf32)
+DTYPES = {"bf16": (torch.bfloat16, "highest"), "fp16": (torch.float16, "highest"), "fp32": (None, "highest"),
+          "tf32": (None, "high")}
 
 
 class CompileOnlyDriver:
@@ -228,7 +230,8 @@ def parse_args(argv=None):
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
                     help="which models to step (default all)")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
-                    help="autocast bf16 / fp16, or fp32 without autocast (default all)")
+                    help="autocast bf16 / fp16, fp32 without autocast (exact dots), or tf32: fp32 with the "
+                         "trainer's --tf32 (default all)")
     ap.add_argument("--arch", default="90a", help="compute capability to compile for: 90a (H100/H200, default), 80, ...")
     ap.add_argument("--first_config", action="store_true",
                     help="compile only the first kept config of each autotuned kernel (faster)")
@@ -254,12 +257,17 @@ def main(argv=None) -> int:
             for dtype_name in args.dtypes:
                 recorder.workload, recorder.dtype = workload, dtype_name
                 before, t0 = len(recorder.kernels), time.perf_counter()
+                dtype, precision = DTYPES[dtype_name]
+                before_precision = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(precision)
                 try:
-                    training_step(workload, DTYPES[dtype_name])
+                    training_step(workload, dtype)
                 except Exception as e:  # report every failing workload, not just the first
                     failures.append(f"{workload} {dtype_name}: {type(e).__name__}: {str(e)[:2000]}")
                     print(f"FAILED {failures[-1]}", flush=True)
                     continue
+                finally:
+                    torch.set_float32_matmul_precision(before_precision)
                 print(f"{workload} {dtype_name}: {len(recorder.kernels) - before} new kernels compiled in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
     rows = list(recorder.kernels.values())

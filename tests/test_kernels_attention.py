@@ -297,6 +297,34 @@ def test_backward_launcher_matches_autograd():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("matmul_precision", ["highest", "high"])
+def test_fp32_dots_follow_torchs_matmul_precision(monkeypatch, matmul_precision):
+    """fp32 inputs: exact "ieee" dots by default, TF32 after set_float32_matmul_precision("high") (the
+    trainer's --tf32), as torch's own fp32 matmuls; 16-bit inputs always take the tensor cores. The
+    precision is part of each launch's autotune key, and the results stay within torch's own error of
+    float64 at the same setting (the interpreter computes every dot exactly)."""
+    seen = []
+
+    def recording(launch):
+        def call(grid, key, *args, **kwargs):
+            seen.append((key, kwargs["PRECISION"], args[0].dtype))
+            return launch(grid, key, *args, **kwargs)
+        return call
+
+    for name in ("_launch_fwd", "_launch_bwd", "_launch_dq"):
+        monkeypatch.setattr(attention, name, recording(getattr(attention, name)))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:  # within torch's own error, at its precision setting, of the float64 result
+        _check(*_qkv(1, 2, 40, 96, torch.float32, seed=5), dropout_p=P_DROP, seed=_seed(3))
+        _check(*_qkv(1, 2, 40, 96, torch.bfloat16, seed=5))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    fp32 = "ieee" if matmul_precision == "highest" else "tf32"
+    assert [(p, d) for _, p, d in seen] == [(fp32, torch.float32)] * 2 + [("tf32", torch.bfloat16)] * 2, seen
+    assert all(key[-1] == p for key, p, _ in seen)  # the autotune key separates the precisions
+
+
 @pytest.mark.skipif(not CUDA, reason="autotuning needs a GPU (the interpreter runs one config)")
 def test_autotuned_configs_match_float64(monkeypatch):
     """With autotuning on, the kernels run (and re-run while timing) several configs; the dQ atomics
@@ -449,8 +477,8 @@ def test_every_gpu_config_matches_float64(monkeypatch, index):
     t_key = attention._t_key(67)
     forced = {}
     for launch, (m, n, warps, stages), key in (
-        (attention._launch_fwd, fwd, (t_key, 96, True, dtype)),
-        (attention._launch_bwd, bwd, (t_key, 96, True, 1, True, dtype, dtype)),
+        (attention._launch_fwd, fwd, (t_key, 96, True, dtype, attention.dot_precision(dtype))),
+        (attention._launch_bwd, bwd, (t_key, 96, True, 1, True, dtype, dtype, attention.dot_precision(dtype))),
     ):
         config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         monkeypatch.setattr(launch, "_chosen", {key: (config, config.all_kwargs())})
@@ -592,7 +620,7 @@ def test_every_gpu_dq_config_matches_float64(monkeypatch, index):
     q, k, v = _qkv(1, 2, 67, 96, dtype, seed=4)
     m, n, warps, stages = attention._DQ_SHAPES[index]
     config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-    key = (attention._t_key(67), 96, True, dtype, dtype)
+    key = (attention._t_key(67), 96, True, dtype, dtype, attention.dot_precision(dtype))
     monkeypatch.setattr(attention._launch_dq, "_chosen", {key: (config, config.all_kwargs())})
     _check(q, k, v, dropout_p=P_DROP, seed=_seed(99))
     assert attention._launch_dq.last is config, "the forced config did not run"

@@ -2,9 +2,10 @@
 
 The other kernel tests run Triton's interpreter here, which accepts kernels the real compiler rejects.
 benchmarks/compile_check.py steps GPT-2 blocks at head_dim 64/96/128 and a llama block under autocast bf16
-and fp16 (and fp32 at head_dim 64/96) with each launch turned into a full compile (down to ptxas) of the
-launch's own signature; nothing runs. These tests run it as a user would (a subprocess: this session imported the
-kernels for the interpreter) and show that it catches what the interpreter lets through.
+and fp16 (and fp32, exact and --tf32, at head_dim 64/96) with each launch turned into a full compile (down
+to ptxas) of the launch's own signature; nothing runs. These tests run it as a user would (a subprocess:
+this session imported the kernels for the interpreter) and show that it catches what the interpreter lets
+through.
 """
 import json
 import os
@@ -30,8 +31,8 @@ def _compiled_env():
 
 def test_every_training_launch_compiles_for_sm90(tmp_path):
     # Two processes of about equal work: Triton compiles on one core, and CI machines have two. fp32 (exact
-    # dots, one attention config) at head_dim 64 and 96 here; the script's default run covers all of it.
-    groups = [(["gpt2_hd64", "gpt2_hd96"], ["bf16", "fp16", "fp32"]), (["gpt2_hd128", "llama"], ["bf16", "fp16"])]
+    # dots and --tf32's, one attention config) at head_dim 64 and 96 here; the script's default covers all.
+    groups = [(["gpt2_hd64", "gpt2_hd96"], ["bf16", "fp16", "fp32", "tf32"]), (["gpt2_hd128", "llama"], ["bf16", "fp16"])]
     procs = [subprocess.Popen([sys.executable, "benchmarks/compile_check.py", "--first_config", "--workloads", *workloads,
                                "--dtypes", *dtypes, "--json", str(tmp_path / f"compile{i}.json")], cwd=ROOT,
                               env=_compiled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -62,6 +63,9 @@ def test_every_training_launch_compiles_for_sm90(tmp_path):
     residual_bwd = [r for r in rows if r["kernel"] == "_norm_bwd_kernel" and "HAS_DX2=True" in r["constexprs"]]
     assert {r["dtype"] for r in residual_bwd} == {"bf16", "fp16"}  # the 16-bit branch's gradient, as trained
     assert any(r["dtype"] == "fp32" and "PRECISION=ieee" in r["constexprs"] for r in rows)  # fp32 attention
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_kernel"):  # and fp32 under --tf32: TF32 tensor-core dots
+        assert any(r["kernel"] == kernel and r["dtype"] == "tf32" and "PRECISION=tf32" in r["constexprs"]
+                   for r in rows)
 
 
 def test_a_kernel_the_interpreter_runs_but_the_compiler_rejects_is_reported(tmp_path):

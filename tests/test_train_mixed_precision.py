@@ -94,3 +94,28 @@ def test_deterministic_runs_the_split_dq_and_repeats_bit_for_bit(tmp_path, small
     assert len(launched) >= 2 * 2  # every update's attention backward, in both runs
     assert len(curves[0]) == 2 and curves[0] == curves[1], curves
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_tf32_switches_cuda_fp32_matmuls_only_on_cuda(tmp_path, small_vocab, capsys):
+    """--tf32 sets torch's fp32 matmul precision to "high" on CUDA (where the flash kernel's fp32 dots
+    follow, tests/test_kernels_attention.py); fp32 on CUDA without it says what is faster; on the CPU it
+    changes nothing (oneDNN could take bf16 passes) and says so, and the run trains."""
+    from staged_fast.kernels._common import dot_precision
+    from staged_fast.trainer import configure_fp32_matmul
+
+    before = torch.get_float32_matmul_precision()
+    said = []
+    try:
+        configure_fp32_matmul(torch.device("cuda"), False, None, said.append)
+        assert torch.get_float32_matmul_precision() == "highest" and "--bf16 or --tf32" in said[-1]
+        configure_fp32_matmul(torch.device("cuda"), False, torch.bfloat16, said.append)
+        assert len(said) == 1  # autocast: nothing to say
+        configure_fp32_matmul(torch.device("cuda"), True, None, said.append)
+        assert torch.get_float32_matmul_precision() == "high" and dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    tokenizer, cache = small_vocab
+    assert train(tmp_path / "run", cache, "--tf32", "--train_steps", "2", "--seqlen", "37", "--batch_size", "2",
+                 "--val_batches", "1", "--tokenizer", tokenizer) == 0
+    assert "--tf32 has no effect on the CPU" in capsys.readouterr().out
+    assert torch.get_float32_matmul_precision() == before == "highest"

@@ -86,8 +86,12 @@ def check_dtype(op: str, t: torch.Tensor, name: str) -> None:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: exact fp32 ("ieee") for fp32 inputs, the tensor-core default otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """`tl.dot` input precision: for fp32 inputs what torch's fp32 matmuls use (exact "ieee" by default,
+    "tf32" after torch.set_float32_matmul_precision("high"/"medium"), e.g. the trainer's --tf32); 16-bit
+    inputs take the tensor cores whatever the setting."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr functions in Triton >= 3.6

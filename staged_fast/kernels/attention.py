@@ -48,8 +48,9 @@ forward  (128,64,8,3) (128,128,8,3) (128,64,4,3) (128,32,4,3) (64,64,4,3) (64,32
 backward (32,128,8,3) (32,128,8,2) (16,64,8,2) (16,128,8,3) (64,64,8,3) (16,64,4,3).
 Configs whose own tile is taller than max(64, T bucket) are pruned, and so is the forward 128x128/s3 at
 head_dim 128 with dropout, which needs 240 KiB of shared memory (sm_90 allows 227; compile_check.py).
-fp32 inputs (exact FMA dots, tests only) get a single config, forward (32,32,4,2) and backward
-(16,32,4,2): larger fp32 tiles only spill and take up to a minute to compile. `AUTOTUNE = False` (or
+fp32 inputs (exact FMA dots by default; TF32 under --tf32) get a single config, forward (32,32,4,2) and
+backward (16,32,4,2): larger fp32 tiles only spill and take up to a minute to compile (exact dots; TF32
+tiles are not tuned: no GPU has timed them). `AUTOTUNE = False` (or
 STAGED_FAST_ATTN_AUTOTUNE=0, or deterministic algorithms) runs the first config of each set without
 timing (GPU tests use it to keep compiles few); it applies to keys not tuned yet.
 Under TRITON_INTERPRET=1 (no GPU to benchmark on) exactly one small config runs: forward 32x16,
@@ -77,7 +78,8 @@ The seed is drawn from torch's RNG on the inputs' device (`new_seed`), so runs a
 `torch.manual_seed` (the mask differs from SDPA's). The row sum l is taken before dropout: dropout
 rescales the normalized probabilities, as in torch.
 
-dtypes: fp16/bf16 (dots on tensor cores, fp32 accumulation) and fp32 (exact "ieee" dots, for tests);
+dtypes: fp16/bf16 (dots on tensor cores, fp32 accumulation) and fp32 (exact "ieee" dots, or TF32 when
+torch's fp32 matmul precision allows it: the trainer's --tf32, _common.dot_precision);
 lse, delta and the dQ accumulator are fp32. Under TRITON_INTERPRET=1 all operands are loaded as fp32
 (UPCAST) because the interpreter's bf16 dot is wrong.
 """
@@ -219,7 +221,7 @@ def _attn_fwd_tile(
 
 # GPU config sets, (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default (AUTOTUNE off).
 # Forward tiles need BLOCK_M % BLOCK_N == 0, backward tiles BLOCK_N % BLOCK_M == 0. fp32 inputs (exact
-# "ieee" FMA dots, used by tests only) get one small config: bigger fp32 tiles only spill and compile slowly.
+# "ieee" FMA dots, or TF32 under --tf32) get one small config: bigger fp32 tiles only spill and compile slowly.
 _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
 # Backward: (16, 64, 8, 2) replaced (64, 128, 8, 2), which spilled the most at head_dim 96 and 128 when
 # compiled for sm_90a as GPT-2 launches it (52-276 bytes under Triton 3.6; 16x64/w8/s2: none;
@@ -669,13 +671,14 @@ def _attn_fwd(q, k, v, dropout_p, seed):
     d0, d1 = _split_head_dim(D)
     grid = lambda meta: (cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     t_key, group = _t_key(T), _group(q, k)
-    _launch_fwd(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes
-        grid, (t_key, D, dropout, q.dtype),
+    precision = dot_precision(q.dtype)
+    _launch_fwd(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes, fp32 dot precision
+        grid, (t_key, D, dropout, q.dtype, precision),
         q, k, v, o, lse, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         H, group, T, t_key, LOG2E / math.sqrt(D), 1.0 / (1.0 - threshold / 256.0), threshold,
-        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=precision,
     )
     return o, lse
 
@@ -719,25 +722,26 @@ def _attn_bwd(do, q, k, v, o, lse, dropout_p, seed):
     grid = lambda meta: (cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
     t_key, group = _t_key(T), _group(q, k)
     qk_scale, ds_scale = LOG2E / math.sqrt(D), 1.0 / (keep_frac * math.sqrt(D))
-    _launch_bwd(  # the autotuner's key: T bucket, head_dim, dropout, GQA group, dQ mode, the tensors' dtypes
-        grid, (t_key, D, dropout, group, atomic, q.dtype, do.dtype),
+    precision = dot_precision(q.dtype)
+    _launch_bwd(  # the autotuner's key: T bucket, head_dim, dropout, GQA group, dQ mode, dtypes, fp32 precision
+        grid, (t_key, D, dropout, group, atomic, q.dtype, do.dtype, precision),
         q, k, v, do, lse, delta, dq_acc, dk, dv, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, group, T, t_key, qk_scale, ds_scale, 1.0 / keep_frac, threshold,
-        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=precision,
         DQ_ATOMIC=atomic,
     )
     if atomic:
         return dq_acc.to(q.dtype), dk, dv  # no copy for fp32 inputs
     dq_grid = lambda meta: (cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch_dq(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes
-        dq_grid, (t_key, D, dropout, q.dtype, do.dtype),
+    _launch_dq(  # the autotuner's key: T bucket, head_dim, dropout, the tensors' dtypes, fp32 precision
+        dq_grid, (t_key, D, dropout, q.dtype, do.dtype, precision),
         q, k, v, do, lse, delta, dq_acc, seed if dropout else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, group, T, t_key, qk_scale, ds_scale, threshold,
-        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=D, D0=d0, D1=d1, DROPOUT=dropout, UPCAST=INTERPRETED, PRECISION=precision,
     )
     return dq_acc, dk, dv
 
