@@ -309,10 +309,17 @@ class Trainer:
             torch.set_rng_state(mine["cpu"])
             if self.device.type == "cuda" and mine.get("cuda") is not None:
                 torch.cuda.set_rng_state(mine["cuda"], self.device)
+            elif self.device.type == "cuda":  # saved on the CPU: not the start's seed, whose masks were drawn
+                self.log("note: the checkpoint has no CUDA RNG state (saved on the CPU); dropout RNG is reseeded")
+                torch.cuda.manual_seed(self._reseed_value())
         else:
             self.log(f"note: checkpoint RNG states are for {len(states)} ranks, this run has "
                      f"{self.dist.world_size}; dropout RNG is reseeded")
-            torch.manual_seed(self.args.seed + 7919 * self.dist.rank + self.iteration)
+            torch.manual_seed(self._reseed_value())
+
+    def _reseed_value(self) -> int:
+        """A seed per rank and update for RNG streams a checkpoint cannot restore."""
+        return self.args.seed + 7919 * self.dist.rank + self.iteration
 
     # ---------------------------------------------------------------- training
     @property

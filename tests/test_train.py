@@ -23,6 +23,29 @@ def test_tiny_model_learns(tmp_path, data_cache):
     assert last < first - 3.0, (first, last)
 
 
+def test_a_cpu_checkpoint_resumed_on_cuda_reseeds_the_cuda_rng(monkeypatch):
+    """A checkpoint saved on the CPU has no CUDA RNG state: resumed on a GPU, dropout must not redraw the
+    masks of the run's first updates (the CUDA generator still at its start seed); it is reseeded per rank
+    and update, as for a change of rank count, and the log says so. (CUDA stood in: its two calls recorded.)"""
+    from types import SimpleNamespace
+
+    from staged_fast import distributed as D
+    from staged_fast.trainer import Trainer
+
+    seeds, said = [], []
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a: pytest.fail("the checkpoint has no CUDA state"))
+    trainer = SimpleNamespace(dist=D.DistInfo(rank=1, world_size=2), device=torch.device("cuda", 1),
+                              args=SimpleNamespace(seed=5), iteration=40, log=said.append)
+    trainer._reseed_value = lambda: Trainer._reseed_value(trainer)
+    cpu_state = torch.get_rng_state()
+    ckpt = SimpleNamespace(trainer_state={"rng": [{"cpu": cpu_state, "cuda": None}] * 2})
+    Trainer._restore_rng(trainer, ckpt)
+    assert seeds == [5 + 7919 + 40]
+    assert "no CUDA RNG state" in said[0]
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+
+
 def test_resume_is_bit_exact(tmp_path, data_cache):
     flags = ["--train_steps", "12", "--dropout", "0.1", "--val_every", "4"]
     assert train(tmp_path / "straight", data_cache, *flags) == 0
