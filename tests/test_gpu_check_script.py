@@ -44,7 +44,7 @@ def test_default_steps_run_in_the_issues_priority_order():
     assert default_steps[-1] == "tests_rest"
 
 
-def _run(tmp_path, steps, budget, hang_on=None, slow=None, prints=()):
+def _run(tmp_path, steps, budget, hang_on=None, slow=None, prints=(), env=None):
     """gpu_check.sh with PYTHON a stand-in that says what it was asked and exits 3 (the same on any
     machine, GPU or not): the script's own bookkeeping is what is tested. A call whose arguments contain
     `hang_on` instead waits to be interrupted, and says which signal reached it; with slow=(text, s), a call
@@ -62,7 +62,8 @@ def _run(tmp_path, steps, budget, hang_on=None, slow=None, prints=()):
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_STEPS": steps, "GPU_CHECK_BUDGET": str(budget),
-           "PYTHON": str(fake)}
+           "PYTHON": str(fake), "TRITON_CACHE_DIR": str(tmp_path / "triton_cache"),
+           "TRITON_SEED": str(tmp_path / "no_seed"), **(env or {})}
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
@@ -153,3 +154,27 @@ def test_every_default_step_reaches_its_command_whole(tmp_path):
     ignored = {a.split("=", 1)[1] for a in rest if a.startswith("--ignore=")}
     earlier = {a for c in pytest_calls if c is not rest for a in c if a.startswith("tests/")}
     assert earlier and earlier | {"tests/test_kernels_compile_gpu.py"} == ignored, (earlier, ignored)
+
+
+def test_a_carried_triton_seed_is_unpacked_into_the_cache_and_counted(tmp_path):
+    """The seed's entries land in Triton's cache before the first step; the summary says how many came from
+    it and how many were compiled during the run (here none: the stand-in compiles nothing)."""
+    import tarfile
+
+    seed, entries = tmp_path / "seed", tmp_path / "entries"
+    seed.mkdir()
+    for name in ("KEYA", "KEYB"):
+        (entries / name).mkdir(parents=True)
+        (entries / name / "k.json").write_text("{}")
+    with tarfile.open(seed / "cache.tar.xz", "w:xz") as tar:
+        for name in ("KEYA", "KEYB"):
+            tar.add(entries / name, arcname=name)
+    proc, out = _run(tmp_path, "env", 530, env={"TRITON_SEED": str(seed)})
+    assert (tmp_path / "triton_cache" / "KEYA" / "k.json").is_file()
+    summary = (out / "summary.txt").read_text()
+    assert "triton cache: 2 entries from the seed, 0 compiled on this machine" in summary, summary
+    assert f"fake python: benchmarks/triton_seed.py check {seed}" in (out / "steps.log").read_text()
+    (tmp_path / "again").mkdir()
+    proc, out = _run(tmp_path / "again", "env", 530)  # no seed: said, and the run goes on
+    assert "no " in proc.stdout and "triton_seed.sh" in proc.stdout
+    assert "triton cache: 0 entries from the seed" in (out / "summary.txt").read_text()

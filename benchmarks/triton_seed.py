@@ -1,0 +1,132 @@
+"""Compile the benchmarks' Triton kernels ahead, here, for the lent GPU: a seed of Triton's on-disk cache.
+
+A lent GPU gives one 540-second command; on the H200 run a cold cache made every benchmark's autotuner
+compile each config of each new key (~1-3 s apiece, ~78 in bench_train alone) inside its step's limit, and
+one step's table was lost to its timeout. Triton looks a compiled kernel up by a key made of its own build
+(the hash of its Python sources and libtriton), the kernel's source and specialisation, the ptxas version
+and the compile options: nothing from the GPU itself. So the same Triton wheel under the same Python on this
+machine builds the entries that machine would, and gpu_check.sh unpacks them into its cache.
+
+    python benchmarks/triton_seed.py build [--out .triton_seed]   # under the GPU image's Python + Triton
+    python benchmarks/triton_seed.py check [.triton_seed]         # there: does this Triton use the seed?
+
+`benchmarks/triton_seed.sh` makes the environment (Python 3.12, torch 2.11.0, Triton 3.6.0: the image's)
+and runs `build`. What it compiles: benchmarks/compile_check.py's training step (every config the autotuners
+keep) for the GPT-2 blocks at head_dim 64/96/128 and the llama block under bf16 autocast: the kernels and
+shapes of bench_kernels and bench_train (a key does not depend on the batch size; compile_check --batch
+shows it). Not covered: the kernel tests' odd shapes, fp16/fp32, and torch.compile's own kernels.
+Outputs: DIR/cache.tar.xz and DIR/manifest.json (versions, the Triton build's key, the entry count).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two compile processes (Triton compiles on one core each), about equal work.
+GROUPS = (["gpt2_hd64", "gpt2_hd96"], ["gpt2_hd128", "llama"])
+
+
+def triton_build_key() -> str:
+    """A digest of Triton's own part of its cache key (its sources and libtriton), as this machine has it."""
+    from triton.runtime.cache import triton_key
+
+    return hashlib.sha256(triton_key().encode()).hexdigest()
+
+
+def build(out: Path, groups, dtypes, first_config: bool) -> int:
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="triton_seed_") as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--workloads", *group,
+                                   "--dtypes", *dtypes, *(["--first_config"] if first_config else [])],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for group in groups]
+        failed = False
+        for group, proc in zip(groups, procs):
+            log, _ = proc.communicate()
+            last = log.strip().splitlines()[-1] if log.strip() else ""
+            print(f"{' '.join(group)}: {last}", flush=True)
+            if proc.returncode != 0:
+                print(log[-3000:], file=sys.stderr)
+                failed = True
+        if failed:
+            print("error: compile_check failed; no seed written", file=sys.stderr)
+            return 1
+        entries = sorted(p.name for p in Path(cache).iterdir() if p.is_dir())
+        archive = out / "cache.tar.xz"
+        with tarfile.open(archive, "w:xz") as tar:
+            for name in entries:
+                tar.add(Path(cache) / name, arcname=name)
+        manifest = dict(triton=triton.__version__, python=platform.python_version(),
+                        torch=_torch_version(), triton_build_key=triton_build_key(), entries=len(entries),
+                        workloads=[w for g in groups for w in g], dtypes=list(dtypes), all_configs=not first_config,
+                        built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        seconds=round(time.perf_counter() - t0))
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"{len(entries)} compiled kernels -> {archive} ({archive.stat().st_size / 2**20:.1f} MiB), "
+          f"Triton {manifest['triton']} under Python {manifest['python']}")
+    return 0
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def check(seed: Path) -> int:
+    """Says whether this machine's Triton would use the seed. Exit 0 either way (the seed only saves time);
+    2 when there is no seed to check."""
+    manifest_path = seed / "manifest.json"
+    if not manifest_path.is_file():
+        print(f"triton seed: none at {seed} (benchmarks/triton_seed.sh builds one; carry it along)")
+        return 2
+    manifest = json.loads(manifest_path.read_text())
+    import triton
+
+    here = dict(triton=triton.__version__, python=platform.python_version())
+    if manifest["triton_build_key"] == triton_build_key():
+        print(f"triton seed: usable, {manifest['entries']} kernels built {manifest['built']} by Triton "
+              f"{manifest['triton']} under Python {manifest['python']}")
+    else:
+        print(f"triton seed: NOT usable here (every kernel compiles afresh): built by Triton {manifest['triton']} "
+              f"under Python {manifest['python']}, this is Triton {here['triton']} under Python {here['python']} "
+              f"with another build key (a different wheel or Python)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compile the kernels into a seed (under the GPU image's Python and Triton)")
+    b.add_argument("--out", default=str(ROOT / ".triton_seed"), help="where cache.tar.xz and manifest.json go")
+    b.add_argument("--workloads", nargs="+", default=None,
+                   help="compile_check workloads, split over two processes (default: all four)")
+    b.add_argument("--dtypes", nargs="+", default=["bf16"], help="compile_check dtypes (default bf16)")
+    b.add_argument("--first_config", action="store_true", help="only each autotuner's first config (for tests)")
+    c = sub.add_parser("check", help="does this machine's Triton use the seed?")
+    c.add_argument("seed", nargs="?", default=str(ROOT / ".triton_seed"))
+    args = ap.parse_args(argv)
+    if args.command == "check":
+        return check(Path(args.seed))
+    groups = GROUPS if args.workloads is None else [args.workloads[0::2], args.workloads[1::2]]
+    return build(Path(args.out), [g for g in groups if g], args.dtypes, args.first_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
