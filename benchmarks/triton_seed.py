@@ -12,9 +12,10 @@ machine builds the entries that machine would, and gpu_check.sh unpacks them int
 
 `benchmarks/triton_seed.sh` makes the environment (Python 3.12, torch 2.11.0, Triton 3.6.0: the image's)
 and runs `build`. What it compiles: benchmarks/compile_check.py's training step (every config the autotuners
-keep) for the GPT-2 blocks at head_dim 64/96/128 and the llama block under bf16 autocast: the kernels and
-shapes of bench_kernels and bench_train (a key does not depend on the batch size; compile_check --batch
-shows it). Not covered: the kernel tests' odd shapes, fp16/fp32, and torch.compile's own kernels.
+keep) for the GPT-2 blocks at head_dim 64/96/128 and the llama block under bf16 autocast, and bench_kernels'
+norm rows with 16-bit weights (`bench-norms`): the kernels and shapes of bench_kernels and bench_train (a key
+does not depend on the batch size; compile_check --batch shows it). Not covered: the kernel tests' odd
+shapes, fp16/fp32, and torch.compile's own kernels.
 Outputs: DIR/cache.tar.xz and DIR/manifest.json (versions, the Triton build's key, the entry count).
 """
 from __future__ import annotations
@@ -32,8 +33,32 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: `benchmarks` and `staged_fast` from this checkout
 # Two compile processes (Triton compiles on one core each), about equal work.
 GROUPS = (["gpt2_hd64", "gpt2_hd96"], ["gpt2_hd128", "llama"])
+
+
+def compile_bench_norms(first_config: bool = False) -> None:
+    """bench_kernels' own norm rows, which no training step launches: layer norm and RMSNorm with 16-bit
+    weights, plain and with a 16-bit residual, at its hidden sizes (768, 1536; each autotuner config)."""
+    from benchmarks import compile_check as cc  # first: the kernels must be decorated for the GPU compiler
+
+    cc.load_kernels_for_gpu()
+    import torch
+
+    from staged_fast.kernels.layernorm import layer_norm
+    from staged_fast.kernels.rmsnorm import rms_norm
+
+    with cc.compile_only(cc.Recorder(first_config=first_config), "90a"):
+        for hidden in (768, 1536):
+            x, r, dy, ds = (torch.randn(1, 1024, hidden, dtype=torch.bfloat16) for _ in range(4))
+            w, b = torch.ones(hidden, dtype=torch.bfloat16), torch.zeros(hidden, dtype=torch.bfloat16)
+            for norm, params in ((layer_norm, (w, b)), (rms_norm, (w,))):
+                leaves = [t.clone().requires_grad_() for t in (x, r, *params)]
+                xl, rl, *pl = leaves
+                norm(xl, *pl, 1e-5).backward(dy)
+                y, s = norm(xl, *pl, 1e-5, residual=rl)
+                torch.autograd.backward([y, s], [dy, ds])
 
 
 def triton_build_key() -> str:
@@ -43,7 +68,7 @@ def triton_build_key() -> str:
     return hashlib.sha256(triton_key().encode()).hexdigest()
 
 
-def build(out: Path, groups, dtypes, first_config: bool) -> int:
+def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = True) -> int:
     import triton
 
     out.mkdir(parents=True, exist_ok=True)
@@ -51,20 +76,23 @@ def build(out: Path, groups, dtypes, first_config: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="triton_seed_") as cache:
         env["TRITON_CACHE_DIR"] = cache
         t0 = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--workloads", *group,
-                                   "--dtypes", *dtypes, *(["--first_config"] if first_config else [])],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for group in groups]
+        commands = [[str(ROOT / "benchmarks" / "compile_check.py"), "--workloads", *group, "--dtypes", *dtypes,
+                     *(["--first_config"] if first_config else [])] for group in groups]
+        if bench_norms:
+            commands.append([str(Path(__file__).resolve()), "bench-norms",
+                             *(["--first_config"] if first_config else [])])
+        procs = [subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for command in commands]
         failed = False
-        for group, proc in zip(groups, procs):
+        for command, proc in zip(commands, procs):
             log, _ = proc.communicate()
-            last = log.strip().splitlines()[-1] if log.strip() else ""
-            print(f"{' '.join(group)}: {last}", flush=True)
+            last = log.strip().splitlines()[-1] if log.strip() else "done"
+            print(f"{Path(command[0]).name} {' '.join(command[1:])}: {last}", flush=True)
             if proc.returncode != 0:
                 print(log[-3000:], file=sys.stderr)
                 failed = True
         if failed:
-            print("error: compile_check failed; no seed written", file=sys.stderr)
+            print("error: a compile failed (above); no seed written", file=sys.stderr)
             return 1
         entries = sorted(p.name for p in Path(cache).iterdir() if p.is_dir())
         archive = out / "cache.tar.xz"
@@ -73,7 +101,8 @@ def build(out: Path, groups, dtypes, first_config: bool) -> int:
                 tar.add(Path(cache) / name, arcname=name)
         manifest = dict(triton=triton.__version__, python=platform.python_version(),
                         torch=_torch_version(), triton_build_key=triton_build_key(), entries=len(entries),
-                        workloads=[w for g in groups for w in g], dtypes=list(dtypes), all_configs=not first_config,
+                        workloads=[w for g in groups for w in g] + (["bench_norms"] if bench_norms else []),
+                        dtypes=list(dtypes), all_configs=not first_config,
                         built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         seconds=round(time.perf_counter() - t0))
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -119,13 +148,20 @@ def main(argv=None) -> int:
                    help="compile_check workloads, split over two processes (default: all four)")
     b.add_argument("--dtypes", nargs="+", default=["bf16"], help="compile_check dtypes (default bf16)")
     b.add_argument("--first_config", action="store_true", help="only each autotuner's first config (for tests)")
+    b.add_argument("--no_bench_norms", action="store_true", help="leave out bench_kernels' 16-bit-weight norm rows")
     c = sub.add_parser("check", help="does this machine's Triton use the seed?")
     c.add_argument("seed", nargs="?", default=str(ROOT / ".triton_seed"))
+    n = sub.add_parser("bench-norms", help="(build's helper) compile bench_kernels' norm rows into TRITON_CACHE_DIR")
+    n.add_argument("--first_config", action="store_true", help="only each autotuner's first config")
     args = ap.parse_args(argv)
     if args.command == "check":
         return check(Path(args.seed))
+    if args.command == "bench-norms":
+        compile_bench_norms(args.first_config)
+        return 0
     groups = GROUPS if args.workloads is None else [args.workloads[0::2], args.workloads[1::2]]
-    return build(Path(args.out), [g for g in groups if g], args.dtypes, args.first_config)
+    return build(Path(args.out), [g for g in groups if g], args.dtypes, args.first_config,
+                 bench_norms=not args.no_bench_norms)
 
 
 if __name__ == "__main__":

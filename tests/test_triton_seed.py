@@ -32,6 +32,7 @@ def test_a_seed_is_loaded_not_recompiled(tmp_path):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     manifest = json.loads((seed / "manifest.json").read_text())
     assert manifest["entries"] >= 10 and manifest["triton_build_key"] == triton_seed.triton_build_key()
+    assert manifest["workloads"] == ["gpt2_hd64", "bench_norms"]
     assert not (tmp_path / "unused").exists()  # the build compiles into a cache of its own
     cache = tmp_path / "cache"  # what gpu_check.sh does with a carried seed
     cache.mkdir()
@@ -43,6 +44,9 @@ def test_a_seed_is_loaded_not_recompiled(tmp_path):
                             "bf16", "--first_config"], cwd=ROOT, env=_env(cache), capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    norms = subprocess.run([sys.executable, "benchmarks/triton_seed.py", "bench-norms", "--first_config"], cwd=ROOT,
+                           env=_env(cache), capture_output=True, text=True, timeout=900)
+    assert norms.returncode == 0, norms.stdout[-3000:] + norms.stderr[-3000:]
     assert _entries(cache) == seeded  # every launch found its kernel in the seed: nothing compiled afresh
     check = subprocess.run([sys.executable, "benchmarks/triton_seed.py", "check", str(seed)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
