@@ -61,6 +61,15 @@ def compile_bench_norms(first_config: bool = False) -> None:
                 torch.autograd.backward([y, s], [dy, ds])
 
 
+def kernels_digest() -> str:
+    """A digest of this checkout's kernel sources: a seed built from other sources holds kernels no launch
+    asks for (their keys include the source), so `check` says it is stale."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "staged_fast" / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def triton_build_key() -> str:
     """A digest of Triton's own part of its cache key (its sources and libtriton), as this machine has it."""
     from triton.runtime.cache import triton_key
@@ -100,7 +109,8 @@ def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = Tru
             for name in entries:
                 tar.add(Path(cache) / name, arcname=name)
         manifest = dict(triton=triton.__version__, python=platform.python_version(),
-                        torch=_torch_version(), triton_build_key=triton_build_key(), entries=len(entries),
+                        torch=_torch_version(), triton_build_key=triton_build_key(), kernels=kernels_digest(),
+                        entries=len(entries),
                         workloads=[w for g in groups for w in g] + (["bench_norms"] if bench_norms else []),
                         dtypes=list(dtypes), all_configs=not first_config,
                         built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -128,7 +138,10 @@ def check(seed: Path) -> int:
     import triton
 
     here = dict(triton=triton.__version__, python=platform.python_version())
-    if manifest["triton_build_key"] == triton_build_key():
+    if manifest.get("kernels") != kernels_digest():
+        print(f"triton seed: STALE (built {manifest['built']} from other kernel sources than this checkout's: "
+              f"launches will not find their kernels in it); rebuild it with benchmarks/triton_seed.sh")
+    elif manifest["triton_build_key"] == triton_build_key():
         print(f"triton seed: usable, {manifest['entries']} kernels built {manifest['built']} by Triton "
               f"{manifest['triton']} under Python {manifest['python']}")
     else:

@@ -32,6 +32,7 @@ def test_a_seed_is_loaded_not_recompiled(tmp_path):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     manifest = json.loads((seed / "manifest.json").read_text())
     assert manifest["entries"] >= 10 and manifest["triton_build_key"] == triton_seed.triton_build_key()
+    assert manifest["kernels"] == triton_seed.kernels_digest()
     assert manifest["workloads"] == ["gpt2_hd64", "bench_norms"]
     assert not (tmp_path / "unused").exists()  # the build compiles into a cache of its own
     cache = tmp_path / "cache"  # what gpu_check.sh does with a carried seed
@@ -58,6 +59,10 @@ def test_check_says_when_a_seed_is_not_usable_or_missing(tmp_path, capsys):
     seed.mkdir()
     (seed / "manifest.json").write_text(json.dumps(dict(triton="3.6.0", python="3.12.3", triton_build_key="0" * 64,
                                                         entries=3, built="2026-11-29 05:00 UTC")))
+    assert triton_seed.check(seed) == 0
+    assert "STALE" in capsys.readouterr().out  # no digest of the kernel sources it was built from
+    manifest = json.loads((seed / "manifest.json").read_text())
+    (seed / "manifest.json").write_text(json.dumps(dict(manifest, kernels=triton_seed.kernels_digest())))
     assert triton_seed.check(seed) == 0
     assert "NOT usable here" in capsys.readouterr().out
     assert triton_seed.check(tmp_path / "none") == 2
