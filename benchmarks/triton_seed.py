@@ -104,8 +104,9 @@ def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = Tru
             print("error: a compile failed (above); no seed written", file=sys.stderr)
             return 1
         entries = sorted(p.name for p in Path(cache).iterdir() if p.is_dir())
-        archive = out / "cache.tar.xz"
-        with tarfile.open(archive, "w:xz") as tar:
+        # Written beside, then renamed over an older seed: a build cut off leaves the older one whole.
+        archive, partial = out / "cache.tar.xz", out / "cache.tar.xz.partial"
+        with tarfile.open(partial, "w:xz") as tar:
             for name in entries:
                 tar.add(Path(cache) / name, arcname=name)
         manifest = dict(triton=triton.__version__, python=platform.python_version(),
@@ -115,7 +116,9 @@ def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = Tru
                         dtypes=list(dtypes), all_configs=not first_config,
                         built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         seconds=round(time.perf_counter() - t0))
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (out / "manifest.json.partial").write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(partial, archive)
+        os.replace(out / "manifest.json.partial", out / "manifest.json")
     print(f"{len(entries)} compiled kernels -> {archive} ({archive.stat().st_size / 2**20:.1f} MiB), "
           f"Triton {manifest['triton']} under Python {manifest['python']}")
     return 0

@@ -30,6 +30,7 @@ def test_a_seed_is_loaded_not_recompiled(tmp_path):
                             "--workloads", "gpt2_hd64", "--first_config"], cwd=ROOT, env=_env(tmp_path / "unused"),
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert sorted(p.name for p in seed.iterdir()) == ["cache.tar.xz", "manifest.json"]  # no partial files left
     manifest = json.loads((seed / "manifest.json").read_text())
     assert manifest["entries"] >= 10 and manifest["triton_build_key"] == triton_seed.triton_build_key()
     assert manifest["kernels"] == triton_seed.kernels_digest()
