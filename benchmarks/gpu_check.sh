@@ -48,20 +48,13 @@ fi
 
 # The benchmarks' Triton kernels compiled ahead (benchmarks/triton_seed.sh, under this image's Python and
 # Triton), unpacked into Triton's cache: their autotuners then load each config instead of compiling it.
-# `triton_seed.py check` says whether this Triton's build key matches the seed's; the summary repeats it
-# with how many kernels were compiled here all the same.
+# `check` says whether this Triton's key parts match the seed's; the summary repeats it, with `report`:
+# how many seeded kernels compiled again here (0 when the seed was used) and how many others compiled.
 SEED=${TRITON_SEED:-.triton_seed}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/staged_fast_triton_cache}
-mkdir -p "$TRITON_CACHE_DIR"
-cache_entries() { find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d | wc -l; }
-if [ -f "$SEED/cache.tar.xz" ]; then
-  tar -xJf "$SEED/cache.tar.xz" -C "$TRITON_CACHE_DIR" || echo "note: $SEED/cache.tar.xz did not unpack"
-else
-  echo "note: no $SEED/cache.tar.xz (run benchmarks/triton_seed.sh and carry .triton_seed): kernels compile here"
-fi
-SEEDED=$(cache_entries)
-"$PY" benchmarks/triton_seed.py check "$SEED" >"$OUT_DIR/current.log" 2>&1
-SEED_STATUS=$(tail -n 1 "$OUT_DIR/current.log")  # its one line (or an error's last)
+{ "$PY" benchmarks/triton_seed.py unpack "$SEED" "$TRITON_CACHE_DIR"
+  "$PY" benchmarks/triton_seed.py check "$SEED"; } >"$OUT_DIR/current.log" 2>&1
+SEED_STATUS=$(tail -n 1 "$OUT_DIR/current.log")  # check's one line (or an error's last)
 tee -a "$LOG" <"$OUT_DIR/current.log"
 
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -191,7 +184,8 @@ rm -f "$OUT_DIR/current.log"
   echo
   echo "=== summary ($(date -u '+%Y-%m-%d %H:%M UTC'), ${SECONDS}s, outputs in $OUT_DIR)"
   printf '%s\n' "${SUMMARY[@]}"
-  echo "triton cache: $SEEDED entries from the seed, $(($(cache_entries) - SEEDED)) compiled on this machine ($SEED_STATUS)"
+  echo "$SEED_STATUS"
+  "$PY" benchmarks/triton_seed.py report "$TRITON_CACHE_DIR" 2>&1 | tail -n 3
   echo
   echo "--- bench_kernels (fwd+bwd rows)"
   grep -E '^kernel|fwd\+bwd' "$LOG" || true

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SEED_VENV:-/tmp/staged_fast_py312}
 if [ ! -x "$VENV/bin/python" ]; then
-  PY312=${PY312:-$(command -v python3.12 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python 2>/dev/null | tail -1)}
+  PY312=${PY312:-$(command -v python3.12 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python 2>/dev/null | tail -1 || true)}
   if [ -z "$PY312" ]; then
     echo "error: no Python 3.12 found (the GPU image's); set PY312=/path/to/python3.12" >&2
     exit 2
