@@ -66,7 +66,7 @@ def _seed(value):
     return torch.tensor([value], dtype=torch.int64, device=DEVICE)
 
 
-def _check(q, k, v, dropout_p=0.0, seed=None):
+def _check(q, k, v, dropout_p=0.0, seed=None, factor=2.0):
     dtype = q.dtype
     g = torch.Generator(device="cpu").manual_seed(7)
     do = torch.randn(q.shape, generator=g).to(DEVICE, dtype)
@@ -80,10 +80,10 @@ def _check(q, k, v, dropout_p=0.0, seed=None):
     o_ref = flash_attention_reference(q64, k64, v64, dropout_p, keep)
     grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
     assert o.dtype == dtype and o.shape == q.shape
-    assert_within_torch_error(o, o_torch, o_ref, name="out", atol=ATOL[dtype])
+    assert_within_torch_error(o, o_torch, o_ref, name="out", atol=ATOL[dtype], factor=factor)
     for name, d, t, r, x in zip(("dq", "dk", "dv"), grads, grads_torch, grads_ref, (q, k, v)):
         assert d.dtype == dtype and d.shape == x.shape  # GQA: dk, dv with k's (fewer) heads
-        assert_within_torch_error(d, t, r, name=name, atol=2 * ATOL[dtype])
+        assert_within_torch_error(d, t, r, name=name, atol=2 * ATOL[dtype], factor=factor)
     return o, grads
 
 
@@ -316,7 +316,9 @@ def test_fp32_dots_follow_torchs_matmul_precision(monkeypatch, matmul_precision)
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(matmul_precision)
     try:  # within torch's own error, at its precision setting, of the float64 result
-        _check(*_qkv(1, 2, 40, 96, torch.float32, seed=5), dropout_p=P_DROP, seed=_seed(3))
+        # TF32 (tests/README.md): the backward's five TF32 dots against torch autograd's four matmuls
+        _check(*_qkv(1, 2, 40, 96, torch.float32, seed=5), dropout_p=P_DROP, seed=_seed(3),
+               factor=2.0 if matmul_precision == "highest" else 4.0)
         _check(*_qkv(1, 2, 40, 96, torch.bfloat16, seed=5))
     finally:
         torch.set_float32_matmul_precision(before)
