@@ -119,7 +119,7 @@ def unpack(seed: Path, cache: Path) -> int:
     note which entries came from it and when (for `report`)."""
     archive = seed / "cache.tar.xz"
     if not archive.is_file():
-        print(f"triton seed: none at {seed} (benchmarks/triton_seed.sh builds one; carry it along)")
+        _say_no_seed(seed)
         return 2
     cache.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
@@ -129,6 +129,10 @@ def unpack(seed: Path, cache: Path) -> int:
     _seed_note(cache).write_text(json.dumps(dict(entries=names, unpacked_ns=time.time_ns())))
     print(f"triton seed: {len(names)} entries unpacked into {cache}")
     return 0
+
+
+def _say_no_seed(seed: Path) -> None:
+    print(f"triton seed: none at {seed} (benchmarks/triton_seed.sh builds one; carry it along)")
 
 
 def _seed_note(cache: Path) -> Path:
@@ -158,6 +162,7 @@ def report(cache: Path) -> int:
 
 
 def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = True) -> int:
+    import torch
     import triton
 
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +195,7 @@ def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = Tru
             for name in entries:
                 tar.add(Path(cache) / name, arcname=name)
         manifest = dict(triton=triton.__version__, python=platform.python_version(),
-                        torch=_torch_version(), triton_build_key=triton_build_key(), kernels=kernels_digest(),
+                        torch=torch.__version__, triton_build_key=triton_build_key(), kernels=kernels_digest(),
                         entries=len(entries),
                         workloads=[w for g in groups for w in g] + (["bench_norms"] if bench_norms else []),
                         dtypes=list(dtypes), all_configs=not first_config,
@@ -204,18 +209,12 @@ def build(out: Path, groups, dtypes, first_config: bool, bench_norms: bool = Tru
     return 0
 
 
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
 def check(seed: Path) -> int:
     """Says whether this machine's Triton would use the seed. Exit 0 either way (the seed only saves time);
     2 when there is no seed to check."""
     manifest_path = seed / "manifest.json"
     if not manifest_path.is_file():
-        print(f"triton seed: none at {seed} (benchmarks/triton_seed.sh builds one; carry it along)")
+        _say_no_seed(seed)
         return 2
     manifest = json.loads(manifest_path.read_text())
     import triton
