@@ -1,7 +1,9 @@
 """Training metrics: JSONL log, optional TensorBoard, and model FLOPs utilization (MFU)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +37,39 @@ def flops_per_token(n_params_non_embedding: int, n_layer: int, n_embd: int, seql
     """Training FLOPs per token: 6N for the weight matmuls plus 12*L*T*d for attention scores and values
     (PaLM, app. B). The causal mask's halving is not applied, so figures compare with nanoGPT's MFU."""
     return 6.0 * n_params_non_embedding + 12.0 * n_layer * n_embd * seqlen
+
+
+class RateWindow:
+    """Token rates over one log interval: by the wall clock, and by training time alone.
+
+    `paused()` takes validation, growth and checkpoint saves off the training clock. It waits for the device
+    on entering (the updates launched before it belong to training) and on leaving, so on a GPU the split is
+    exact without a wait per update; on the CPU `sync` does nothing. The first update's compile and the
+    recompile after a growth stay on the training clock: they happen inside an update."""
+
+    def __init__(self, tokens: int, sync=lambda: None):
+        self.sync = sync
+        self.restart(tokens)
+
+    def restart(self, tokens: int) -> None:
+        self.start, self.tokens, self.paused_s = time.perf_counter(), tokens, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.paused_s += time.perf_counter() - t
+
+    def rates(self, tokens: int) -> tuple[float, float]:
+        """(wall tokens/s, training tokens/s) since the window's start, after waiting for the device."""
+        self.sync()
+        wall = time.perf_counter() - self.start
+        done = tokens - self.tokens
+        return done / max(wall, 1e-9), done / max(wall - self.paused_s, 1e-9)
 
 
 class MetricsLogger:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from .config import ConfigError, GPTConfig, initial_lr_for
 from .heap import keep_freed_heap
 from .kernels import backend_for_head_dim, resolve_backend
 from .lr_schedule import LRSchedule
-from .metrics import MetricsLogger, device_peak_flops, flops_per_token
+from .metrics import MetricsLogger, RateWindow, device_peak_flops, flops_per_token
 from .model import GPT
 from .schedule.growth_schedule import GrowthSchedule, load_plan
 from .train_args import UsageError, model_config, peak_lr
@@ -470,10 +469,12 @@ class Trainer:
         if any(p != prints[0] for p in prints):
             raise RuntimeError(f"ranks disagree after growth (weight/state checksums {prints}); this is a bug.")
 
-    def maybe_grow(self) -> None:
+    def maybe_grow(self, paused=contextlib.nullcontext) -> None:
+        """The growth due at this update, if any, inside `paused()` (off the training clock)."""
         req = self.growths.due(self.iteration)
         if req is not None:
-            self.grow(req.op, req.restart_step, req.restart_warmup_steps)
+            with paused():
+                self.grow(req.op, req.restart_step, req.restart_warmup_steps)
 
     def on_validation(self, val_loss: float) -> None:
         self.last_val_loss = val_loss
@@ -517,17 +518,24 @@ class Trainer:
         self.last_saved_iteration, self.last_saved_path = self.iteration, path
         return path
 
-    def log_record(self, loss: torch.Tensor, grad_norm: torch.Tensor, elapsed: float, tokens_done: int) -> dict:
+    def rate_window(self) -> RateWindow:
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        return RateWindow(self.tokens, sync)
+
+    def log_record(self, loss: torch.Tensor, grad_norm: torch.Tensor, window: RateWindow) -> dict:
+        """One metrics record. tokens_per_s is the wall rate since the window's start (validation, growth and
+        saves included: staged_vs_direct sums it as wall time); train_tokens_per_s and MFU count training
+        time alone, as nanoGPT's per-iteration MFU does."""
         loss = D.all_reduce_mean(loss.detach().float(), self.dist).item()
-        tps = tokens_done / max(elapsed, 1e-9)
+        tps, train_tps = window.rates(self.tokens)
         rec = dict(
             step=self.step, iteration=self.iteration, loss=loss, lr=self.schedule(max(self.step - 1, 0)),
-            tokens=self.tokens, tokens_per_s=tps, grad_norm=float(grad_norm), val_loss=self.last_val_loss,
-            n_layer=self.config.n_layer, n_embd=self.config.n_embd,
+            tokens=self.tokens, tokens_per_s=tps, train_tokens_per_s=train_tps, grad_norm=float(grad_norm),
+            val_loss=self.last_val_loss, n_layer=self.config.n_layer, n_embd=self.config.n_embd,
         )
         if self.peak_flops:
             fpt = flops_per_token(self.config.n_params_non_embedding, self.config.n_layer, self.config.n_embd, self.args.seqlen)
-            rec["mfu"] = fpt * tps / (self.peak_flops * self.dist.world_size)
+            rec["mfu"] = fpt * train_tps / (self.peak_flops * self.dist.world_size)
         if not math.isfinite(loss):
             self.log(f"warning: loss is {loss} at step {self.step}")
         skipped = int(self.skipped_updates.item())
@@ -564,7 +572,7 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
     a = trainer.args
     bar = tqdm(total=a.train_steps, initial=trainer.step, disable=not (progress and trainer.dist.is_main),
                desc="train", dynamic_ncols=True)
-    t0, tokens0 = time.perf_counter(), trainer.tokens
+    window = trainer.rate_window()
     last = {}
     # A SIGTERM to any rank during the start: all leave before the first update, with nothing new to save
     # (a resumed run's checkpoint is the latest; a fresh folder without one is started afresh next time).
@@ -578,12 +586,14 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         loss, grad_norm = trainer.train_step()
         it = trainer.iteration
         if it % a.val_every == 0 or trainer.step >= a.train_steps:
-            trainer.on_validation(trainer.evaluate())
+            with window.paused():
+                trainer.on_validation(trainer.evaluate())
         if it % a.log_rate == 0 or trainer.step >= a.train_steps:
-            last = trainer.log_record(loss, grad_norm, time.perf_counter() - t0, trainer.tokens - tokens0)
-            t0, tokens0 = time.perf_counter(), trainer.tokens
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", size=trainer.config.shape_str())
-        trainer.maybe_grow()
+            last = trainer.log_record(loss, grad_norm, window)
+            window.restart(trainer.tokens)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", size=trainer.config.shape_str(),
+                            tok_s=f"{last['train_tokens_per_s']:.0f}")
+        trainer.maybe_grow(window.paused)
         bar.n = min(trainer.step, a.train_steps)
         bar.refresh()
         # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at one update
@@ -594,7 +604,8 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         # --stop_at_step is the same on every rank: no vote, no lag.
         stop = vote(trainer.stop_requested) or (a.stop_at_step is not None and it >= a.stop_at_step)
         if it % a.save_every == 0 or stop:
-            path = trainer.save()
+            with window.paused():
+                path = trainer.save()
     bar.close()
     if trainer.last_saved_iteration != trainer.iteration:
         path = trainer.save()

@@ -190,7 +190,8 @@ def test_sigterm_to_the_gpu_count_launcher_saves_and_exits_zero_without_a_traceb
     assert "stop requested (SIGTERM): torchrun passed it to the 2 workers" in out, out[-3000:]
 
 
-def _tiny_trainer(tmp_path, data_cache, log=print):
+def _tiny_trainer(tmp_path, data_cache, log=print, *, options=()):
+    """`options` override the defaults (argparse keeps the last)."""
     from staged_fast import distributed as D
     from staged_fast.train_args import parse_args
     from staged_fast.trainer import Trainer
@@ -198,7 +199,7 @@ def _tiny_trainer(tmp_path, data_cache, log=print):
     args = parse_args(["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
                        "--warmup_steps", "1", "--val_every", "100", "--val_batches", "1", "--save_every", "100",
                        "--no_progress", "--cache_dir", data_cache, "--device", "cpu",
-                       "--save_prefix", str(tmp_path / "run")])
+                       "--save_prefix", str(tmp_path / "run"), *options])
     return Trainer(args, D.DistInfo(), log=log)
 
 
@@ -379,10 +380,39 @@ def test_a_non_finite_gradient_skips_that_update_on_the_device(tmp_path, data_ca
     trainer.train_step()
     assert not torch.equal(weight.detach(), before["transformer.wte.weight"])  # the head is tied to it
     assert trainer.optimizer.state[weight]["step"].item() == 2
-    trainer.log_record(loss, grad_norm, 1.0, 64)
+    trainer.log_record(loss, grad_norm, trainer.rate_window())
     assert any("1 update(s) skipped for a non-finite gradient norm" in line for line in logged), logged
     handle.remove()
     trainer.close()
+
+
+def test_validation_growth_and_saves_are_off_the_training_clock(tmp_path, data_cache, monkeypatch):
+    """tokens_per_s is the wall rate of a log interval; train_tokens_per_s (and MFU) leave out validation,
+    growth and checkpoint saves. Each is made 0.3 s slower here: the wall rate must see it, the training
+    rate must not."""
+    import time
+
+    from staged_fast.trainer import Trainer, run
+
+    trainer = _tiny_trainer(tmp_path, data_cache, log=lambda *a, **k: None, options=[
+        "--val_every", "2", "--log_rate", "2", "--save_every", "4", "--grow_at", "4", "--grow_ops", "append_id"])
+    slow = 0.3
+    for name in ("evaluate", "grow", "save"):
+        real = getattr(Trainer, name)
+        monkeypatch.setattr(Trainer, name, lambda self, *a, _real=real, **k: (time.sleep(slow), _real(self, *a, **k))[1])
+    run(trainer, progress=False)
+    trainer.close()
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "tokens_per_s" in r]
+    assert [r["iteration"] for r in records] == [2, 4, 6, 8]
+    for r in records:
+        tokens = 2 * trainer.tokens_per_step
+        wall_s, train_s = tokens / r["tokens_per_s"], tokens / r["train_tokens_per_s"]
+        # an interval runs from after one record to the next: each validates once; 5-6 also holds the
+        # growth at 4 (grow and its two evaluations) and the save at 4
+        off_clock = slow * (1 + 4 * (r["iteration"] == 6))
+        assert wall_s - train_s >= off_clock - 0.01, (r, off_clock)
+        assert train_s > 0 and train_s < wall_s - off_clock + 0.25, (r, off_clock)
+    assert trainer.config.n_layer == 4  # the growth happened (tiny has 2 layers)
 
 
 def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):
@@ -534,3 +564,24 @@ def test_the_stop_vote_reads_its_result_through_pinned_memory_on_a_gpu(monkeypat
     vote = D.StopVote(D.DistInfo(world_size=2, backend="nccl", device=torch.device("cuda", 0)))
     assert vote.host.is_pinned() and vote.flag.is_cuda
     assert [vote(flag) for flag in (False, True, False, False)] == [False, False, True, False]
+
+
+def test_the_rate_window_waits_for_the_device_around_off_clock_work():
+    """On a GPU the updates are queued: the window waits for the device before off-clock work (the queued
+    updates are training) and after it, and before reading its rates; never per update."""
+    import time
+
+    from staged_fast.metrics import RateWindow
+
+    events = []
+    window = RateWindow(100, sync=lambda: events.append("sync"))
+    events.append("update")
+    with window.paused():
+        events.append("validate")
+        time.sleep(0.05)
+    events.append("update")
+    wall, train = window.rates(300)
+    assert events == ["update", "sync", "validate", "sync", "update", "sync"]
+    assert 200 / wall >= 200 / train + 0.05 - 1e-3
+    window.restart(300)
+    assert window.paused_s == 0 and window.tokens == 300
