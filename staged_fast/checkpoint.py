@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
+from .optim import names_in_optimizer_order
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -120,9 +121,7 @@ def save_checkpoint(
     model_state = model_state_for_saving(model)
     optimizer_blob = None
     if optimizer is not None:
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        optimizer_blob = {"state_dict": optimizer.state_dict(), "param_names": order}
+        optimizer_blob = {"state_dict": optimizer.state_dict(), "param_names": names_in_optimizer_order(model, optimizer)}
     trainer_state = dict(trainer_state or {})
     needed = _tensor_bytes(model_state) + _tensor_bytes(optimizer_blob) + _tensor_bytes(trainer_state) + (1 << 20)
     free = _free_bytes(save_dir)

@@ -33,11 +33,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from .optim import names_in_optimizer_order, state_in_layout
 
 LAYOUT = "dcp"
 DCP_DIR = "dcp"
@@ -92,8 +95,32 @@ def fqn_to_indexed(osd: dict) -> tuple[dict, list[str]]:
 
 
 # ---------------------------------------------------------------- loading
+def saved_group_count(path: str | os.PathLike) -> int:
+    """How many optimizer param groups a sharded checkpoint holds (DCP keys them optim.param_groups.<i>.*)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata().state_dict_metadata
+    return len({m.group(1) for k in keys if (m := re.match(r"optim\.param_groups\.(\d+)\.", k))})
+
+
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
-    """Each rank reads its own shards (any number of ranks wrote them) into the sharded model/optimizer."""
+    """Each rank reads its own shards (any number of ranks wrote them) into the sharded model/optimizer.
+    DCP keys the state by parameter name but the groups by position: a checkpoint written with one group
+    (before staged_fast.optim's two) is read into a one-group optimizer, whose state then moves by parameter."""
+    if optimizer is not None and len(optimizer.param_groups) > 1 and saved_group_count(path) == 1:
+        settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        one = type(optimizer)([dict(settings, params=list(model.parameters()))])
+        _load_sharded(path, model, one)
+        for p, state in one.state.items():
+            optimizer.state[p] = state
+        saved = {k: v for k, v in one.param_groups[0].items() if k not in ("params", "weight_decay")}
+        for group in optimizer.param_groups:
+            group.update(saved)
+        return
+    _load_sharded(path, model, optimizer)
+
+
+def _load_sharded(path, model: nn.Module, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -266,16 +293,13 @@ def grow_gather_reshard(model: nn.Module, optimizer, op: str, *, make_optimizer,
     plain.load_state_dict(msd)
     del msd
     plain = plain.to(device).train()
-    if names != [n for n, _ in plain.named_parameters()]:
-        raise RuntimeError(f"gathered optimizer state is for parameters {names[:3]}..., not this model's; a bug.")
     lr = optimizer.param_groups[0]["lr"]
     plain_opt = make_optimizer(plain, lr=lr)
-    plain_opt.load_state_dict(osd)
+    plain_opt.load_state_dict(state_in_layout(plain_opt, plain, osd, names))
     del osd
     grown, grown_opt = grow_model(plain, plain_opt, op, **grow_kwargs)
     del plain, plain_opt
-    ids = {id(p): n for n, p in grown.named_parameters()}
-    names = [ids[id(p)] for g in grown_opt.param_groups for p in g["params"]]
+    names = names_in_optimizer_order(grown, grown_opt)
     full_state = grown_opt.state_dict()
     del grown_opt
     shard(grown, bf16=bf16)

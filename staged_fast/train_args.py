@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.98)
     g.add_argument("--adam_eps", type=float, default=1e-6)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay, on weight matrices "
+                   "and embeddings only (biases and norm gains are not decayed)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     g.add_argument("--fp16", action="store_true", help="fp16 autocast with a GradScaler")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")

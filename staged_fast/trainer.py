@@ -22,6 +22,7 @@ from .kernels import backend_for_head_dim, resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, RateWindow, device_peak_flops, flops_per_token
 from .model import GPT
+from .optim import decay_groups, names_in_optimizer_order, state_in_layout
 from .schedule.growth_schedule import GrowthSchedule, load_plan
 from .train_args import UsageError, model_config, peak_lr
 
@@ -220,28 +221,39 @@ class Trainer:
         if ckpt is not None and ckpt.model_state is None:  # sharded checkpoint, sharded run: any rank count
             from .sharded import load_sharded
 
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             try:
                 load_sharded(ckpt.path, self.model, self.optimizer)
             except Exception as e:  # DCP reports missing keys / shape mismatches in many types
                 raise CheckpointError(f"the sharded checkpoint {self.resume_path} cannot be loaded into this model "
                                       f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+            for group, settings in zip(self.optimizer.param_groups, fresh):  # DCP maps state by name; the
+                group["weight_decay"] = settings["weight_decay"]  # grouping (command line) decides the decay
+            from .sharded import saved_group_count
+
+            self._note_one_group(saved_group_count(ckpt.path))
         elif ckpt is not None:
             if ckpt.optimizer_state is None:
                 self.log("warning: the checkpoint has no optimizer state; AdamW starts fresh")
             else:
-                names = [n for n, _ in self.model.named_parameters()]
-                if ckpt.param_names != names:
-                    raise CheckpointError(
-                        f"the optimizer state in {self.resume_path} belongs to different parameters than this "
-                        f"model; it cannot be resumed as is."
-                    )
+                try:
+                    state = state_in_layout(self.optimizer, self.model, ckpt.optimizer_state, ckpt.param_names)
+                except ValueError as e:
+                    raise CheckpointError(f"the optimizer state in {self.resume_path} belongs to different parameters "
+                                          f"than this model; it cannot be resumed as is ({e}).") from None
+                self._note_one_group(len(ckpt.optimizer_state["param_groups"]))
                 if self.fsdp:  # a full checkpoint (DDP / one process): each rank keeps its slice
                     from .sharded import load_full
 
-                    load_full(self.model, self.optimizer, None, ckpt.optimizer_state, ckpt.param_names)
+                    load_full(self.model, self.optimizer, None, state, names_in_optimizer_order(self.model, self.optimizer))
                 else:
-                    self.optimizer.load_state_dict(ckpt.optimizer_state)
+                    self.optimizer.load_state_dict(state)
         self.ddp_model = self._training_model()
+
+    def _note_one_group(self, saved_groups: int) -> None:
+        if saved_groups == 1 and self.args.weight_decay > 0:
+            self.log("note: this checkpoint's AdamW had one parameter group (every parameter decayed); from here on "
+                     "biases and norm gains are not decayed (staged_fast.optim)")
 
     def _training_model(self, grown: bool = False):
         """The model the update runs: DDP-wrapped when distributed, then compiled under --compile (a fresh
@@ -264,7 +276,7 @@ class Trainer:
         a = self.args
         # fused: one kernel over all tensors (3.5x faster than the per-tensor loop on CPU, measured)
         return torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,
+            decay_groups(model, a.weight_decay), lr=lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,
             weight_decay=a.weight_decay, fused=self.device.type in ("cpu", "cuda"),
         )
 

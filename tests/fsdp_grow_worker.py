@@ -21,6 +21,7 @@ from staged_fast.checkpoint import load_checkpoint
 from staged_fast.config import GPTConfig
 from staged_fast.growth import grow_model
 from staged_fast.model import GPT
+from staged_fast.optim import decay_groups, names_in_optimizer_order, state_in_layout
 from staged_fast.sharded import gather_full, grow_gather_reshard, grow_sharded, load_full, shard
 
 CASES = [("width", 0.0), ("width", 0.01), ("alternate_id", 0.0), ("append_id", 0.0), ("alternate_copy", 0.0),
@@ -33,7 +34,8 @@ LLAMA = GPTConfig(arch="llama", n_layer=2, n_embd=24, n_head=4, n_kv_head=2, int
 
 
 def make_optimizer(model, lr):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, fused=True)
+    """The trainer's AdamW: two groups (matrices decayed, vectors not), as the CLI's checkpoints hold."""
+    return torch.optim.AdamW(decay_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
 
 def synthetic_start(config):
@@ -52,6 +54,14 @@ def loss_of(model, x) -> float:
     return model(x, x).item()
 
 
+def checkpoint_start(ck):
+    """A checkpoint's (config, model state, AdamW state), the state moved by name into make_optimizer's layout
+    (a consolidated sharded checkpoint lists its parameters in DCP's order)."""
+    model = GPT(ck.config)
+    state = state_in_layout(make_optimizer(model, 1e-3), model, ck.optimizer_state, ck.param_names)
+    return ck.config, ck.model_state, state
+
+
 def plain(config, model_state, optimizer_state):
     model = GPT(config)
     model.load_state_dict(model_state)
@@ -63,7 +73,7 @@ def plain(config, model_state, optimizer_state):
 def sharded(config, model_state, optimizer_state):
     model = GPT(config)
     model.load_state_dict(model_state)
-    names = [n for n, _ in model.named_parameters()]
+    names = names_in_optimizer_order(model, make_optimizer(model, lr=1e-3))
     shard(model)
     opt = make_optimizer(model, lr=1e-3)
     load_full(model, opt, None, copy.deepcopy(optimizer_state), names)
@@ -73,7 +83,7 @@ def sharded(config, model_state, optimizer_state):
 def equal(ckpt_path: str, out: str) -> None:
     info = D.init("cpu", "fsdp")
     ck = load_checkpoint(ckpt_path)  # consolidated full state, as every rank starts from
-    starts = {"checkpoint": (ck.config, ck.model_state, ck.optimizer_state), "odd": synthetic_start(ODD),
+    starts = {"checkpoint": checkpoint_start(ck), "odd": synthetic_start(ODD),
               "llama": synthetic_start(LLAMA)}
     results = {"starts": {k: v for k, v in starts.items() if k != "checkpoint"}}
     for source, (config, model_state, optimizer_state) in starts.items():

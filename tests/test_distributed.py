@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["--size", "tiny", "--seqlen", "32", "--warmup_steps", "2", "--log_rate", "1", "--train_steps", "10",
           "--dropout", "0", "--val_every", "5", "--val_batches", "1", "--no_progress", "--device", "cpu",
-          "--save_every", "1000", "--grad_clip", "0"]  # clipping: its own test (the sharded norm's rounding)
+          "--save_every", "1000", "--grad_clip", "0",  # clipping: its own test (the sharded norm's rounding)
+          "--weight_decay", "0.1"]  # two AdamW groups (staged_fast.optim) through every save, load and growth
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -167,7 +168,7 @@ def test_sharded_growth_is_bit_equal_to_single_process_growth(tmp_path, fsdp_hal
     weights, AdamW state and step, parameter order; for a checkpoint, a model whose every dim 0 is odd (rank 1's
     shards one row short) and an untied llama. The loss on one batch after growth equals one-process growth's exactly,
     and the loss before growth to float rounding for the function-preserving ops."""
-    from fsdp_grow_worker import CASES, make_optimizer
+    from fsdp_grow_worker import CASES, checkpoint_start, make_optimizer
     from staged_fast.growth import grow_model
     from staged_fast.model import GPT
 
@@ -175,7 +176,7 @@ def test_sharded_growth_is_bit_equal_to_single_process_growth(tmp_path, fsdp_hal
     grow_worker("equal", str(fsdp_half), str(out))
     results = torch.load(out, weights_only=False)
     ck = load_checkpoint(fsdp_half)
-    starts = {"checkpoint": (ck.config, ck.model_state, ck.optimizer_state), **results["starts"]}
+    starts = {"checkpoint": checkpoint_start(ck), **results["starts"]}
     for source, (config, model_state, optimizer_state) in starts.items():
         for op, noise in CASES:
             model = GPT(config)

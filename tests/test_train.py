@@ -47,7 +47,7 @@ def test_a_cpu_checkpoint_resumed_on_cuda_reseeds_the_cuda_rng(monkeypatch):
 
 
 def test_resume_is_bit_exact(tmp_path, data_cache):
-    flags = ["--train_steps", "12", "--dropout", "0.1", "--val_every", "4"]
+    flags = ["--train_steps", "12", "--dropout", "0.1", "--val_every", "4", "--weight_decay", "0.1"]
     assert train(tmp_path / "straight", data_cache, *flags) == 0
     assert train(tmp_path / "split", data_cache, *flags, "--stop_at_step", "5") == 0
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_00000005"]
