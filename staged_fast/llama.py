@@ -203,7 +203,7 @@ class Llama(GPT):
         positions = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.token_embeddings(idx, head_link))
         for block in self.transformer.h:
-            x = block(x, positions)
+            x = self.run_block(block, x, positions)
         return self.transformer.ln_f(x)
 
     @torch.no_grad()

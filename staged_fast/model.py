@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from . import kernels
@@ -158,6 +159,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    # --activation_checkpointing: a training setting, not part of the config (the trainer sets it on every model
+    # it trains, a grown one included); a class default, as llama builds its own layers
+    activation_checkpointing = False
     kernel_modules = (LayerNorm, CausalSelfAttention)  # the layers whose ops set_kernels switches
     attention_modules = (CausalSelfAttention,)  # what 'triton_sdpa' leaves on PyTorch (SDPA)
 
@@ -208,8 +212,16 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.token_embeddings(idx, head_link) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.transformer.ln_f(x)
+
+    def run_block(self, block, x, *args):
+        """One block; under activation checkpointing (training with grad) only its input is kept and its
+        activations are recomputed in the backward: torch's non-reentrant checkpoint restores the RNG first,
+        so dropout, the Triton attention's seed included, draws the same masks."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V) when targets is None, else the mean next-token loss (a scalar).

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "graphs cheaply). The fused kernels are single custom ops, so the model's graph has no breaks "
                    "(--parallel fsdp: FSDP2's hooks split it at each sharded block); it is compiled again once "
                    "after each growth (new static shapes). Evaluation runs uncompiled")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="keep only each block's input in the forward and recompute its activations in the backward "
+                   "(same dropout masks, same gradients): activation memory falls to one block's plus the inputs, "
+                   "for about one more forward pass of compute per step (not measured here)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "
