@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (0 = all)")
     g.add_argument("--tensorboard", action="store_true")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--profile", default=None, metavar="START[:COUNT]", help="torch.profiler over updates START.. "
+                   "START+COUNT-1 (COUNT default 3; one warm-up update before): a Chrome trace per rank in "
+                   "<save_prefix>/profile/ and a table of the costliest ops from rank 0")
 
     g = p.add_argument_group("growth (staged training)")
     g.add_argument("--doubling", choices=("weights", "layers"), default=None, help="seed flag: grow the --resume "
@@ -310,6 +313,13 @@ def _check_values(args) -> None:
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise UsageError(f"--stop_at_step must be 1 or more, got {args.stop_at_step}: it is the update after which "
                          f"the run saves a checkpoint and exits. Leave it out to train to --train_steps.")
+    if args.profile is not None:
+        from .profiling import parse_window
+
+        try:
+            parse_window(args.profile)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.keep_last < 0:
         raise UsageError(f"--keep_last must be 0 (keep all) or more, got {args.keep_last}: it is the number of "
                          f"newest checkpoints kept in --save_prefix.")

@@ -21,6 +21,7 @@ from .heap import keep_freed_heap
 from .kernels import backend_for_head_dim, resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, RateWindow, device_peak_flops, flops_per_token
+from .profiling import UpdateProfiler, parse_window
 from .model import GPT
 from .optim import decay_groups, names_in_optimizer_order, state_in_layout
 from .schedule.growth_schedule import GrowthSchedule, load_plan
@@ -595,30 +596,37 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
                     f"training; the same command continues")
         return dict(checkpoint=None, growths=trainer.growth_log)
     stop, vote = False, D.StopVote(trainer.dist)
-    while trainer.step < a.train_steps and not stop:
-        loss, grad_norm = trainer.train_step()
-        it = trainer.iteration
-        if it % a.val_every == 0 or trainer.step >= a.train_steps:
-            with window.paused():
-                trainer.on_validation(trainer.evaluate())
-        if it % a.log_rate == 0 or trainer.step >= a.train_steps:
-            last = trainer.log_record(loss, grad_norm, window)
-            window.restart(trainer.tokens)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", size=trainer.config.shape_str(),
-                            tok_s=f"{last['train_tokens_per_s']:.0f}")
-        trainer.maybe_grow(window.paused)
-        bar.n = min(trainer.step, a.train_steps)
-        bar.refresh()
-        # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at one update
-        # (an all-reduce of the flag, read one update later in a multi-rank run so that no update waits for
-        # the GPU), so all save the same one checkpoint and leave the loop together. The flag is read here,
-        # never written back: a SIGTERM handled while the all-reduce is in flight sets it after it was read,
-        # and writing the result over it lost the request (the job trained on).
-        # --stop_at_step is the same on every rank: no vote, no lag.
-        stop = vote(trainer.stop_requested) or (a.stop_at_step is not None and it >= a.stop_at_step)
-        if it % a.save_every == 0 or stop:
-            with window.paused():
-                path = trainer.save()
+    profiler = UpdateProfiler(parse_window(a.profile) if a.profile else None, trainer.run_dir,
+                              rank=trainer.dist.rank, device=trainer.device, log=trainer.log)
+    try:
+        while trainer.step < a.train_steps and not stop:
+            profiler.before_update(trainer.iteration + 1)
+            loss, grad_norm = trainer.train_step()
+            it = trainer.iteration
+            if it % a.val_every == 0 or trainer.step >= a.train_steps:
+                with window.paused():
+                    trainer.on_validation(trainer.evaluate())
+            if it % a.log_rate == 0 or trainer.step >= a.train_steps:
+                last = trainer.log_record(loss, grad_norm, window)
+                window.restart(trainer.tokens)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
+                                size=trainer.config.shape_str(), tok_s=f"{last['train_tokens_per_s']:.0f}")
+            trainer.maybe_grow(window.paused)
+            bar.n = min(trainer.step, a.train_steps)
+            bar.refresh()
+            # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at one update
+            # (an all-reduce of the flag, read one update later in a multi-rank run so that no update waits for
+            # the GPU), so all save the same one checkpoint and leave the loop together. The flag is read here,
+            # never written back: a SIGTERM handled while the all-reduce is in flight sets it after it was read,
+            # and writing the result over it lost the request (the job trained on).
+            # --stop_at_step is the same on every rank: no vote, no lag.
+            stop = vote(trainer.stop_requested) or (a.stop_at_step is not None and it >= a.stop_at_step)
+            if it % a.save_every == 0 or stop:
+                with window.paused():
+                    path = trainer.save()
+            profiler.after_update(it)  # a profiled step spans the update and its validation, log and save
+    finally:
+        profiler.close()
     bar.close()
     if trainer.last_saved_iteration != trainer.iteration:
         path = trainer.save()
