@@ -1,4 +1,4 @@
-"""`python -m staged_fast.evaluate {wikitext,lambada} --checkpoint PATH ...`: score a checkpoint.
+"""`python -m staged_fast.evaluate {wikitext,lambada,hellaswag} --checkpoint PATH ...`: score a checkpoint.
 
 PATH: a staged_fast checkpoint (step_<8-digit update> folder or run folder, grown or not), a Hugging Face GPT-2
 folder (e.g. from `python -m staged_fast.export`), or a hub name such as `gpt2` (needs network).
@@ -13,6 +13,7 @@ from .common import (
     DTYPES, InputError, check_vocab, format_table, load_eval_model, load_eval_tokenizer, pick_device, run_cli,
     write_json,
 )
+from .hellaswag import evaluate_hellaswag, load_hellaswag
 from .lambada import evaluate_lambada, load_lambada
 from .wikitext import evaluate_wikitext, load_wikitext
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_args(lb, batch_size=16)
     lb.add_argument("--last_token_only", action="store_true",
                     help="headline accuracy counts only the word's last token (the seed's eval_lambada.py)")
+    hs = sub.add_parser("hellaswag", help="multiple-choice accuracy (acc, acc_norm) on HellaSwag validation")
+    _common_args(hs, batch_size=16)
+    hs.add_argument("--limit", type=int, default=None, help="score only the first N examples (a quick check)")
     return parser
 
 
@@ -59,8 +63,13 @@ def main(argv=None) -> dict:
     # Data first: a missing file should fail before the model loads.
     if args.task == "wikitext":
         rows, source = load_wikitext(args.data_file)
-    else:
+    elif args.task == "lambada":
         rows, source = load_lambada(args.data_file)
+    else:
+        if args.limit is not None and args.limit < 1:
+            raise InputError(f"--limit must be at least 1, got {args.limit}.")
+        rows, source = load_hellaswag(args.data_file)
+        rows = rows[: args.limit]
     device = pick_device(args.device)
     model = load_eval_model(args.checkpoint, device=device, kernels=args.kernels)
     tokenizer = load_eval_tokenizer(args.tokenizer, args.checkpoint)
@@ -69,9 +78,12 @@ def main(argv=None) -> dict:
     if args.task == "wikitext":
         result = evaluate_wikitext(model, tokenizer, rows, context=args.context, stride=args.stride, **common)
         rows_shown = ["protocol", "context", "stride", "tokens_scored", "loss", "ppl"]
-    else:
+    elif args.task == "lambada":
         result = evaluate_lambada(model, tokenizer, rows, last_token_only=args.last_token_only, **common)
         rows_shown = ["mode", "examples", "accuracy", "acc_whole_word", "acc_last_token", "ppl", "token_ppl"]
+    else:
+        result = evaluate_hellaswag(model, tokenizer, rows, **common)
+        rows_shown = ["examples", "acc", "acc_norm", "truncated_rows"]
     result.update(checkpoint=str(args.checkpoint), data=source, device=str(device),
                   model=dict(model.config.to_dict(), params=model.num_params(non_embedding=False)))
     title = f"{args.task}: {args.checkpoint} ({model.config.shape_str()})"

@@ -137,39 +137,45 @@ def not_utf8_error(path: Path, e: UnicodeDecodeError, what: str) -> InputError:
 
 def read_jsonl_texts(path: str | Path, *, what: str) -> list[str]:
     """The `text` field of every line of a jsonl file (blank lines skipped)."""
+    return read_jsonl(path, what=what, example='{"text": "..."}', parse=_text_field)
+
+
+def _text_field(row, where: str, what: str) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+        raise InputError(
+            f"{where} has no string field 'text' (found: {keys}). Fix: the {what} file must "
+            f'hold one JSON object per line with the passage under "text", like {{"text": "..."}} '
+            f"(the format of OpenAI's lambada_test.jsonl)."
+        )
+    return row["text"]
+
+
+def read_jsonl(path: str | Path, *, what: str, example: str, parse) -> list:
+    """`parse(row, where, what)` of every line of a jsonl file (blank lines skipped); `example` shows a line's
+    form in the messages for a missing file, a line that is not JSON, or a file without examples."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"--data_file {path}: no such file. Fix: check the path to the {what} file.")
+    rows = []
     try:
-        return _read_jsonl_texts(path, what)
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(
+                        f"{path} line {lineno} is not valid JSON ({e.msg}). Fix: the {what} file must hold one JSON "
+                        f"object per line, like {example}."
+                    ) from e
+                rows.append(parse(row, f"{path} line {lineno}", what))
     except UnicodeDecodeError as e:
         raise not_utf8_error(path, e, what) from e
-
-
-def _read_jsonl_texts(path: Path, what: str) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"{path} line {lineno} is not valid JSON ({e.msg}). Fix: the {what} file must hold one JSON "
-                    f'object per line, like {{"text": "..."}}.'
-                ) from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                keys = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
-                raise InputError(
-                    f"{path} line {lineno} has no string field 'text' (found: {keys}). Fix: the {what} file must "
-                    f'hold one JSON object per line with the passage under "text", like {{"text": "..."}} '
-                    f"(the format of OpenAI's lambada_test.jsonl)."
-                )
-            texts.append(row["text"])
-    if not texts:
+    if not rows:
         raise InputError(f"{path} holds no examples. Fix: point --data_file at a non-empty {what} file.")
-    return texts
+    return rows
 
 
 def check_vocab(model, tokenizer) -> None:

@@ -21,11 +21,8 @@ import re
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from .common import InputError, autocast, load_hub_texts, read_jsonl_texts
+from .common import InputError, load_hub_texts, read_jsonl_texts
+from .targets import fit_to_window, score_targets
 
 HUB_DATASET = ("EleutherAI/lambada_openai", "default")  # load_dataset(*HUB_DATASET, split="test")
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -58,43 +55,12 @@ def encode(texts: list[str], tokenizer, n_positions: int) -> tuple[list[tuple[li
     examples, truncated = [], 0
     for text in texts:
         context, target = split_last_word(text)
-        ctx = tokenizer.encode(context, add_special_tokens=False)
         tgt = tokenizer.encode(target, add_special_tokens=False)
-        if len(tgt) >= n_positions:
-            raise InputError(f"the target word {target!r} is {len(tgt)} tokens, longer than the model's window.")
-        keep = n_positions + 1 - len(tgt)  # the input is ctx + tgt[:-1]
-        if len(ctx) > keep:
-            ctx, truncated = ctx[-keep:], truncated + 1
+        ctx, cut = fit_to_window(tokenizer.encode(context, add_special_tokens=False), tgt, n_positions,
+                                 what=f"target word {target!r}")
+        truncated += cut
         examples.append((ctx, tgt))
     return examples, truncated
-
-
-@torch.no_grad()
-def score(model, examples, *, batch_size: int = 16, device="cpu", dtype: str = "fp32", progress: bool = True):
-    """Per example: (word correct, last token correct, target NLL in nats, target tokens)."""
-    device = torch.device(device)
-    results = []
-    bar = tqdm(total=len(examples), desc="lambada", unit="ex", disable=not progress)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        inputs = [ctx + tgt[:-1] for ctx, tgt in chunk]
-        width = max(len(x) for x in inputs)
-        # right padding: a causal model never looks at the pad positions from the real ones
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, ids in enumerate(inputs):
-            x[row, : len(ids)] = torch.tensor(ids)
-        with autocast(device, dtype):
-            h = model.hidden_states(x.to(device))  # (B, T, d)
-            for row, (ctx, tgt) in enumerate(chunk):
-                start = len(ctx) - 1  # the position whose output predicts tgt[0]
-                logits = model.lm_head(h[row, start : start + len(tgt)]).float()  # (len(tgt), V)
-                target = torch.tensor(tgt, device=device)
-                hits = logits.argmax(dim=-1) == target
-                nll = F.cross_entropy(logits, target, reduction="sum").item()
-                results.append((bool(hits.all()), bool(hits[-1]), nll, len(tgt)))
-        bar.update(len(chunk))
-    bar.close()
-    return results
 
 
 def evaluate_lambada(model, tokenizer, texts: list[str], *, last_token_only: bool = False, batch_size: int = 16,
@@ -103,7 +69,8 @@ def evaluate_lambada(model, tokenizer, texts: list[str], *, last_token_only: boo
     examples, truncated = encode(texts, tokenizer, model.config.n_positions)
     if any(len(ctx) == 0 for ctx, _ in examples):
         raise InputError("a LAMBADA context tokenized to nothing; every passage needs text before its last word.")
-    results = score(model, examples, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    results = score_targets(model, examples, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                            desc="lambada")
     n = len(results)
     acc_word = sum(r[0] for r in results) / n
     acc_last = sum(r[1] for r in results) / n
