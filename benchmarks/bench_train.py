@@ -38,7 +38,7 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
 
 
 ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_torch_compile", "ours_triton",
-        "ours_triton_compile")
+        "ours_triton_compile", "ours_torch_ac", "ours_triton_ac")  # _ac: --activation_checkpointing
 
 
 def parse_args(argv=None):
@@ -93,17 +93,24 @@ def loss_fns(ours, hf):
     }
 
 
-def make_step(model, fn_key, kernels, compiled, data, device, amp):
+def select(model, kernels, checkpointing: bool) -> None:
+    """A row's settings on a model that rows share: our kernels and activation checkpointing (HF: none)."""
+    if kernels is not None and model.kernels_backend != kernels:
+        model.set_kernels(kernels)
+    if kernels is not None:
+        model.activation_checkpointing = checkpointing
+
+
+def make_step(model, fn_key, kernels, compiled, data, device, amp, checkpointing=False):
     """One training step of a row: forward + backward + AdamW (fused, as our trainer and HF's Trainer use
-    by default on CPU and CUDA), with the row's kernels selected at each call (rows may share a model)."""
+    by default on CPU and CUDA), with the row's settings selected at each call (rows may share a model)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
     target = torch.compile(model) if compiled else model
     loss_fn = loss_fns(target, target)[fn_key]
 
     def step():
-        if kernels is not None and model.kernels_backend != kernels:
-            model.set_kernels(kernels)
+        select(model, kernels, checkpointing)
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(data)
@@ -112,6 +119,28 @@ def make_step(model, fn_key, kernels, compiled, data, device, amp):
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def saved_activation_mib(model, fn_key, kernels, checkpointing, data, device, amp) -> float:
+    """MiB that autograd keeps from one training forward for the backward (each storage once, parameters not
+    counted): what activation checkpointing cuts, measured the same way on any device."""
+    select(model, kernels, checkpointing)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fns(model, model)[fn_key](data)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values()) / 2**20
 
 
 def main(argv=None):
@@ -152,23 +181,27 @@ def main(argv=None):
     # pay a one-off compile in the warm-up. Rows run in the order --rows names them, after hf_sdpa: a run
     # cut short by a time limit keeps the rows named first.
     order = list(dict.fromkeys(["hf_sdpa"] + args.rows))
-    available = {  # row name -> (model, loss key, our kernels, compiled)
-        "hf_sdpa": (hf, "hf", None, False),
-        "ours_torch": (ours, "ours", "torch", False),
+    available = {  # row name -> (model, loss key, our kernels, compiled, activation checkpointing)
+        "hf_sdpa": (hf, "hf", None, False, False),
+        "ours_torch": (ours, "ours", "torch", False, False),
+        "ours_torch_ac": (ours, "ours", "torch", False, True),
     }
     if cuda:
         if "hf_eager" in order:  # a second HF model, built only when asked for
-            available["hf_eager"] = (build_models(args, device, "eager")[2], "hf", None, False)
-        available["hf_sdpa_compiled"] = (hf, "hf", None, True)
+            available["hf_eager"] = (build_models(args, device, "eager")[2], "hf", None, False, False)
+        available["hf_sdpa_compiled"] = (hf, "hf", None, True, False)
         # inductor fuses our torch ops (as it does HF's): the like-for-like match for hf_sdpa_compiled
-        available["ours_torch_compile"] = (ours, "ours", "torch", True)
+        available["ours_torch_compile"] = (ours, "ours", "torch", True, False)
     if backend != "torch":
-        available[f"ours_{backend}"] = (ours, "ours", backend, False)
+        available[f"ours_{backend}"] = (ours, "ours", backend, False, False)
+        available[f"ours_{backend}_ac"] = (ours, "ours", backend, False, True)
         if cuda:
-            available[f"ours_{backend}_compile"] = (ours, "ours", backend, True)
+            available[f"ours_{backend}_compile"] = (ours, "ours", backend, True, False)
     runs = [(name, *available[name]) for name in order if name in available]
-    steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp)
-                    for name, model, fn_key, kernels, compiled in runs}
+    steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp, ac)
+                    for name, model, fn_key, kernels, compiled, ac in runs}
+    saved_mib = {name: None if compiled else saved_activation_mib(model, fn_key, kernels, ac, data, device, amp)
+                 for name, model, fn_key, kernels, compiled, ac in runs}
     # CPU: rounds over the rows, so the load of a shared CPU falls on every row alike. CUDA: one row at a time
     # (each owns the GPU while timed; compiled rows pay their compile in the warm-up), printed as measured so a
     # run cut short by a time limit still reports its first rows.
@@ -181,6 +214,7 @@ def main(argv=None):
         tokens_per_s = batch * seqlen / (t.median_ms * 1e-3)
         row = {"model": name, "ms/step": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms, "tokens/s": tokens_per_s,
                "MFU": 6 * n_matmul * tokens_per_s / peak if peak else None}
+        row["saved_MiB"] = saved_mib[name]
         if cuda:
             row["peak_GiB"] = peak_memory_cuda(step, device) / 2**30
         row["vs_hf"] = tokens_per_s / rows[0]["tokens/s"] if rows else 1.0
@@ -191,9 +225,11 @@ def main(argv=None):
         if args.json:  # after every row: a run cut off by a time limit keeps the rows it measured
             write_json(args.json, {**meta, "complete": len(rows) == len(steps_by_row), "rows": rows})
     print_table(rows, ["model", "ms/step", "p20", "p80", "tokens/s", "vs_hf"] + (["vs_hf_paired"] if timings else [])
-                + ["MFU", "peak_GiB"])
+                + ["MFU", "saved_MiB", "peak_GiB"])
     if peak is None:
         print(f"note: no bf16 peak known for {device_name}: MFU not reported (add it to staged_fast.metrics.DEVICE_PEAK_FLOPS).")
+    print("saved_MiB: what autograd keeps from one forward for the backward, parameters not counted (compiled "
+          "rows: not measured); _ac rows: --activation_checkpointing")
     print(f"MFU = 6 x {n_matmul / 1e6:.1f}M matmul params x tokens/s / {peak or 0:.3g} FLOP/s; "
           f"vs_hf = tokens/s / HF's (same run)" + ("; vs_hf_paired = median over rounds of HF's step time / "
                                                     "this row's in the same round." if timings else "."))

@@ -23,9 +23,14 @@ def _loss_and_grads(model, x, checkpointing: bool, dtype=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
-@pytest.mark.parametrize("backend,dtype", [("torch", None), ("torch", torch.bfloat16), ("triton", None),
-                                           ("triton", torch.bfloat16), ("triton", torch.float16)])
+CASES = [(config, backend, dtype) for config in (GPT2, LLAMA) for backend in ("torch", "triton")
+         for dtype in (None, torch.bfloat16, torch.float16)
+         # llama's Triton kernels in the interpreter take ~15 s a case: bf16, what it trains in, stands for them
+         if not (config is LLAMA and backend == "triton" and dtype is not torch.bfloat16)]
+
+
+@pytest.mark.parametrize("config,backend,dtype", CASES,
+                         ids=[f"{c.arch}-{b}-{d}".replace("torch.", "") for c, b, d in CASES])
 def test_gradients_equal_the_run_without_it(config, backend, dtype):
     """Dropout on, T = 37 (not a multiple of any block): the recomputed forward draws the same masks (the
     checkpoint restores torch's RNG, which seeds the Triton dropout too), so the gradients are the same bits."""
