@@ -9,6 +9,7 @@ import os
 
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
 from .kernels import BACKENDS, check_dq_mode
+from .lr_schedule import DECAYS
 
 GROWTH_OP_NAMES = ("width", "alternate_id", "append_id", "alternate_copy", "append_copy")
 
@@ -113,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.003239 - 0.0001395*log10(12*n_layer*d^2))")
     g.add_argument("--warmup_steps", type=int, default=3000)
     g.add_argument("--train_steps", type=int, default=250000, help="LR reaches its minimum here; training stops")
-    g.add_argument("--lr_decay", default="linear", choices=("linear", "cosine"))
+    g.add_argument("--lr_decay", default="linear", choices=DECAYS, help="after warmup: linear or cosine to --min_lr "
+                   "at --train_steps, or wsd: the peak held, then linear to --min_lr over the last --decay_fraction")
+    g.add_argument("--decay_fraction", type=float, default=0.2, help="--lr_decay wsd: share of --train_steps spent "
+                   "decaying")
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.98)
@@ -320,6 +324,9 @@ def _check_values(args) -> None:
             parse_window(args.profile)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if not 0 < args.decay_fraction <= 1:
+        raise UsageError(f"--decay_fraction must be in (0, 1], got {args.decay_fraction}: it is the share of "
+                         f"--train_steps over which --lr_decay wsd decays the LR.")
     if args.keep_last < 0:
         raise UsageError(f"--keep_last must be 0 (keep all) or more, got {args.keep_last}: it is the number of "
                          f"newest checkpoints kept in --save_prefix.")

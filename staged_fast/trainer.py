@@ -286,7 +286,7 @@ class Trainer:
         a = self.args
         fresh = LRSchedule(
             base_lr=peak_lr(a, self.config), warmup_steps=a.warmup_steps, train_steps=a.train_steps,
-            decay=a.lr_decay, min_lr=a.min_lr,
+            decay=a.lr_decay, min_lr=a.min_lr, decay_fraction=a.decay_fraction,
         )
         if ckpt is None:
             self.schedule = fresh
