@@ -44,9 +44,9 @@ class UpdateProfiler:
             self.log(f"--profile {start}:{count}: the run starts at update {update}, after the window; nothing profiled")
             self.window = None
             return
-        warmup = 1 if start > 1 else 0
-        if update != start - warmup:
+        if update < start - 1:
             return
+        warmup = start - update  # one warm-up update, or none when the run (or its resumption) starts at START
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -74,12 +74,16 @@ class UpdateProfiler:
 
     def _write(self, prof) -> None:
         updates = f"{self.window[0]}-{self.last_update}"
-        folder = self.run_dir / "profile"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.trace = folder / f"rank{self.rank}_updates{updates}.json"
-        prof.export_chrome_trace(str(self.trace))
+        trace = self.run_dir / "profile" / f"rank{self.rank}_updates{updates}.json"
+        try:
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace))
+        except OSError as e:  # e.g. a full disk: the run goes on without its trace (checkpoints say their own)
+            self.log(f"warning: could not write the profile trace {trace} ({e}); training continues")
+        else:
+            self.trace = trace
         if self.rank == 0:
             sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort, row_limit=15)
             self.log(f"profile of updates {updates} (rank 0), by {sort}:\n{table}\n"
-                     f"trace: {self.trace} (chrome://tracing or ui.perfetto.dev)")
+                     f"trace: {self.trace or 'not written'} (chrome://tracing or ui.perfetto.dev)")

@@ -39,6 +39,28 @@ def test_a_run_resumed_after_the_window_says_so_and_profiles_nothing(tmp_path, d
     assert not (tmp_path / "run" / "profile").exists()
 
 
+def test_a_run_resumed_at_the_window_start_profiles_it_without_a_warm_up(tmp_path, data_cache):
+    assert train(tmp_path / "run", data_cache, "--train_steps", "4", "--stop_at_step", "1") == 0
+    assert train(tmp_path / "run", data_cache, "--train_steps", "4", "--resume", "latest", "--profile", "2:2") == 0
+    steps, _ = _steps(tmp_path / "run" / "profile" / "rank0_updates2-3.json")
+    assert len(steps) == 2, steps
+
+
+def test_a_trace_that_cannot_be_written_is_a_warning_not_a_crash(tmp_path, data_cache, capsys, monkeypatch):
+    import errno
+
+    import torch.profiler
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    assert train(tmp_path / "run", data_cache, "--train_steps", "3", "--profile", "1:1") == 0
+    out = capsys.readouterr().out
+    assert "warning: could not write the profile trace" in out and "No space left on device" in out
+    assert "trace: not written" in out
+
+
 @pytest.mark.parametrize("spec", ["0", "2:0", "two", "1:2:3", ":3", ""])
 def test_a_malformed_window_is_refused_with_its_form(spec, tmp_path, data_cache, capsys):
     with pytest.raises(ValueError, match="START or START:COUNT"):
