@@ -14,8 +14,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import kernels
 from .kernels import cpu_linear_ce
