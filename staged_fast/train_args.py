@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default="gpt2", help="'gpt2' (offline GPT-2 BPE) or a HF tokenizer folder/name")
     g.add_argument("--text_field", default="text", help="field of jsonl/parquet/HF records holding the text")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of tokens held out for validation (whole documents)")
+    g.add_argument("--val_data", nargs="+", default=None, help="a separate validation set (the forms --data takes): "
+                   "--data is then all train, and --val_fraction does not apply")
     g.add_argument("--cache_dir", default="~/.cache/staged_fast", help="where tokenized data is cached")
     g.add_argument("--num_workers", type=int, default=1, help="seed flag: processes used to tokenize")
     g.add_argument("--seqlen", type=int, default=1024, help="tokens per sample")

@@ -144,7 +144,7 @@ class Trainer:
         )
 
     def _build_data(self) -> None:
-        from .data import TokenSampler, prepare_data
+        from .data import TokenSampler, prepare_data, val_batches
         from .tokenizer import load_tokenizer
 
         a = self.args
@@ -155,7 +155,11 @@ class Trainer:
         self.data = prepare_data(
             a.data, self.tokenizer, tokenizer_name=a.tokenizer, cache_dir=a.cache_dir,
             val_fraction=a.val_fraction, num_proc=a.num_workers, text_field=a.text_field, seed=a.seed,
+            val_data=a.val_data,
         )
+        # a validation set too small for one batch per rank fails now, not at the first validation mid-run
+        next(val_batches(self.data.val, seqlen=a.seqlen, batch_size=a.batch_size, num_batches=1,
+                         rank=self.dist.rank, world_size=self.dist.world_size))
         self.sampler = TokenSampler(
             self.data.train, seqlen=a.seqlen, batch_size=a.batch_size,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,

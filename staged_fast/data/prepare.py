@@ -11,7 +11,8 @@ Train/val split (deterministic from `seed`): documents are shuffled and taken in
 at least `max(val_fraction * total_tokens, min_val_tokens)` tokens; a document that would overshoot
 twice that target is skipped, and at least one document always stays in train. Only when whole documents
 cannot reach the target (one document, or a few huge ones) is the tail of the largest train document cut
-off into val (its head gets an EOS). Val text is never in train either way.
+off into val (its head gets an EOS). Val text is never in train either way. With a separate validation set
+(`val_data`), no split is made: each input is cached whole, as train or as val.
 
 Caching is atomic: the files are written to a temporary folder that is renamed to `<fingerprint>/` only
 when complete (meta.json last), so a crash never leaves a cache that would be used. Under
@@ -57,11 +58,33 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _fingerprint(source: Source, tokenizer, tokenizer_name: str, val_fraction: float,
-                 min_val_tokens: int, seed: int) -> str:
+                 min_val_tokens: int, seed: int, whole: str | None = None) -> str:
     key = {"format": FORMAT_VERSION, "input": source.key, "tokenizer": tokenizer_name,
-           "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
-           "val_fraction": val_fraction, "min_val_tokens": min_val_tokens, "seed": seed}
+           "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer)}
+    if whole is None:  # split: the split's settings decide the content (keys as before: old caches still hit)
+        key.update(val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed)
+    else:
+        key["whole"] = whole
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _assign(lengths: np.ndarray, whole: str | None, **split) -> tuple[np.ndarray, int, int]:
+    """split_documents' (val_mask, cut_doc, cut_at), or every document to one side (`whole`: train / val)."""
+    if whole is None:
+        return split_documents(lengths, **split)
+    return np.full(len(lengths), whole == "val", dtype=bool), -1, 0
+
+
+def _alloc(path: Path, dtype, n: int) -> np.ndarray:
+    """A writable memmap of n tokens at `path` (an empty file and array when n is 0: mmap cannot map 0 bytes)."""
+    if n == 0:
+        path.touch()
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="w+", shape=(n,))
+
+
+def _open(path: Path, dtype, n: int) -> np.ndarray:
+    return np.zeros(0, dtype=dtype) if n == 0 else np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
 def split_documents(lengths: np.ndarray, *, val_fraction: float, min_val_tokens: int,
@@ -115,7 +138,7 @@ def _tokenize(ds, tokenizer, eos_id: int, num_proc: int, fingerprint: str, cache
 
 def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokenizer_name: str,
            text_field: str, val_fraction: float, min_val_tokens: int, seed: int, num_proc: int,
-           cache_dir: Path) -> None:
+           cache_dir: Path, whole: str | None = None) -> None:
     t0 = time.perf_counter()
     vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
@@ -126,15 +149,15 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
     if len(lengths) == 0:
         raise DataError(f"No text in {source.description}: every document is empty (0 tokens). Fix: pass "
                         "data that contains text (and for jsonl/parquet, check --text_field).")
-    val_mask, cut_doc, cut_at = split_documents(lengths, val_fraction=val_fraction,
-                                                min_val_tokens=min_val_tokens, seed=seed)
+    val_mask, cut_doc, cut_at = _assign(lengths, whole, val_fraction=val_fraction, min_val_tokens=min_val_tokens,
+                                        seed=seed)
     n_val = int(lengths[val_mask].sum()) + (int(lengths[cut_doc]) - cut_at if cut_doc >= 0 else 0)
     n_train = int(lengths.sum()) - n_val + (1 if cut_doc >= 0 else 0)  # +1: the EOS after the cut head
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.tmp-", dir=cache_dir))
     try:
-        train = np.memmap(tmp / "train.bin", dtype=dtype, mode="w+", shape=(n_train,))
-        val = np.memmap(tmp / "val.bin", dtype=dtype, mode="w+", shape=(n_val,))
+        train = _alloc(tmp / "train.bin", dtype, n_train)
+        val = _alloc(tmp / "val.bin", dtype, n_val)
         ti = vi = doc = 0
         for batch in ds.iter(batch_size=4096):  # streams: memory stays bounded on large corpora
             for ids in batch["ids"]:
@@ -153,14 +176,15 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
                     ti += len(a)
                 doc += 1
         assert (ti, vi) == (n_train, n_val), (ti, vi, n_train, n_val)
-        train.flush()
-        val.flush()
+        for array in (train, val):
+            if isinstance(array, np.memmap):
+                array.flush()
         del train, val
         meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "source": source.description,
                 "input": source.key, "tokenizer": tokenizer_name, "vocab_size": vocab_size, "eos_id": eos_id,
                 "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val, "documents": len(lengths),
                 "val_documents": int(val_mask.sum()), "val_cut_document": cut_doc >= 0,
-                "val_fraction": val_fraction, "min_val_tokens": min_val_tokens, "seed": seed,
+                "val_fraction": val_fraction, "min_val_tokens": min_val_tokens, "seed": seed, "whole": whole,
                 "build_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -200,7 +224,7 @@ def _dist_info() -> tuple[bool, int, int]:
 def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str,
                  cache_dir: str | Path = "~/.cache/staged_fast", val_fraction: float = 0.01,
                  min_val_tokens: int = 0, num_proc: int = 1, text_field: str = "text", seed: int = 0,
-                 rank0_only_build: bool = True) -> PreparedData:
+                 rank0_only_build: bool = True, val_data: list[str] | str | None = None) -> PreparedData:
     """Tokenized, packed, cached train/val token arrays for `data`.
 
     data: local files/folders (.txt = one document per file; .jsonl/.json/.parquet = one per record, text in
@@ -213,6 +237,8 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
       here batches are memmap slices that need no workers, so that flag maps to this.
     seed: decides which documents are held out (part of the cache key).
     rank0_only_build: under torch.distributed, only local rank 0 builds; the others wait and open the cache.
+    val_data: a separate validation set (same forms as `data`): then `data` is all train, `val_data` all
+      validation, each cached on its own, and val_fraction / min_val_tokens / seed do not apply.
 
     The cache key of a hub dataset is its name and config (no revision): delete `cache_dir/<fingerprint>`
     to pick up a newer version. Local files are keyed by path, size and mtime; the bundled corpus by its hash.
@@ -224,8 +250,35 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
                         "with one (e.g. 'gpt2') or set tokenizer.eos_token before preparing data.")
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(tokenizer=tokenizer, tokenizer_name=tokenizer_name, cache_dir=cache_dir, val_fraction=val_fraction,
+                    min_val_tokens=min_val_tokens, num_proc=num_proc, text_field=text_field, seed=seed,
+                    rank0_only_build=rank0_only_build)
+    if val_data is None:
+        meta, out_dir, fp = _prepare_one(data, None, **settings)
+        train_meta, train_dir, val_meta, val_dir = meta, out_dir, meta, out_dir
+        source = meta["source"]
+    else:
+        train_meta, train_dir, train_fp = _prepare_one(data, "train", **settings)
+        val_meta, val_dir, val_fp = _prepare_one(val_data, "val", **settings)
+        if train_meta["input"] == val_meta["input"]:
+            raise DataError(f"--val_data names the same input as --data ({val_meta['source']}): the validation loss "
+                            f"would be measured on training text. Fix: give held-out text to --val_data, or leave "
+                            f"it out to hold out a --val_fraction of --data.")
+        fp = hashlib.sha256(f"{train_fp}:{val_fp}".encode()).hexdigest()[:20]
+        source = f"{train_meta['source']} (train) + {val_meta['source']} (val)"
+    dtype = np.dtype(train_meta["dtype"])
+    return PreparedData(
+        train=_open(train_dir / "train.bin", dtype, train_meta["train_tokens"]),
+        val=_open(val_dir / "val.bin", dtype, val_meta["val_tokens"]),
+        vocab_size=train_meta["vocab_size"], eos_id=train_meta["eos_id"], fingerprint=fp, source=source)
+
+
+def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cache_dir: Path, val_fraction: float,
+                 min_val_tokens: int, num_proc: int, text_field: str, seed: int,
+                 rank0_only_build: bool) -> tuple[dict, Path, str]:
+    """Build (or find) the cache entry of one input, split or `whole` (train / val): (meta, folder, key)."""
     source = resolve_source(data, text_field=text_field)
-    fp = _fingerprint(source, tokenizer, tokenizer_name, val_fraction, min_val_tokens, seed)
+    fp = _fingerprint(source, tokenizer, tokenizer_name, val_fraction, min_val_tokens, seed, whole)
     out_dir = cache_dir / fp
 
     distributed, rank, local_rank = _dist_info()
@@ -237,7 +290,7 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
         try:
             _build(source, tokenizer, out_dir, fingerprint=fp, tokenizer_name=tokenizer_name,
                    text_field=text_field, val_fraction=val_fraction, min_val_tokens=min_val_tokens,
-                   seed=seed, num_proc=num_proc, cache_dir=cache_dir)
+                   seed=seed, num_proc=num_proc, cache_dir=cache_dir, whole=whole)
         except Exception as e:
             if not distributed:
                 raise
@@ -259,8 +312,4 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
         raise DataError(f"The data cache {out_dir} is missing or incomplete after preparation. Fix: with "
                         "several nodes, put --cache_dir on a filesystem every node can read, or pass "
                         "rank0_only_build=False; else delete the folder and retry.")
-    dtype = np.dtype(meta["dtype"])
-    return PreparedData(
-        train=np.memmap(out_dir / "train.bin", dtype=dtype, mode="r", shape=(meta["train_tokens"],)),
-        val=np.memmap(out_dir / "val.bin", dtype=dtype, mode="r", shape=(meta["val_tokens"],)),
-        vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], fingerprint=fp, source=meta["source"])
+    return meta, out_dir, fp

@@ -130,7 +130,7 @@ def val_batches(tokens: np.ndarray, *, seqlen: int, batch_size: int, num_batches
         raise DataError(
             f"The validation data holds {len(tokens)} tokens = {n} samples of seqlen {seqlen}, fewer than one "
             f"batch of {batch_size} per rank x {world_size} rank(s). Fix: a smaller eval batch size or "
-            "seqlen, or hold out more (raise --val_fraction / min_val_tokens).")
+            "seqlen, or hold out more (raise --val_fraction / min_val_tokens, or give --val_data more text).")
     for k in range(count):
         first = (k * world_size + rank) * batch_size
         yield _gather(tokens, np.arange(first, first + batch_size), seqlen)
