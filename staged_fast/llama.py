@@ -202,8 +202,8 @@ class Llama(GPT):
         self._check_length(T)
         positions = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.token_embeddings(idx, head_link))
-        for block in self.transformer.h:
-            x = self.run_block(block, x, positions)
+        for i, block in enumerate(self.transformer.h):
+            x = self.run_block(i, block, x, positions)
         return self.transformer.ln_f(x)
 
     @torch.no_grad()

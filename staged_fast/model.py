@@ -159,9 +159,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # --activation_checkpointing: a training setting, not part of the config (the trainer sets it on every model
-    # it trains, a grown one included); a class default, as llama builds its own layers
-    activation_checkpointing = False
+    # --activation_checkpointing N: recompute every N-th block in the backward (1: every block; 0/False: none). A
+    # training setting, not part of the config (the trainer sets it on every model it trains, a grown one
+    # included); a class default, as llama builds its own layers
+    activation_checkpointing = 0
     kernel_modules = (LayerNorm, CausalSelfAttention)  # the layers whose ops set_kernels switches
     attention_modules = (CausalSelfAttention,)  # what 'triton_sdpa' leaves on PyTorch (SDPA)
 
@@ -211,15 +212,16 @@ class GPT(nn.Module):
         self._check_length(T)
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.token_embeddings(idx, head_link) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = self.run_block(block, x)
+        for i, block in enumerate(self.transformer.h):
+            x = self.run_block(i, block, x)
         return self.transformer.ln_f(x)
 
-    def run_block(self, block, x, *args):
-        """One block; under activation checkpointing (training with grad) only its input is kept and its
-        activations are recomputed in the backward: torch's non-reentrant checkpoint restores the RNG first,
-        so dropout, the Triton attention's seed included, draws the same masks."""
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+    def run_block(self, index: int, block, x, *args):
+        """Block `index`; when activation checkpointing selects it (training with grad) only its input is kept
+        and its activations are recomputed in the backward: torch's non-reentrant checkpoint restores the RNG
+        first, so dropout, the Triton attention's seed included, draws the same masks."""
+        every = int(self.activation_checkpointing)
+        if every > 0 and index % every == 0 and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
         return block(x, *args)
 

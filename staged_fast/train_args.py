@@ -92,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "graphs cheaply). The fused kernels are single custom ops, so the model's graph has no breaks "
                    "(--parallel fsdp: FSDP2's hooks split it at each sharded block); it is compiled again once "
                    "after each growth (new static shapes). Evaluation runs uncompiled")
-    g.add_argument("--activation_checkpointing", action="store_true",
-                   help="keep only each block's input in the forward and recompute its activations in the backward "
-                   "(same dropout masks, same gradients): activation memory falls to one block's plus the inputs, "
-                   "for about one more forward pass of compute per step (+15.5%% per step on CPU, benchmarks/RESULTS.md)")
+    g.add_argument("--activation_checkpointing", nargs="?", type=int, const=1, default=0, metavar="EVERY",
+                   help="keep only the input of every EVERY-th block (default every block) in the forward and "
+                   "recompute its activations in the backward (same dropout masks, same gradients): activation memory "
+                   "falls towards one block's plus the inputs, for up to one more forward pass of compute per step "
+                   "(+15.5%% per step on CPU with every block, benchmarks/RESULTS.md); EVERY=2 checkpoints half")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "
@@ -326,6 +327,9 @@ def _check_values(args) -> None:
             parse_window(args.profile)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.activation_checkpointing < 0:
+        raise UsageError(f"--activation_checkpointing takes how often a block is checkpointed (1: every block, 2: every "
+                         f"other, ...), got {args.activation_checkpointing}.")
     if not 0 < args.decay_fraction <= 1:
         raise UsageError(f"--decay_fraction must be in (0, 1], got {args.decay_fraction}: it is the share of "
                          f"--train_steps over which --lr_decay wsd decays the LR.")

@@ -141,3 +141,32 @@ def test_under_fsdp_the_losses_equal_the_run_without_it(tmp_path, data_cache):
 
     plain = run("plain")
     assert len(plain) == 3 and plain == run("ac", "--activation_checkpointing")
+
+
+def test_every_other_block_checkpoints_half_and_keeps_the_gradients(monkeypatch):
+    """--activation_checkpointing 2: blocks 0, 2, ... are recomputed; what the forward keeps lies between none
+    and every block checkpointed; the gradients are the same bits."""
+    import torch.utils.checkpoint
+
+    config = GPT2.replace(n_layer=4)
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    x = torch.randint(0, config.vocab_size, (2, 37))
+    _, grads = _loss_and_grads(model, x, 0)
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda block, *a, **k: calls.append(block) or real(block, *a, **k))
+    _, grads_half = _loss_and_grads(model, x, 2)
+    assert calls == [model.transformer.h[0], model.transformer.h[2]]
+    for name, g in grads.items():
+        assert torch.equal(g, grads_half[name]), name
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", real)
+    x = torch.randint(0, config.vocab_size, (4, 48))
+    none, half, every = (_saved_bytes(model, x, k) for k in (0, 2, 1))
+    assert every < half < none, (every, half, none)
+
+
+def test_a_negative_interval_is_refused(tmp_path, data_cache, capsys):
+    assert train(tmp_path / "run", data_cache, "--train_steps", "2", "--activation_checkpointing", "-1") == 2
+    assert "--activation_checkpointing takes how often a block is checkpointed" in capsys.readouterr().err
