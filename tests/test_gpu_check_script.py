@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 CALL_LIMIT_S = 540  # the device tool's limit for one command
@@ -80,29 +82,47 @@ def test_a_failing_step_is_recorded_and_the_run_goes_on(tmp_path):
     assert "fake python: benchmarks/bench_growth.py --device cuda" in log
 
 
-def test_a_step_over_its_limit_is_interrupted_and_marked_timeout(tmp_path):
+# The three runs below mostly wait (a stand-in step sleeping 12-17 s): they run side by side, once per module.
+WAITING_RUNS = {
+    "timeout": (("host_overhead bench_kernels_dq", 530), dict(hang_on="host_overhead")),
+    "handed_on": (("profile host_overhead", 530), dict(slow=("host_overhead", 17))),
+    "install_wait": (("install tests_kernels tests_ext", 530), dict(slow=("no-build-isolation", 12))),
+}
+
+
+@pytest.fixture(scope="module")
+def waiting_runs(tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(WAITING_RUNS)) as pool:
+        futures = {name: pool.submit(_run, tmp_path_factory.mktemp(name), *args, **kwargs)
+                   for name, (args, kwargs) in WAITING_RUNS.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def test_a_step_over_its_limit_is_interrupted_and_marked_timeout(waiting_runs):
     """Past its limit a step gets SIGINT (pytest then prints its failures and durations so far, a benchmark
     where it was), and the summary says TIMEOUT; the next step still runs."""
-    _, out = _run(tmp_path, "host_overhead bench_kernels_dq", 530, hang_on="host_overhead")
+    _, out = waiting_runs["timeout"]
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^host_overhead\s+TIMEOUT\s+1[5-9]s", summary, re.M), summary
     assert re.search(r"^bench_kernels_dq\s+FAIL\(3\)", summary, re.M), summary
     assert "fake python: got SIGINT" in (out / "steps.log").read_text()
 
 
-def test_a_step_may_spend_what_earlier_steps_left_of_their_limits(tmp_path):
+def test_a_step_may_spend_what_earlier_steps_left_of_their_limits(waiting_runs):
     """The limits are estimates: profile (15 s) ends at once, so host_overhead (15 s) may run 15 s more and
     is not cut off at 17 s."""
-    _, out = _run(tmp_path, "profile host_overhead", 530, slow=("host_overhead", 17))
+    _, out = waiting_runs["handed_on"]
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^host_overhead\s+FAIL\(3\)\s+1[7-9]s", summary, re.M), summary
     assert re.search(r"=== host_overhead \(limit (\d+)s", (out / "steps.log").read_text()).group(1) in {"29", "30"}
 
 
-def test_time_spent_waiting_outside_a_step_is_not_handed_on(tmp_path):
+def test_time_spent_waiting_outside_a_step_is_not_handed_on(waiting_runs):
     """The extension's build runs in the background beside the first steps; the wait for it before
     tests_ext spends seconds that tests_kernels left, so tests_ext may not be given them again."""
-    _, out = _run(tmp_path, "install tests_kernels tests_ext", 530, slow=("no-build-isolation", 12))
+    _, out = waiting_runs["install_wait"]
     limit = int(re.search(r"=== tests_ext \(limit (\d+)s", (out / "steps.log").read_text()).group(1))
     assert 20 + 100 - 14 <= limit <= 20 + 100 - 12, limit  # its own 20 s + tests_kernels' 100 less the wait
 
