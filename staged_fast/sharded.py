@@ -103,11 +103,13 @@ def saved_group_count(path: str | os.PathLike) -> int:
     return len({m.group(1) for k in keys if (m := re.match(r"optim\.param_groups\.(\d+)\.", k))})
 
 
-def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
-    """Each rank reads its own shards (any number of ranks wrote them) into the sharded model/optimizer.
-    DCP keys the state by parameter name but the groups by position: a checkpoint written with one group
-    (before staged_fast.optim's two) is read into a one-group optimizer, whose state then moves by parameter."""
-    if optimizer is not None and len(optimizer.param_groups) > 1 and saved_group_count(path) == 1:
+def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> int:
+    """Each rank reads its own shards (any number of ranks wrote them) into the sharded model/optimizer; returns
+    the number of optimizer groups the checkpoint held. DCP keys the state by parameter name but the groups by
+    position: a checkpoint written with one group (before staged_fast.optim's two) is read into a one-group
+    optimizer, whose state then moves by parameter."""
+    saved_groups = saved_group_count(path)
+    if optimizer is not None and len(optimizer.param_groups) > 1 and saved_groups == 1:
         settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         one = type(optimizer)([dict(settings, params=list(model.parameters()))])
         _load_sharded(path, model, one)
@@ -116,8 +118,9 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer=None) -> N
         saved = {k: v for k, v in one.param_groups[0].items() if k not in ("params", "weight_decay")}
         for group in optimizer.param_groups:
             group.update(saved)
-        return
+        return saved_groups
     _load_sharded(path, model, optimizer)
+    return saved_groups
 
 
 def _load_sharded(path, model: nn.Module, optimizer) -> None:

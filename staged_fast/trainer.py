@@ -226,17 +226,15 @@ class Trainer:
         if ckpt is not None and ckpt.model_state is None:  # sharded checkpoint, sharded run: any rank count
             from .sharded import load_sharded
 
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            decays = [g["weight_decay"] for g in self.optimizer.param_groups]  # the grouping (command line) decides
             try:
-                load_sharded(ckpt.path, self.model, self.optimizer)
+                saved_groups = load_sharded(ckpt.path, self.model, self.optimizer)
             except Exception as e:  # DCP reports missing keys / shape mismatches in many types
                 raise CheckpointError(f"the sharded checkpoint {self.resume_path} cannot be loaded into this model "
                                       f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
-            for group, settings in zip(self.optimizer.param_groups, fresh):  # DCP maps state by name; the
-                group["weight_decay"] = settings["weight_decay"]  # grouping (command line) decides the decay
-            from .sharded import saved_group_count
-
-            self._note_one_group(saved_group_count(ckpt.path))
+            for group, decay in zip(self.optimizer.param_groups, decays):  # DCP loads the saved hyperparameters
+                group["weight_decay"] = decay
+            self._note_one_group(saved_groups)
         elif ckpt is not None:
             if ckpt.optimizer_state is None:
                 self.log("warning: the checkpoint has no optimizer state; AdamW starts fresh")
