@@ -8,7 +8,7 @@
 // consecutive addresses. Memory-bound, so: 16-byte loads and stores (VEC = 16 / sizeof(T)) whenever
 // the column count and every pointer allow it, else one element per thread; 32-bit index arithmetic
 // when every offset fits (the common case; int64 beyond 2^31 elements).
-#include <torch/extension.h>
+#include <torch/library.h>  // TORCH_LIBRARY_IMPL only: this file binds no Python (module.cpp does)
 
 #include <cuda_runtime.h>
 // A CUDA build of torch ships c10/cuda with its generated cmake macros; a CPU build ships the c10/cuda

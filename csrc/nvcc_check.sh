@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA kernels with nvcc against the installed torch's headers (~70 s).
+# Compile-only check of the CUDA kernels with nvcc against the installed torch's headers (~40 s).
 # Usage: bash csrc/nvcc_check.sh [arch, default 90]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -91,7 +91,7 @@ def test_a_kernel_the_interpreter_runs_but_the_compiler_rejects_is_reported(tmp_
         x, out = torch.randn(64), torch.empty(1)
         if interpret:
             row_sum[(1,)](x, out, 64, BLOCK=16)
-            print("interpreted:", round(float(out), 4) == round(float(x.sum()), 4))
+            print("interpreted:", abs(float(out) - float(x.sum())) < 1e-4)  # a tolerance: the sums' orders differ
         else:
             recorder = cc.Recorder(first_config=True)
             try:
