@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.harness import peak_memory_cuda, print_table, provenance, paired_ratio, time_fn, time_interleaved, write_json  # noqa: E402
+from staged_fast import activation_checkpointing  # noqa: E402
 from staged_fast.config import PRESETS, preset_config  # noqa: E402
 from staged_fast.heap import keep_freed_heap  # noqa: E402
 from staged_fast.hf import hf_config, to_hf_state_dict  # noqa: E402
@@ -38,7 +39,8 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
 
 
 ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_torch_compile", "ours_triton",
-        "ours_triton_compile", "ours_torch_ac", "ours_triton_ac")  # _ac: --activation_checkpointing
+        "ours_triton_compile", "ours_torch_ac", "ours_triton_ac", "ours_torch_sac", "ours_triton_sac")
+# _ac: --activation_checkpointing (full); _sac: with --ac_policy matmuls (selective)
 
 
 def parse_args(argv=None):
@@ -93,15 +95,17 @@ def loss_fns(ours, hf):
     }
 
 
-def select(model, kernels, checkpointing: bool) -> None:
-    """A row's settings on a model that rows share: our kernels and activation checkpointing (HF: none)."""
+def select(model, kernels, checkpointing: str | None) -> None:
+    """A row's settings on a model that rows share: our kernels and activation checkpointing (None, or its
+    policy: "full" or "matmuls"; HF: none)."""
     if kernels is not None and model.kernels_backend != kernels:
         model.set_kernels(kernels)
     if kernels is not None:
-        model.activation_checkpointing = checkpointing
+        model.activation_checkpointing = int(checkpointing is not None)
+        model.activation_checkpointing_policy = checkpointing or "full"
 
 
-def make_step(model, fn_key, kernels, compiled, data, device, amp, checkpointing=False):
+def make_step(model, fn_key, kernels, compiled, data, device, amp, checkpointing=None):
     """One training step of a row: forward + backward + AdamW (fused, as our trainer and HF's Trainer use
     by default on CPU and CUDA), with the row's settings selected at each call (rows may share a model)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,9 +125,12 @@ def make_step(model, fn_key, kernels, compiled, data, device, amp, checkpointing
     return step
 
 
-def saved_activation_mib(model, fn_key, kernels, checkpointing, data, device, amp) -> float:
-    """MiB that autograd keeps from one training forward for the backward (each storage once, parameters not
-    counted): what activation checkpointing cuts, measured the same way on any device."""
+def saved_activation_mib(model, fn_key, kernels, checkpointing, data, device, amp) -> float | None:
+    """MiB kept from one training forward for the backward (each storage once, parameters not counted): what
+    autograd saves plus, under the selective policy, the outputs the checkpoint keeps; what activation
+    checkpointing cuts, measured the same way on any device. None where this torch cannot show the kept outputs."""
+    if checkpointing == "matmuls" and not activation_checkpointing.CAN_RECORD_KEPT:
+        return None
     select(model, kernels, checkpointing)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -135,9 +142,12 @@ def saved_activation_mib(model, fn_key, kernels, checkpointing, data, device, am
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            activation_checkpointing.recording_kept_outputs() as kept_outputs:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fns(model, model)[fn_key](data)
+    for t in kept_outputs:
+        pack(t)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(kept.values()) / 2**20
@@ -182,21 +192,23 @@ def main(argv=None):
     # cut short by a time limit keeps the rows named first.
     order = list(dict.fromkeys(["hf_sdpa"] + args.rows))
     available = {  # row name -> (model, loss key, our kernels, compiled, activation checkpointing)
-        "hf_sdpa": (hf, "hf", None, False, False),
-        "ours_torch": (ours, "ours", "torch", False, False),
-        "ours_torch_ac": (ours, "ours", "torch", False, True),
+        "hf_sdpa": (hf, "hf", None, False, None),
+        "ours_torch": (ours, "ours", "torch", False, None),
+        "ours_torch_ac": (ours, "ours", "torch", False, "full"),
+        "ours_torch_sac": (ours, "ours", "torch", False, "matmuls"),
     }
     if cuda:
         if "hf_eager" in order:  # a second HF model, built only when asked for
-            available["hf_eager"] = (build_models(args, device, "eager")[2], "hf", None, False, False)
-        available["hf_sdpa_compiled"] = (hf, "hf", None, True, False)
+            available["hf_eager"] = (build_models(args, device, "eager")[2], "hf", None, False, None)
+        available["hf_sdpa_compiled"] = (hf, "hf", None, True, None)
         # inductor fuses our torch ops (as it does HF's): the like-for-like match for hf_sdpa_compiled
-        available["ours_torch_compile"] = (ours, "ours", "torch", True, False)
+        available["ours_torch_compile"] = (ours, "ours", "torch", True, None)
     if backend != "torch":
-        available[f"ours_{backend}"] = (ours, "ours", backend, False, False)
-        available[f"ours_{backend}_ac"] = (ours, "ours", backend, False, True)
+        available[f"ours_{backend}"] = (ours, "ours", backend, False, None)
+        available[f"ours_{backend}_ac"] = (ours, "ours", backend, False, "full")
+        available[f"ours_{backend}_sac"] = (ours, "ours", backend, False, "matmuls")
         if cuda:
-            available[f"ours_{backend}_compile"] = (ours, "ours", backend, True, False)
+            available[f"ours_{backend}_compile"] = (ours, "ours", backend, True, None)
     runs = [(name, *available[name]) for name in order if name in available]
     steps_by_row = {name: make_step(model, fn_key, kernels, compiled, data, device, amp, ac)
                     for name, model, fn_key, kernels, compiled, ac in runs}
@@ -228,8 +240,8 @@ def main(argv=None):
                 + ["MFU", "saved_MiB", "peak_GiB"])
     if peak is None:
         print(f"note: no bf16 peak known for {device_name}: MFU not reported (add it to staged_fast.metrics.DEVICE_PEAK_FLOPS).")
-    print("saved_MiB: what autograd keeps from one forward for the backward, parameters not counted (compiled "
-          "rows: not measured); _ac rows: --activation_checkpointing")
+    print("saved_MiB: what one forward keeps for the backward, parameters not counted (compiled rows: not measured); "
+          "_ac rows: --activation_checkpointing; _sac rows: with --ac_policy matmuls")
     print(f"MFU = 6 x {n_matmul / 1e6:.1f}M matmul params x tokens/s / {peak or 0:.3g} FLOP/s; "
           f"vs_hf = tokens/s / HF's (same run)" + ("; vs_hf_paired = median over rounds of HF's step time / "
                                                     "this row's in the same round." if timings else "."))

@@ -151,10 +151,11 @@ step fsdp_nccl 35 env $TESTS_ENV bash -c "rm -rf /tmp/fsdp_nccl && $PY -m staged
 # bench_train's rows in priority order (HF SDPA, the baseline, runs first): a cut-off run keeps ours first,
 # in the log and in its JSON (written after each row). Three rows compile (~30-60 s each): ours torch +
 # compile comes third, as it says whether --kernels auto should still pick Triton on CUDA when the model is
-# compiled; then ours triton with --activation_checkpointing (no compile: a few seconds for the recompute's
-# cost and, in peak_GiB/saved_MiB, the memory it saves); HF + compile (52.4 ms/step on the H200 before) last.
+# compiled; then ours triton with --activation_checkpointing, full and selective (--ac_policy matmuls; no
+# compile: a few seconds each for the recompute's cost and, in peak_GiB/saved_MiB, the memory it saves); HF +
+# compile (52.4 ms/step on the H200 before) last.
 step bench_train 120 "$PY" benchmarks/bench_train.py --quick \
-  --rows "${BENCH_TRAIN_ROWS:-ours_triton,ours_triton_compile,ours_torch_compile,ours_torch,ours_triton_ac,hf_sdpa_compiled}" \
+  --rows "${BENCH_TRAIN_ROWS:-ours_triton,ours_triton_compile,ours_torch_compile,ours_torch,ours_triton_ac,ours_triton_sac,hf_sdpa_compiled}" \
   --json "$OUT_DIR/bench_train.json"
 step bench_growth 25 "$PY" benchmarks/bench_growth.py --device cuda --reps 2 --json "$OUT_DIR/bench_growth.json"
 step profile 15 "$PY" benchmarks/profile_ops.py

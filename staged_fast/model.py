@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from . import kernels
+from .activation_checkpointing import checkpointed
 from .kernels import cpu_linear_ce
 from .config import GPTConfig
 
@@ -163,6 +163,7 @@ class GPT(nn.Module):
     # training setting, not part of the config (the trainer sets it on every model it trains, a grown one
     # included); a class default, as llama builds its own layers
     activation_checkpointing = 0
+    activation_checkpointing_policy = "full"  # --ac_policy: what a checkpointed block keeps (activation_checkpointing.py)
     kernel_modules = (LayerNorm, CausalSelfAttention)  # the layers whose ops set_kernels switches
     attention_modules = (CausalSelfAttention,)  # what 'triton_sdpa' leaves on PyTorch (SDPA)
 
@@ -217,12 +218,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def run_block(self, index: int, block, x, *args):
-        """Block `index`; when activation checkpointing selects it (training with grad) only its input is kept
-        and its activations are recomputed in the backward: torch's non-reentrant checkpoint restores the RNG
-        first, so dropout, the Triton attention's seed included, draws the same masks."""
+        """Block `index`; when activation checkpointing selects it (training with grad) only its input (and under
+        the matmuls policy its matmul and attention outputs) is kept and the rest is recomputed in the backward:
+        torch's non-reentrant checkpoint restores the RNG first, so dropout, the Triton attention's seed
+        included, draws the same masks."""
         every = int(self.activation_checkpointing)
         if every > 0 and index % every == 0 and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+            return checkpointed(block, x, *args, policy=self.activation_checkpointing_policy)
         return block(x, *args)
 
     def forward(self, idx, targets=None):

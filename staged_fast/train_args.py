@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "recompute its activations in the backward (same dropout masks, same gradients): activation memory "
                    "falls towards one block's plus the inputs, for up to one more forward pass of compute per step "
                    "(+15.5%% per step on CPU with every block, benchmarks/RESULTS.md); EVERY=2 checkpoints half")
+    g.add_argument("--ac_policy", choices=("full", "matmuls"), default="full",
+                   help="what a checkpointed block keeps besides its input: full (nothing; its whole forward runs again) "
+                   "or matmuls (torchtitan's op-level selective checkpointing: the outputs of its matmuls and its "
+                   "attention are kept, and only norms, activations, dropout and casts run again: less recompute, "
+                   "more memory). Needs --activation_checkpointing")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "
@@ -330,6 +335,9 @@ def _check_values(args) -> None:
     if args.activation_checkpointing < 0:
         raise UsageError(f"--activation_checkpointing takes how often a block is checkpointed (1: every block, 2: every "
                          f"other, ...), got {args.activation_checkpointing}.")
+    if args.ac_policy != "full" and not args.activation_checkpointing:
+        raise UsageError(f"--ac_policy {args.ac_policy} says what a checkpointed block keeps, and no block is "
+                         f"checkpointed: add --activation_checkpointing (every block) or --activation_checkpointing 2.")
     if not 0 < args.decay_fraction <= 1:
         raise UsageError(f"--decay_fraction must be in (0, 1], got {args.decay_fraction}: it is the share of "
                          f"--train_steps over which --lr_decay wsd decays the LR.")

@@ -262,6 +262,7 @@ class Trainer:
         """The model the update runs: DDP-wrapped when distributed, then compiled under --compile (a fresh
         wrapper after each growth, so the grown shapes compile once instead of hitting guard failures)."""
         self.model.activation_checkpointing = self.args.activation_checkpointing
+        self.model.activation_checkpointing_policy = self.args.ac_policy
         wrapped = self.model if self.fsdp else D.wrap(self.model, self.dist)  # fsdp: sharded in place already
         if self.args.compile:
             self.log(f"torch.compile (backend {self.args.compile}) of the {self.config.n_layer}L/{self.config.n_embd}d "

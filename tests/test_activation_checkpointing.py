@@ -1,8 +1,10 @@
 """--activation_checkpointing: each block's activations are recomputed in the backward, with the same dropout
-masks, so loss and every gradient equal the run without it, while the forward keeps far less."""
+masks, so loss and every gradient equal the run without it, while the forward keeps far less. --ac_policy
+matmuls (selective) keeps the matmul and attention outputs too and recomputes the rest, with the same bits."""
 import pytest
 import torch
 
+from staged_fast import activation_checkpointing as ac
 from staged_fast.checkpoint import list_checkpoints, load_checkpoint
 from staged_fast.config import GPTConfig
 from staged_fast.model import GPT
@@ -13,8 +15,9 @@ LLAMA = GPTConfig(arch="llama", n_layer=3, n_embd=64, n_head=4, n_kv_head=2, voc
                   intermediate_size=96)
 
 
-def _loss_and_grads(model, x, checkpointing: bool, dtype=None):
+def _loss_and_grads(model, x, checkpointing: bool, dtype=None, policy="full"):
     model.activation_checkpointing = checkpointing
+    model.activation_checkpointing_policy = policy
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1234)  # the same dropout draws for both runs
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -45,17 +48,20 @@ def test_gradients_equal_the_run_without_it(config, backend, dtype):
         assert torch.equal(g, grads_ac[name]), name
 
 
-def _saved_bytes(model, x, checkpointing: bool) -> int:
+def _saved_bytes(model, x, checkpointing: bool, policy="full") -> int:
+    """What one forward keeps for the backward: what autograd saves, plus the outputs the selective policy keeps."""
     model.activation_checkpointing = checkpointing
+    model.activation_checkpointing_policy = policy
     saved = []
 
     def pack(t):
         saved.append(t.numel() * t.element_size())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, x).backward()
-    return sum(saved)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac.recording_kept_outputs() as kept:
+        loss = model(x, x)
+    loss.backward()
+    return sum(saved) + sum(t.numel() * t.element_size() for t in kept)
 
 
 def test_the_forward_keeps_a_fraction_of_the_activations():
@@ -119,6 +125,8 @@ def test_the_cli_trains_the_same_updates_and_keeps_it_through_growth(tmp_path, d
     assert losses(tmp_path / "plain") == losses(tmp_path / "ac")
     trained = {(n_layer, on) for n_layer, on, training in seen if training}
     assert trained == {(2, True), (4, True)}, seen
+    assert train(tmp_path / "sac", data_cache, *flags, "--activation_checkpointing", "--ac_policy", "matmuls") == 0
+    assert losses(tmp_path / "plain") == losses(tmp_path / "sac")
     assert load_checkpoint(list_checkpoints(tmp_path / "ac")[-1]).config.n_layer == 4
 
 
@@ -141,6 +149,7 @@ def test_under_fsdp_the_losses_equal_the_run_without_it(tmp_path, data_cache):
 
     plain = run("plain")
     assert len(plain) == 3 and plain == run("ac", "--activation_checkpointing")
+    assert plain == run("sac", "--activation_checkpointing", "--ac_policy", "matmuls")
 
 
 def test_every_other_block_checkpoints_half_and_keeps_the_gradients(monkeypatch):
@@ -170,3 +179,93 @@ def test_every_other_block_checkpoints_half_and_keeps_the_gradients(monkeypatch)
 def test_a_negative_interval_is_refused(tmp_path, data_cache, capsys):
     assert train(tmp_path / "run", data_cache, "--train_steps", "2", "--activation_checkpointing", "-1") == 2
     assert "--activation_checkpointing takes how often a block is checkpointed" in capsys.readouterr().err
+
+
+# --ac_policy matmuls: GPT-2 with torch kernels in every precision (attention dropout on: SDPA's math path, its
+# dropout recomputed) and without attention dropout (SDPA's fused op kept); the Triton kernels, whose attention op
+# is kept with dropout on, in bf16 and fp16; llama (GQA, RoPE, SwiGLU) in bf16. llama's Triton case (~18 s in the
+# interpreter) is left out: its attention is the GPT-2 cases' op, and its other Triton ops are recomputed.
+SELECTIVE_CASES = [(GPT2, "torch", d) for d in (None, torch.bfloat16, torch.float16)] + [
+    (GPT2.replace(attn_dropout=0.0), "torch", torch.bfloat16), (GPT2, "triton", torch.bfloat16),
+    (GPT2, "triton", torch.float16), (LLAMA, "torch", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("config,backend,dtype", SELECTIVE_CASES,
+                         ids=[f"{c.arch}-{b}-{d}-attn_dropout{c.attn_dropout}".replace("torch.", "")
+                              for c, b, d in SELECTIVE_CASES])
+def test_selective_policy_keeps_matmuls_and_attention_with_the_same_gradients(config, backend, dtype):
+    """T = 37, dropout on: every gradient equals the run without checkpointing, bit for bit; the forward kept the
+    outputs of the block's matmuls and of its attention (unless that attention draws its own dropout: recomputed),
+    so it keeps more than full checkpointing and less than none."""
+    torch.manual_seed(0)
+    model = GPT(config, kernels_backend=backend).train()
+    x = torch.randint(0, config.vocab_size, (2, 37))
+    loss, grads = _loss_and_grads(model, x, False, dtype)
+    decided = []
+    policy = ac.keep_matmuls
+
+    def spy(ctx, func, *args, **kwargs):
+        decided.append((func.name(), policy(ctx, func, *args, **kwargs), ac.draws_random_numbers(func, args, kwargs)))
+        return decided[-1][1]
+
+    ac.keep_matmuls = spy
+    try:
+        loss_sac, grads_sac = _loss_and_grads(model, x, True, dtype, policy="matmuls")
+    finally:
+        ac.keep_matmuls = policy
+    assert torch.equal(loss, loss_sac)
+    for name, g in grads.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+        assert torch.equal(g, grads_sac[name]), name
+    kept = {name for name, decision, _ in decided if decision == ac.CheckpointPolicy.MUST_SAVE}
+    attention = {"triton": "staged_fast::flash_attention", "torch": "aten::_scaled_dot_product_flash_attention_for_cpu"}
+    assert kept & {"aten::mm", "aten::addmm"}, kept
+    if backend == "triton" or config.attn_dropout == 0:
+        assert attention[backend] in kept, kept
+    random = [(name, decision) for name, decision, draws in decided if draws]
+    assert all(decision != ac.CheckpointPolicy.MUST_SAVE for _, decision in random), random  # never kept
+    assert random or config.dropout == 0, decided  # dropout drew its masks under the policy, and was recomputed
+    if ac.CAN_RECORD_KEPT:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            none, full, selective = (_saved_bytes(model, x, k, p) for k, p in ((0, "full"), (1, "full"), (1, "matmuls")))
+        assert full < selective < none, (full, selective, none)
+
+
+def test_the_policy_recomputes_what_draws_random_numbers():
+    """A kept op is skipped in the recompute, and a skipped op that drew random numbers would shift every later
+    draw: so an attention op with dropout is recomputed, and the same op without dropout is kept."""
+    aten = torch.ops.aten
+    q = torch.randn(1, 2, 5, 8)
+    sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert ac.draws_random_numbers(sdpa, (q, q, q, 0.1), {})
+    assert ac.draws_random_numbers(sdpa, (q, q, q), {"dropout_p": 0.1})
+    assert not ac.draws_random_numbers(sdpa, (q, q, q), {})  # the default: 0.0
+    assert not ac.draws_random_numbers(sdpa, (q, q, q, 0.0), {})
+    assert ac.draws_random_numbers(aten.native_dropout.default, (q, 0.1, True), {})
+    assert not ac.draws_random_numbers(aten.mm.default, (q[0, 0], q[0, 0].T), {})
+    ctx = ac.SelectiveCheckpointContext(is_recompute=False)
+    assert ac.keep_matmuls(ctx, sdpa, q, q, q, 0.1) == ac.CheckpointPolicy.PREFER_RECOMPUTE
+    assert ac.keep_matmuls(ctx, sdpa, q, q, q, 0.0) == ac.CheckpointPolicy.MUST_SAVE
+    assert ac.keep_matmuls(ctx, aten.addmm.default, q[0, 0], q[0, 0], q[0, 0].T) == ac.CheckpointPolicy.MUST_SAVE
+    assert ac.keep_matmuls(ctx, aten.gelu.default, q) == ac.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_selective_policy_compiles_fullgraph_with_the_custom_ops():
+    """torch.compile(fullgraph=True) of the model with the Triton ops in selectively checkpointed blocks: the
+    same loss as eager, finite gradients."""
+    torch.manual_seed(0)
+    model = GPT(GPT2.replace(dropout=0.0, attn_dropout=0.0), kernels_backend="triton").train()
+    model.activation_checkpointing, model.activation_checkpointing_policy = 1, "matmuls"
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randint(0, GPT2.vocab_size, (2, 19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compiled(x, x)
+        eager = model(x, x)
+    loss.backward()
+    assert torch.allclose(loss.detach(), eager.detach(), atol=1e-3)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_policy_without_checkpointing_is_refused(tmp_path, data_cache, capsys):
+    assert train(tmp_path / "run", data_cache, "--train_steps", "2", "--ac_policy", "matmuls") == 2
+    assert "--ac_policy matmuls says what a checkpointed block keeps, and no block is checkpointed" in capsys.readouterr().err

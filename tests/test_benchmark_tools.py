@@ -110,13 +110,15 @@ def test_bench_train_runs_rows_in_the_order_named_after_the_baseline(tmp_path):
     gpu_check relies on (a run cut short keeps the rows named first); an unknown row is refused up front."""
     out = tmp_path / "train.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--quick", "--size", "tiny", "--kernels", "torch",
-                           "--rows", "ours_torch,ours_torch_ac,hf_sdpa", "--json", str(out)], cwd=ROOT,
+                           "--rows", "ours_torch,ours_torch_ac,ours_torch_sac,hf_sdpa", "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.read_text())  # written after each row (atomically), marked complete after the last
     rows = payload["rows"]
-    assert [r["model"] for r in rows] == ["hf_sdpa", "ours_torch", "ours_torch_ac"] and payload["complete"] is True
-    assert 0 < rows[2]["saved_MiB"] < rows[1]["saved_MiB"]  # activation checkpointing keeps less
+    assert [r["model"] for r in rows] == ["hf_sdpa", "ours_torch", "ours_torch_ac", "ours_torch_sac"]
+    assert payload["complete"] is True
+    # activation checkpointing keeps less; the selective policy keeps the matmul and attention outputs too
+    assert 0 < rows[2]["saved_MiB"] < rows[3]["saved_MiB"] < rows[1]["saved_MiB"], rows
     assert rows[0]["vs_hf"] == 1 and rows[1]["tokens/s"] > 0 and rows[1]["vs_hf"] == rows[1]["tokens/s"] / rows[0]["tokens/s"]
     assert [p.name for p in tmp_path.iterdir()] == ["train.json"]  # no temporary file left
     bad = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--rows", "ours_tirton"], cwd=ROOT,

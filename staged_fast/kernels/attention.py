@@ -94,7 +94,7 @@ import triton.language as tl
 
 from . import FLASH_HEAD_DIMS, check_dq_mode
 from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, dot_precision, env_switch,
-                      new_empty, next_power_of_2)
+                      launch_through_ops, new_empty, next_power_of_2)
 
 HEAD_DIMS = FLASH_HEAD_DIMS  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
@@ -842,7 +842,7 @@ def flash_attention(q, k, v, dropout_p: float = 0.0, seed: torch.Tensor | None =
         seed = new_seed(q.device)
     if dropout_threshold(dropout_p) > 0:
         _check_seed("flash_attention", seed, q.device)
-    if not torch.compiler.is_compiling():
+    if not launch_through_ops():
         return _FlashAttentionFunction.apply(q, k, v, float(dropout_p), seed)
     if seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=q.device)  # the op's schema needs one; unused
