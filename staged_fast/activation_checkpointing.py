@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext, create_selective_checkpoint_contexts
 
-from .kernels._common import through_torch_ops
+from .kernels import through_torch_ops
 
 POLICIES = ("full", "matmuls")
 

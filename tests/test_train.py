@@ -105,6 +105,18 @@ def test_cli_kernels_triton_on_cpu_tracks_torch(tmp_path, small_vocab):
         assert abs(a - b) < 1e-4, (losses(tmp_path / "torch"), losses(tmp_path / "triton"))
 
 
+def test_the_trainer_imports_no_triton_kernel_helpers_before_it_picks_the_interpreter():
+    """Importing staged_fast.kernels._common fixes whether the kernels are interpreted; the trainer's modules must
+    leave it to --kernels triton's first call on CPU (an import from activation checkpointing once broke the test
+    above)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, staged_fast.train, staged_fast.trainer, staged_fast.model, staged_fast.llama, "
+            "staged_fast.activation_checkpointing; print(sorted(m for m in sys.modules if m.startswith('staged_fast.kernels.')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "staged_fast.kernels._common" not in proc.stdout and "triton" not in proc.stdout.replace("staged_fast", ""), proc.stdout
+
+
 def _worker_pid(parent: int, rank: int) -> int | None:
     """The pid of torchrun's worker process with RANK=rank (a direct child of the torchrun process)."""
     for d in Path("/proc").iterdir():

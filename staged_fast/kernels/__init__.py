@@ -20,6 +20,8 @@ Routing rules of the triton backend (no silent fallbacks):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 import sys
@@ -36,6 +38,27 @@ MODEL_BACKENDS = ("torch", "triton", TRITON_SDPA)
 # How the flash attention backward computes dQ (STAGED_FAST_ATTN_DQ; attention.DQ_MODE): fp32 atomic adds
 # from the dK/dV kernel (default), or a separate dQ kernel whose result is the same bits on every run.
 DQ_MODES = ("atomic", "split")
+
+# Here, not in _common: importing _common fixes whether the kernels are interpreted, and the model imports this.
+_THROUGH_OPS = contextvars.ContextVar("staged_fast_kernels_through_ops", default=False)
+
+
+@contextlib.contextmanager
+def through_torch_ops():
+    """Within this context the attention launches through its torch.library op in eager mode too. A
+    TorchDispatchMode (selective activation checkpointing's) sees that op as one call it can keep, while the
+    launches inside the eager autograd.Function are invisible to it; the Function stays the eager default, as
+    the op's dispatch costs host time (benchmarks/RESULTS.md)."""
+    token = _THROUGH_OPS.set(True)
+    try:
+        yield
+    finally:
+        _THROUGH_OPS.reset(token)
+
+
+def launch_through_ops() -> bool:
+    """Whether a fused op goes through its torch.library op: under torch.compile, or in through_torch_ops()."""
+    return torch.compiler.is_compiling() or _THROUGH_OPS.get()
 
 
 def check_dq_mode(mode: str) -> str:

@@ -8,7 +8,6 @@ passing by luck with whatever memory held.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 
@@ -49,27 +48,6 @@ def poisoned_outputs():
         yield
     finally:
         _POISON = old
-
-
-_THROUGH_OPS = contextvars.ContextVar("staged_fast_kernels_through_ops", default=False)
-
-
-@contextlib.contextmanager
-def through_torch_ops():
-    """Within this context the attention launches through its torch.library op in eager mode too. A
-    TorchDispatchMode (selective activation checkpointing's) sees that op as one call it can keep, while the
-    launches inside the eager autograd.Function are invisible to it; the Function stays the eager default, as
-    the op's dispatch costs host time (benchmarks/RESULTS.md)."""
-    token = _THROUGH_OPS.set(True)
-    try:
-        yield
-    finally:
-        _THROUGH_OPS.reset(token)
-
-
-def launch_through_ops() -> bool:
-    """Whether a fused op goes through its torch.library op: under torch.compile, or in through_torch_ops()."""
-    return torch.compiler.is_compiling() or _THROUGH_OPS.get()
 
 
 def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:

@@ -92,9 +92,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FLASH_HEAD_DIMS, check_dq_mode
+from . import FLASH_HEAD_DIMS, check_dq_mode, launch_through_ops
 from ._common import (INTERPRETED, TunedLaunch, autotuning, cdiv, check_device, check_dtype, dot_precision, env_switch,
-                      launch_through_ops, new_empty, next_power_of_2)
+                      new_empty, next_power_of_2)
 
 HEAD_DIMS = FLASH_HEAD_DIMS  # 96 runs as a 64-wide plus a 32-wide column block (no padding)
 LOG2E = 1.4426950408889634
