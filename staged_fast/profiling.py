@@ -8,6 +8,7 @@ say so through tokens/s.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,13 +48,18 @@ class UpdateProfiler:
         if update < start - 1:
             return
         warmup = start - update  # one warm-up update, or none when the run (or its resumption) starts at START
+        if warmup == 0:  # said once in our words, instead of torch's warning
+            self.log(f"note: --profile {start}:{count} starts at the run's first update, with none before it to warm "
+                     f"the profiler up: update {start}'s record includes the profiler's start-up; a later START leaves "
+                     f"it out")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Profiler won't be using warmup")
+            schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=count, repeat=1)
         self.profiler = torch.profiler.profile(
-            activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=warmup, active=count, repeat=1),
-            on_trace_ready=self._write, record_shapes=True,
-        )
+            activities=activities, schedule=schedule, on_trace_ready=self._write, record_shapes=True)
         self.profiler.__enter__()
 
     def after_update(self, update: int) -> None:

@@ -39,11 +39,17 @@ def test_a_run_resumed_after_the_window_says_so_and_profiles_nothing(tmp_path, d
     assert not (tmp_path / "run" / "profile").exists()
 
 
-def test_a_run_resumed_at_the_window_start_profiles_it_without_a_warm_up(tmp_path, data_cache):
+def test_a_run_resumed_at_the_window_start_profiles_it_without_a_warm_up(tmp_path, data_cache, capsys, recwarn):
+    """No update before the window to warm the profiler up: both updates are recorded, and the run says so in one
+    note instead of torch's warning."""
     assert train(tmp_path / "run", data_cache, "--train_steps", "4", "--stop_at_step", "1") == 0
+    capsys.readouterr()
     assert train(tmp_path / "run", data_cache, "--train_steps", "4", "--resume", "latest", "--profile", "2:2") == 0
     steps, _ = _steps(tmp_path / "run" / "profile" / "rank0_updates2-3.json")
     assert len(steps) == 2, steps
+    out = capsys.readouterr().out
+    assert out.count("note: --profile 2:2 starts at the run's first update, with none before it to warm") == 1, out
+    assert not [w for w in recwarn if "warmup" in str(w.message)], [str(w.message) for w in recwarn]
 
 
 def test_a_trace_that_cannot_be_written_is_a_warning_not_a_crash(tmp_path, data_cache, capsys, monkeypatch):
