@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .activation_checkpointing import POLICIES as AC_POLICIES
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
 from .kernels import BACKENDS, check_dq_mode
 from .lr_schedule import DECAYS
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "recompute its activations in the backward (same dropout masks, same gradients): activation memory "
                    "falls towards one block's plus the inputs, for up to one more forward pass of compute per step "
                    "(+15.5%% per step on CPU with every block, benchmarks/RESULTS.md); EVERY=2 checkpoints half")
-    g.add_argument("--ac_policy", choices=("full", "matmuls"), default="full",
+    g.add_argument("--ac_policy", choices=AC_POLICIES, default="full",
                    help="what a checkpointed block keeps besides its input: full (nothing; its whole forward runs again) "
                    "or matmuls (torchtitan's op-level selective checkpointing: the outputs of its matmuls and its "
                    "attention are kept, and only norms, activations, dropout and casts run again: less recompute, "
