@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -111,7 +112,7 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--size", default="small")
     p.add_argument("--batch_size", type=int, default=4)

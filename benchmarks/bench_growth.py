@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -164,7 +165,7 @@ def validate(device: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="GPT2_base_div2_* instead of GPT2_large_div2_*")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3)

@@ -33,14 +33,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (interpreter)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype of the kernels (GPU)")
-    p.add_argument("--only", default="all", help="comma-separated groups of " + ",".join(GROUPS) + " (default all)")
+    p.add_argument("--only", default="all", help="comma-separated groups of " + ", ".join(GROUPS) + " (default all)")
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(GROUPS) - {"all"}

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -44,7 +45,7 @@ ROWS = ("hf_sdpa", "hf_eager", "hf_sdpa_compiled", "ours_torch", "ours_torch_com
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--size", default="GPT2_base", choices=list(PRESETS), help="model preset")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--kernels", default="auto", choices=BACKENDS, help="our model's kernels (auto: triton on CUDA)")
@@ -54,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
     p.add_argument("--rows", default=",".join(ROWS),
-                   help=f"comma-separated rows to run, in this order, of {','.join(ROWS)} (hf_sdpa, the baseline, "
-                   "always runs first; each compiled row spends ~30-60 s compiling in its warm-up)")
+                   help=f"comma-separated rows to run, in this order, of {', '.join(ROWS)} (default all; hf_sdpa, the "
+                   "baseline, always runs first; each compiled row spends ~30-60 s compiling in its warm-up)")
     p.add_argument("--json", default=None, help="also write the rows and provenance to this JSON file")
     args = p.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]

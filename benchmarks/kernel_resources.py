@@ -29,6 +29,7 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the CPU interpreter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -51,7 +52,7 @@ BWD_CASES = {
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--kernel", choices=["norm", "attention"], default="norm", help="which kernels (default norm)")
     ap.add_argument("--hidden", type=int, nargs="+", default=[768, 1536], help="norm hidden sizes (default 768 1536)")
     ap.add_argument("--head_dim", type=int, nargs="+", default=[64, 96, 128], choices=[64, 96, 128],

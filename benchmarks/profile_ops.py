@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -67,7 +68,7 @@ def _step(device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--only", default="ln,attn,ce,step", help="comma-separated: ln, attn, ce, step")
     ap.add_argument("--rows", type=int, default=12, help="kernels per table")
     args = ap.parse_args()

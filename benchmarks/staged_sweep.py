@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import staged_vs_direct as svd  # noqa: E402
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
 
 OPS = {"width": ("_div2_width", "width"), "depth": ("_div2_depth", "alternate_id")}
 # (target, start suffix, seqlen, batch, S, warmup, val_every, val_batches); --gpu uses explicit shapes.
@@ -292,7 +293,7 @@ def figure(res: dict, seeds, ops, strategies, path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny (2L/128d) target, 600 updates per run")
     mode.add_argument("--gpu", action="store_true", help="6L/384d/4H target, T 512, bf16 on CUDA")

@@ -65,6 +65,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from staged_fast.cli_help import HelpFormatter  # noqa: E402
+
 GPT2_VOCAB = 50257
 
 # Experiment sizes. S = the direct run's optimizer steps (and the staged run's final schedule step).
@@ -420,7 +422,7 @@ def common_args(cfg: dict, tokenizer: str, cache_dir: str | None, seed: int) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, 300 steps: a few minutes")
     p.add_argument("--out", default=None, help="run folder (default runs/staged_vs_direct[_quick]/)")
     p.add_argument("--cache_dir", default=None, help="tokenized-data cache (default: the trainer's)")

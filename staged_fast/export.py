@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_help import HelpFormatter
 from .evaluate.common import DTYPES, InputError, check_vocab, load_eval_model, run_cli
 from .hf import save_pretrained
 
@@ -53,7 +54,7 @@ def export(checkpoint: str, out: str | Path, *, tokenizer: str | None = "gpt2", 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m staged_fast.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="staged_fast checkpoint or run folder (grown or not), or a HF GPT-2 folder")
     p.add_argument("--out", required=True, help="folder to write (created; must be empty unless --overwrite)")
     p.add_argument("--tokenizer", default="gpt2", help="tokenizer to save beside the model (default: GPT-2 BPE)")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cli_help import HelpFormatter
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, preset_config
 from .growth import STATE_ABSENT, GrowthError, grow_checkpoint
 from .growth.index_maps import DEPTH_MODES
@@ -31,9 +32,9 @@ from .run_folder import LOCK_NAME, RunFolderError, RunLock, remove_leftovers
 _RUN_ENTRIES = ("metrics.jsonl", "run.json", "tensorboard")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m staged_fast.grow", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a step_<8-digit update> folder written by staged_fast.train, or its run folder (newest)")
     p.add_argument("--op", choices=("width", "depth"), required=True, help="double the width or the depth")
     p.add_argument("--depth_mode", choices=DEPTH_MODES, default="alternate_id",
@@ -51,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run folder to write the grown checkpoint into (empty or new)")
     p.add_argument("--overwrite", action="store_true",
                    help="--out may hold another run: its checkpoints and logs are replaced")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 class _Refused(ValueError):

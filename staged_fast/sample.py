@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .cli_help import HelpFormatter
 from .evaluate.common import (
     DTYPES, InputError, autocast, check_vocab, load_eval_model, load_eval_tokenizer, pick_device, run_cli,
 )
@@ -163,7 +164,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m staged_fast.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="staged_fast checkpoint or run folder, Hugging Face GPT-2 folder, or hub name")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")

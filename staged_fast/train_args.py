@@ -8,6 +8,7 @@ import argparse
 import os
 
 from .activation_checkpointing import POLICIES as AC_POLICIES
+from .cli_help import HelpFormatter
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
 from .kernels import BACKENDS, check_dq_mode
 from .lr_schedule import DECAYS
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m staged_fast.train",
         description="Pre-train a GPT-2-style model, optionally growing it (staged training). "
         "With no arguments: a short staged demo run on the bundled corpus.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("run")
     g.add_argument("--save_prefix", default=None, help="run folder for checkpoints and logs (default: runs/<size>-<time>)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_help import HelpFormatter
 from .common import (
     DTYPES, InputError, check_vocab, format_table, load_eval_model, load_eval_tokenizer, pick_device, run_cli,
     write_json,
@@ -36,9 +37,10 @@ def _common_args(p: argparse.ArgumentParser, batch_size: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m staged_fast.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True)
-    wt = sub.add_parser("wikitext", help="perplexity on WikiText-103 raw test")
+    wt = sub.add_parser("wikitext", formatter_class=HelpFormatter,
+                        help="perplexity on WikiText-103 raw test")
     _common_args(wt, batch_size=8)
     wt.add_argument("--context", type=int, default=None,
                     help="tokens per window (default: the model's n_positions, 1024 for GPT-2)")
@@ -46,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sliding window: each window scores only its last STRIDE tokens, so every token has at "
                          "least context - stride tokens of history (default: = context, the seed's "
                          "non-overlapping blocks)")
-    lb = sub.add_parser("lambada", help="last-word accuracy and perplexity on LAMBADA (OpenAI)")
+    lb = sub.add_parser("lambada", formatter_class=HelpFormatter,
+                        help="last-word accuracy and perplexity on LAMBADA (OpenAI)")
     _common_args(lb, batch_size=16)
     lb.add_argument("--last_token_only", action="store_true",
                     help="headline accuracy counts only the word's last token (the seed's eval_lambada.py)")
-    hs = sub.add_parser("hellaswag", help="multiple-choice accuracy (acc, acc_norm) on HellaSwag validation")
+    hs = sub.add_parser("hellaswag", formatter_class=HelpFormatter,
+                        help="multiple-choice accuracy (acc, acc_norm) on HellaSwag validation")
     _common_args(hs, batch_size=16)
     hs.add_argument("--limit", type=int, default=None, help="score only the first N examples (a quick check)")
     return parser

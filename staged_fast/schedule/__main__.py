@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from ..cli_help import HelpFormatter
 from ..config import ConfigError, GPTConfig, PRESETS, preset_config
 from .planner import DEFAULT_RESTART_WARMUP_FRAC, plan_for_run, plot_plan
 from .scaling_law import DEFAULT_BATCH_TOKENS, law_summary, optimality_step
@@ -121,10 +122,12 @@ def cmd_law(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m staged_fast.schedule", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m staged_fast.schedule", description=__doc__,
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("analyze", help="slope rule on a small and a target validation-loss curve (CSV)",
+    a = sub.add_parser("analyze", formatter_class=HelpFormatter,
+                       help="slope rule on a small and a target validation-loss curve (CSV)",
                        description="Growth step, restart step, constant_op, optimality and compute saving "
                                    "from real curves (TensorBoard CSV exports with Step and Value columns).")
     a.add_argument("small", nargs="?", help="CSV of the small model's validation loss")
@@ -146,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", help="write the results to this JSON file")
     a.set_defaults(func=cmd_analyze)
 
-    c = sub.add_parser("compare-curves", help="the planner's predicted saving against the authors' curves",
+    c = sub.add_parser("compare-curves", formatter_class=HelpFormatter,
+                       help="the planner's predicted saving against the authors' curves",
                        description="Fit the scaling law's constants to the six curves, plan each pair under "
                                    "Kaplan's and the fitted constants, and set both beside the savings "
                                    "measured on the curves (docs/schedule.md).")
@@ -165,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--n_head", type=int)
         q.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
 
-    q = sub.add_parser("plan", help="plan the stages of a staged run under the scaling law",
+    q = sub.add_parser("plan", formatter_class=HelpFormatter,
+                       help="plan the stages of a staged run under the scaling law",
                        description="Minimize compute to reach the target's loss at its optimality point.")
     add_model_args(q)
     q.add_argument("--ops", nargs="+", default=["width"],
@@ -179,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", help="write a PNG of predicted loss against compute, staged and direct")
     q.set_defaults(func=cmd_plan)
 
-    w = sub.add_parser("law", help="print L(N,S), Bcrit and C = 6NBS for a model and a step count")
+    w = sub.add_parser("law", formatter_class=HelpFormatter,
+                       help="print L(N,S), Bcrit and C = 6NBS for a model and a step count")
     add_model_args(w)
     w.add_argument("--n_params", type=float, help="non-embedding parameter count (instead of a preset)")
     w.add_argument("--steps", type=float, help="optimizer steps (default: the law's optimality point)")
