@@ -193,6 +193,27 @@ class Preemption:
         signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
+def _finish_line(args, trainer, summary: dict, prefix_given: bool) -> str:
+    """The run's last line. A run stopped early (a SIGTERM, --stop_at_step) also says how to continue it: the
+    same command where it already resumes its own folder, else the flags that make it (a run without
+    --save_prefix got a new timestamped folder, and a requeue of its command would start afresh in another)."""
+    saved = summary["checkpoint"] or "none written (nothing trained since the start)"
+    done = f"step {trainer.step}, {trainer.tokens:,} tokens, checkpoint {saved}"
+    stopped = summary.get("stopped")
+    if stopped is None or trainer.step >= args.train_steps:
+        return f"done: {done}"
+    # --stop_at_step would stop the same command again at once; --doubling would grow its checkpoint again
+    same = stopped == "SIGTERM" and prefix_given and args.resume == "latest" and not args.doubling
+    if summary["checkpoint"] is None and not args.doubling:  # nothing trained: nothing new to continue from
+        how = "the same command starts it again"
+    else:
+        how = "the same command continues" if same else (
+            f"to continue: --resume latest --save_prefix {args.save_prefix}"
+            + (" without --stop_at_step" if args.stop_at_step is not None else "")
+            + (" without --doubling" if args.doubling else ""))
+    return f"stopped ({stopped}) at step {trainer.step} of {args.train_steps}: {done}; {how}"
+
+
 def main(argv: list[str] | None = None) -> int:
     preemption = Preemption()
     determinism = Determinism()
@@ -213,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if relaunched is not None:
             return relaunched
         dist = D.init(args.device, args.parallel)
+        prefix_given = args.save_prefix is not None
         if args.save_prefix is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.save_prefix = D.broadcast_object(f"runs/{args.size or 'model'}-{stamp}", dist)
@@ -223,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(args, dist, log=log)
         preemption.attach(trainer)
         summary = run(trainer, progress=not args.no_progress)
-        saved = summary["checkpoint"] or "none written (nothing trained since the start)"
-        log(f"done: step {trainer.step}, {trainer.tokens:,} tokens, checkpoint {saved}")
+        log(_finish_line(args, trainer, summary, prefix_given))
         return 0
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

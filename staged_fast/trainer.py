@@ -583,7 +583,8 @@ def configure_fp32_matmul(device: torch.device, tf32: bool, amp_dtype, log) -> N
 
 
 def run(trainer: Trainer, *, progress: bool = True) -> dict:
-    """Train until the schedule's step counter reaches --train_steps (or --stop_at_step)."""
+    """Train until the schedule's step counter reaches --train_steps (or --stop_at_step). The summary's
+    `stopped` says what ended it early, on every rank: "SIGTERM" (to any rank), "--stop_at_step N", or None."""
     from tqdm.auto import tqdm
 
     a = trainer.args
@@ -596,9 +597,9 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
     if D.any_rank(trainer.stop_requested, trainer.dist):
         bar.close()
         trainer.log(f"stop requested (SIGTERM) before the first update at step {trainer.step}: leaving without "
-                    f"training; the same command continues")
-        return dict(checkpoint=None, growths=trainer.growth_log)
-    stop, vote = False, D.StopVote(trainer.dist)
+                    f"training")
+        return dict(checkpoint=None, growths=trainer.growth_log, stopped="SIGTERM")
+    stop, stopped, vote = False, None, D.StopVote(trainer.dist)
     profiler = UpdateProfiler(parse_window(a.profile) if a.profile else None, trainer.run_dir,
                               rank=trainer.dist.rank, device=trainer.device, log=trainer.log)
     try:
@@ -623,7 +624,10 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
             # never written back: a SIGTERM handled while the all-reduce is in flight sets it after it was read,
             # and writing the result over it lost the request (the job trained on).
             # --stop_at_step is the same on every rank: no vote, no lag.
-            stop = vote(trainer.stop_requested) or (a.stop_at_step is not None and it >= a.stop_at_step)
+            if vote(trainer.stop_requested):
+                stop, stopped = True, "SIGTERM"
+            elif a.stop_at_step is not None and it >= a.stop_at_step:
+                stop, stopped = True, f"--stop_at_step {a.stop_at_step}"
             if it % a.save_every == 0 or stop:
                 with window.paused():
                     path = trainer.save()
@@ -635,4 +639,4 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         path = trainer.save()
     else:
         path = trainer.last_saved_path
-    return dict(last, checkpoint=str(path) if path else None, growths=trainer.growth_log)
+    return dict(last, checkpoint=str(path) if path else None, growths=trainer.growth_log, stopped=stopped)

@@ -1,6 +1,7 @@
 """End-to-end training on the bundled corpus: learning, exact resume, multi-process equivalence."""
 import os
 import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -46,12 +47,17 @@ def test_a_cpu_checkpoint_resumed_on_cuda_reseeds_the_cuda_rng(monkeypatch):
     assert torch.equal(torch.get_rng_state(), cpu_state)
 
 
-def test_resume_is_bit_exact(tmp_path, data_cache):
+def test_resume_is_bit_exact(tmp_path, data_cache, capsys):
     flags = ["--train_steps", "12", "--dropout", "0.1", "--val_every", "4", "--weight_decay", "0.1"]
     assert train(tmp_path / "straight", data_cache, *flags) == 0
     assert train(tmp_path / "split", data_cache, *flags, "--stop_at_step", "5") == 0
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_00000005"]
+    said = capsys.readouterr().out
+    assert (f"stopped (--stop_at_step 5) at step 5 of 12: step 5, 1,280 tokens, checkpoint "
+            f"{tmp_path / 'split' / 'step_00000005'}; to continue: --resume latest --save_prefix {tmp_path / 'split'} "
+            f"without --stop_at_step") in said, said[-2000:]
     assert train(tmp_path / "split", data_cache, *flags, "--resume", "latest") == 0
+    assert "done: step 12, 3,072 tokens" in capsys.readouterr().out
     straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert len(straight) == len(split) == 12
     assert straight == split  # bit for bit, dropout and data order included
@@ -187,7 +193,10 @@ def test_sigterm_to_one_ddp_rank_saves_one_checkpoint_and_all_ranks_exit_zero(tm
     save one checkpoint and all exit 0 (it used to hang: the signalled rank saved alone)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "staged_fast.train"]
-    _, _, elapsed = _sigterm_mid_run(tmp_path, data_cache, torchrun, lambda job, workers: workers[rank])
+    _, out, elapsed = _sigterm_mid_run(tmp_path, data_cache, torchrun, lambda job, workers: workers[rank])
+    # rank 0 prints it, and knows why the ranks stopped when the signal reached rank 1 only (the vote)
+    assert f"; to continue: --resume latest --save_prefix {tmp_path / 'ddp'}" in out, out[-3000:]
+    assert re.search(r"stopped \(SIGTERM\) at step \d+ of 100000: ", out), out[-3000:]
     print(f"SIGTERM to rank {rank} -> one checkpoint and exit 0 of both ranks in {elapsed:.1f} s")
 
 
@@ -281,6 +290,7 @@ def test_sigterm_during_the_start_leaves_cleanly_and_the_same_command_continues(
     assert first.returncode == 0, out[-3000:]
     assert "stop requested (SIGTERM) before the first update at step 0" in out, out[-3000:]
     assert "checkpoint none written" in out and list_checkpoints(run) == []
+    assert "; the same command starts it again" in out, out[-3000:]
     assert not (run / "metrics.jsonl").exists() or read_metrics(run / "metrics.jsonl") == []
     again = subprocess.run(cmd, env=dict(env, SIGNAL_RANK="-1"), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
