@@ -27,6 +27,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -371,8 +372,18 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True, ver
     if meta.get("layout") != "dcp" and load_optimizer and (path / "optimizer.pt").exists():
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         optimizer_state, param_names = blob["state_dict"], blob["param_names"]
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer_state = read_trainer_state(path)
     return Checkpoint(path, config, model_state, optimizer_state, param_names, trainer_state, meta)
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer's state of a checkpoint (step, schedule, sampler, RNG, the flags it ran with) without its
+    tensors: trainer.pt is small, read before the model is (a continued run takes its flags from it)."""
+    try:
+        return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot read {Path(path) / 'trainer.pt'} ({e}); the checkpoint is damaged. Resume "
+                              f"from an earlier one (a step_<8-digit update> folder) or delete this one.") from e
 
 
 def load_model(path: str | os.PathLike, *, kernels_backend: str = "torch", device="cpu"):

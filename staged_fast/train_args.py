@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from .activation_checkpointing import POLICIES as AC_POLICIES
 from .cli_help import HelpFormatter
@@ -51,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("run")
     g.add_argument("--save_prefix", default=None, help="run folder for checkpoints and logs (default: runs/<size>-<time>)")
-    g.add_argument("--resume", default=None, help="checkpoint folder, run folder, or 'latest' (in --save_prefix) to continue")
+    g.add_argument("--resume", default=None, help="checkpoint folder, run folder, or 'latest' (in --save_prefix) to "
+                   "continue; continuing a checkpoint of --save_prefix's own run, the training flags this command "
+                   "leaves out are the checkpoint's (data, batch, schedule, precision, growth plan; a note says "
+                   "which)")
     g.add_argument("--seed", type=int, default=1234, help="seeds init, data order and dropout")
     g.add_argument("--deterministic", action="store_true", help="the same bits on every run of this command on the "
                    "same machine: torch.use_deterministic_algorithms(True) (an op with no deterministic kernel is an "
@@ -174,8 +178,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a continued run (--resume of a checkpoint in its own --save_prefix folder) takes from that checkpoint when
+# the command leaves the flag out: what it trains on and how. So `--resume latest --save_prefix DIR` alone goes on
+# as the run was started; a flag left out used to take its default (the bundled corpus, batch 8, and 250000
+# updates, those past the run's own --train_steps at the LR its schedule ends with). The model's shape is the
+# checkpoint's own; how the run launches (device, ranks, kernels, compile, checkpointing, workers, progress)
+# and one-off actions (--stop_at_step, --profile, --doubling, --overwrite) come from each command.
+KEPT_ON_CONTINUE = (
+    "seed", "n_positions", "dropout", "attn_dropout",
+    "data", "tokenizer", "text_field", "val_fraction", "val_data", "cache_dir",
+    "seqlen", "batch_size", "grad_accum", "lr", "warmup_steps", "train_steps", "lr_decay", "decay_fraction", "min_lr",
+    "adam_beta1", "adam_beta2", "adam_eps", "weight_decay", "grad_clip", "fp16", "bf16", "tf32",
+    "val_every", "val_batches", "log_rate", "save_every", "keep_last", "tensorboard",
+    "width_noise", "restart_steps", "restart_warmup_steps", "grow_at", "grow_ops", "schedule", "grow_when",
+    "doubling_layers",
+)
+# Flags that go together: one of them given, the others are not taken from the checkpoint either.
+_TOGETHER = (("fp16", "bf16"), ("grow_at", "grow_ops", "schedule", "grow_when"))
+# What the LR schedule was built from. A continued run keeps the checkpoint's schedule, so a changed value would
+# not apply (a longer --train_steps trained on at the schedule's final LR); --reset_lr_scheduler rebuilds it.
+SCHEDULE_FLAGS = ("lr", "warmup_steps", "train_steps", "lr_decay", "decay_fraction", "min_lr")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags this command line gives (parsed as argparse would, abbreviations included)."""
+    parser = build_parser()
+    for action in parser._actions:  # absent flags then leave no attribute
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _flag_text(name: str, value) -> str:
+    if value is True:
+        return f"--{name}"
+    if value is False or value is None:
+        return f"no --{name}"
+    return f"--{name} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+
+
+def continue_with_saved_flags(args, given: set[str]) -> list[str]:
+    """Fill the flags a continued run's command leaves out from its checkpoint (KEPT_ON_CONTINUE); refuse a
+    changed schedule flag without --reset_lr_scheduler. Returns the flags taken, as text."""
+    if not args.resume or args.doubling or args.save_prefix is None:
+        return []
+    from .checkpoint import list_checkpoints, read_trainer_state, resolve_checkpoint
+
+    if args.resume == "latest" and not list_checkpoints(args.save_prefix):
+        return []  # a fresh start
+    path = resolve_checkpoint(args.resume, args.save_prefix)
+    if path.resolve().parent != Path(args.save_prefix).resolve():
+        return []  # a new run from another run's checkpoint: its command says what it trains
+    state = read_trainer_state(path)
+    saved = state.get("args") or {}
+    changed = [n for n in SCHEDULE_FLAGS if n in given and n in saved and getattr(args, n) != saved[n]]
+    if changed and not args.reset_lr_scheduler:
+        was = ", ".join(_flag_text(n, saved[n]) for n in changed)
+        now = ", ".join(_flag_text(n, getattr(args, n)) for n in changed)
+        raise UsageError(
+            f"{path}'s LR schedule was built from {was}; this command asks for {now}, which a continued run would "
+            f"not apply (it keeps the checkpoint's schedule). Add --reset_lr_scheduler to rebuild the schedule "
+            f"from this command's flags from step {state.get('step', '?')} on, or leave "
+            f"{', '.join('--' + n for n in changed)} out to finish the run as it was planned.")
+    held = {n for group in _TOGETHER if given.intersection(group) for n in group}
+    taken = []
+    for name in KEPT_ON_CONTINUE:
+        if name in given or name in held or name not in saved or getattr(args, name) == saved[name]:
+            continue
+        setattr(args, name, saved[name])
+        taken.append(_flag_text(name, saved[name]))
+    return taken
+
+
 def parse_args(argv: list[str] | None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    taken = continue_with_saved_flags(args, given_flags(argv))
+    if taken:
+        _note(f"continuing the run in {args.save_prefix} with its checkpoint's flags where this command leaves "
+              f"them out: {'; '.join(taken)}")
     validate(args)
     return args
 
@@ -304,11 +386,16 @@ def validate(args) -> None:
 
 def _warn(message: str) -> None:
     """Once per job: on rank 0 (every process of a torchrun job parses the same flags)."""
-    import os
     import sys
 
     if os.environ.get("RANK", "0") == "0":
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _note(message: str) -> None:
+    """Once per job, on stdout with the run's other notes."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", flush=True)
 
 
 def _looks_like_path(name: str) -> bool:

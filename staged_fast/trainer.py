@@ -22,6 +22,7 @@ from .kernels import backend_for_head_dim, resolve_backend
 from .lr_schedule import LRSchedule
 from .metrics import MetricsLogger, RateWindow, device_peak_flops, flops_per_token
 from .profiling import UpdateProfiler, parse_window
+from .run_summary import describe_run
 from .model import GPT
 from .optim import decay_groups, names_in_optimizer_order, state_in_layout
 from .schedule.growth_schedule import GrowthSchedule, load_plan
@@ -103,6 +104,8 @@ class Trainer:
             self.grow(op)
             path = self.save()
             self.log(f"grown checkpoint written to {path}; training continues from it")
+        for line in describe_run(self):
+            self.log(line)
 
     # ---------------------------------------------------------------- set-up
     def _load_resume_checkpoint(self):

@@ -145,6 +145,8 @@ def test_under_fsdp_the_losses_equal_the_run_without_it(tmp_path, data_cache):
              "--parallel", "fsdp", "--dropout", "0.1", "--cache_dir", data_cache, "--save_prefix", str(tmp_path / name),
              *extra], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # the summary counts FSDP2's sharded parameters whole, as one process would
+        assert "model: gpt2 2L/128d/2H, 7.0M parameters" in proc.stdout and "2 fsdp ranks" in proc.stdout
         return losses(tmp_path / name)
 
     plain = run("plain")

@@ -474,9 +474,9 @@ def test_resume_with_fp16_from_a_run_saved_without_it(tmp_path, data_cache):
     """A checkpoint written without --fp16 holds the disabled GradScaler's empty state; resuming it with --fp16
     loaded that {} into an enabled scaler, which raised (a traceback, exit 1). The scaler now starts afresh."""
     run = tmp_path / "run"
-    assert train(run, data_cache, "--train_steps", "2", "--seqlen", "32", "--batch_size", "2") == 0
-    assert train(run, data_cache, "--train_steps", "4", "--seqlen", "32", "--batch_size", "2", "--fp16",
-                 "--resume", "latest") == 0
+    flags = ["--train_steps", "4", "--seqlen", "32", "--batch_size", "2"]
+    assert train(run, data_cache, *flags, "--stop_at_step", "2") == 0
+    assert train(run, data_cache, *flags, "--fp16", "--resume", "latest") == 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 

@@ -85,7 +85,7 @@ def test_corrupt_checkpoint(finished_run, tmp_path, data_cache, capsys):
     weights = next(run.glob("step_*/model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     before = _snapshot(run)
-    _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest"), "corrupt", "earlier checkpoint")
+    _fails(capsys, train(run, data_cache, "--train_steps", "3", "--resume", "latest"), "corrupt", "earlier checkpoint")
     assert _snapshot(run) == before
 
 
@@ -103,7 +103,7 @@ def test_restart_steps_on_plain_resume_is_refused(finished_run, tmp_path, data_c
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
     before = _snapshot(run)
-    _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest", "--restart_steps", "1"),
+    _fails(capsys, train(run, data_cache, "--train_steps", "3", "--resume", "latest", "--restart_steps", "1"),
            "was not just grown")
     assert _snapshot(run) == before
 
@@ -235,7 +235,7 @@ def test_checkpoint_meta_without_config(finished_run, tmp_path, data_cache, caps
     del meta["config"]
     meta_path.write_text(json.dumps(meta))
     before = _snapshot(run)
-    _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest"), "'config'")
+    _fails(capsys, train(run, data_cache, "--train_steps", "3", "--resume", "latest"), "'config'")
     assert _snapshot(run) == before
 
 
@@ -266,19 +266,21 @@ def test_disk_full_exits_2_and_keeps_earlier_checkpoints(tmp_path, data_cache, c
 
 
 def test_gpu_count_worker_error_exits_with_its_code_and_no_traceback(tmp_path, data_cache):
-    """--gpu_count 2 outside torchrun launches the workers itself; a user error in them (a --resume folder that
-    holds no checkpoint) reaches the user as the workers' one-paragraph error and exit code 2, with torchrun's
-    table of which rank failed, not as torchrun's ChildFailedError traceback (exit 1)."""
+    """--gpu_count 2 outside torchrun launches the workers itself; a user error in them (--kernels triton for a
+    head_dim the flash kernel lacks, found once the model's shape is known) reaches the user as the workers'
+    one-paragraph error and exit code 2, with torchrun's table of which rank failed, not as torchrun's
+    ChildFailedError traceback (exit 1)."""
     import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "staged_fast.train", "--gpu_count", "2", "--device", "cpu", "--size", "tiny",
            "--seqlen", "32", "--batch_size", "2", "--train_steps", "3", "--warmup_steps", "1", "--no_progress",
-           "--cache_dir", data_cache, "--save_prefix", str(tmp_path / "run"), "--resume", str(tmp_path / "none")]
+           "--cache_dir", data_cache, "--save_prefix", str(tmp_path / "run"), "--kernels", "triton",
+           "--n_embd", "120"]  # head_dim 60
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     err = proc.stderr
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    assert "is not a staged_fast checkpoint" in err, err[-3000:]
+    assert "the flash attention kernel is built for head_dim" in err, err[-3000:]
     assert "error: 2 worker processes launched with --gpu_count; rank" in err, err[-3000:]

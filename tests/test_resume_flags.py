@@ -1,0 +1,99 @@
+"""A continued run (--resume of a checkpoint in its own --save_prefix) takes the flags its command leaves out
+from the checkpoint, and refuses a changed LR-schedule flag unless --reset_lr_scheduler rebuilds the schedule."""
+import pytest
+import torch
+
+from staged_fast.metrics import read_metrics
+from staged_fast.train import main
+from staged_fast.train_args import (
+    KEPT_ON_CONTINUE, SCHEDULE_FLAGS, UsageError, build_parser, continue_with_saved_flags, given_flags, parse_args,
+)
+from train_utils import losses
+
+# What the run below starts with: every value differs from the flag's default.
+STARTED = {"seqlen": 32, "batch_size": 2, "train_steps": 6, "warmup_steps": 1, "dropout": 0.0, "val_every": 3,
+           "val_batches": 1, "log_rate": 1, "save_every": 100, "lr_decay": "cosine", "weight_decay": 0.1,
+           "fp16": True, "grow_at": "4", "grow_ops": "width"}
+
+
+def _fake_run(folder, step=3, **args):
+    """A run folder whose newest checkpoint holds `args`: what the flags' parsing reads (trainer.pt, meta.json)."""
+    ckpt = folder / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    torch.save({"step": step, "args": dict(vars(build_parser().parse_args([])), **args)}, ckpt / "trainer.pt")
+    return ckpt
+
+
+def test_flags_left_out_are_the_checkpoints_and_given_ones_stay(tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_run(run, **STARTED)
+    args = parse_args(["--resume", "latest", "--save_prefix", str(run), "--batch_size", "3", "--device", "cpu"])
+    for name, value in STARTED.items():
+        assert getattr(args, name) == (3 if name == "batch_size" else value), name
+    assert args.device == "cpu"
+    said = capsys.readouterr().out
+    assert "--seqlen 32; " in said and "--fp16" in said and "--batch_size" not in said
+
+
+def test_a_flag_of_a_group_given_holds_back_the_others(tmp_path):
+    """--bf16 given: the checkpoint's --fp16 would make them clash; --schedule given: its --grow_at stays out."""
+    run = tmp_path / "run"
+    _fake_run(run, **STARTED)
+    plan = tmp_path / "plan.json"
+    given = ["--bf16", "--schedule", str(plan)]
+    args = build_parser().parse_args(["--resume", "latest", "--save_prefix", str(run), *given])
+    continue_with_saved_flags(args, given_flags(given))
+    assert args.bf16 and not args.fp16 and args.grow_at is None and args.grow_ops == "width"
+    assert args.seqlen == 32
+
+
+@pytest.mark.parametrize("flag, value", [("--train_steps", "10"), ("--lr", "0.01"), ("--lr_decay", "linear")])
+def test_a_changed_schedule_flag_is_refused_unless_the_schedule_is_rebuilt(tmp_path, flag, value):
+    run = tmp_path / "run"
+    _fake_run(run, **STARTED)
+    base = ["--resume", "latest", "--save_prefix", str(run)]
+    with pytest.raises(UsageError, match=f"this command asks for {flag} {value}.*Add --reset_lr_scheduler"):
+        parse_args([*base, flag, value])
+    assert str(getattr(parse_args([*base, flag, value, "--reset_lr_scheduler"]), flag[2:])) == value
+    assert parse_args([*base, "--train_steps", "6"]).train_steps == 6  # the same value: no change
+
+
+def test_a_checkpoint_of_another_folder_or_a_doubling_takes_nothing(tmp_path):
+    """A new run started from another run's checkpoint, or the seed's --doubling, is defined by its command."""
+    ckpt = _fake_run(tmp_path / "old", **STARTED)
+    defaults = build_parser().parse_args([])
+    for argv in (["--resume", str(ckpt), "--save_prefix", str(tmp_path / "new")],
+                 ["--resume", str(ckpt), "--save_prefix", str(tmp_path / "old"), "--doubling", "weights"]):
+        args = parse_args(argv)
+        assert (args.seqlen, args.train_steps, args.fp16) == (defaults.seqlen, defaults.train_steps, False), argv
+
+
+def test_given_flags_reads_the_command_as_argparse_does():
+    assert given_flags(["--train_step", "5", "--seqlen=64", "--bf16", "--data", "a", "b"]) == {
+        "train_steps", "seqlen", "bf16", "data"}
+    assert set(SCHEDULE_FLAGS) <= set(KEPT_ON_CONTINUE)
+
+
+def test_resume_with_only_the_folder_continues_bit_for_bit(tmp_path, data_cache, capsys):
+    """The README's `--resume latest --save_prefix DIR`: the losses equal an uninterrupted run's, and the LR
+    follows the run's own schedule (it used to run on to --train_steps' default 250000 on the default corpus
+    and batch, past the schedule's end at LR 0)."""
+    flags = ["--size", "tiny", "--seqlen", "32", "--batch_size", "2", "--train_steps", "6", "--warmup_steps", "1",
+             "--dropout", "0.1", "--log_rate", "1", "--val_every", "1000", "--save_every", "1000", "--no_progress",
+             "--device", "cpu", "--cache_dir", data_cache]
+    assert main([*flags, "--save_prefix", str(tmp_path / "straight")]) == 0
+    assert main([*flags, "--save_prefix", str(tmp_path / "split"), "--stop_at_step", "3"]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "latest", "--save_prefix", str(tmp_path / "split"), "--no_progress"]) == 0
+    said = capsys.readouterr().out
+    assert "note: continuing the run in" in said and "--train_steps 6" in said, said[-2000:]
+    assert "done: step 6, 384 tokens" in said, said[-2000:]
+    # the run's summary before its first update, with the flags it continued with
+    assert "model: gpt2 2L/128d/2H, 7.0M parameters (393.2k in the blocks), vocab 50257, dropout 0.1; torch " \
+           "kernels, fp32 on cpu, 1 process" in said, said[-2000:]
+    assert "64 tokens per update = 2 x 32 x 1 accumulated x 1 ranks; 3 updates to go = 192 tokens" in said
+    assert "schedule: resumed at step 3 to 6, peak LR 0.00246, warmup 1, linear decay to 0" in said
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "lr" in r]
+    assert len(lrs) == 6 and all(lr > 0 for lr in lrs)
