@@ -299,6 +299,12 @@ class Trainer:
             return
         st = ckpt.trainer_state
         self.schedule = fresh if a.reset_lr_scheduler else LRSchedule.from_state_dict(st["schedule"])
+        if self.schedule.train_steps < a.train_steps:  # a continued run's flags are checked at parsing (train_args)
+            end = self.schedule.train_steps
+            self.log(f"warning: the LR schedule of {self.resume_path} ends at step {end}, and --train_steps is "
+                     f"{a.train_steps}: the updates past step {end} run at its final LR ({self.schedule.min_lr:g}). "
+                     f"Pass --reset_lr_scheduler to rebuild the schedule from this command's flags, or --train_steps "
+                     f"{end}.")
         self.step, self.iteration, self.tokens = st["step"], st["iteration"], st["tokens"]
         self.last_val_loss = st.get("last_val_loss")
         self.growth_log = list(st.get("growth_log", []))

@@ -97,3 +97,10 @@ def test_resume_with_only_the_folder_continues_bit_for_bit(tmp_path, data_cache,
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     lrs = [r["lr"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "lr" in r]
     assert len(lrs) == 6 and all(lr > 0 for lr in lrs)
+    # a new run from this checkpoint (another folder) is defined by its command: a --train_steps past the end of
+    # the checkpoint's schedule is trained at its final LR, and said so
+    assert main([*flags, "--resume", str(tmp_path / "split"), "--save_prefix", str(tmp_path / "branch"),
+                 "--train_steps", "8", "--stop_at_step", "7"]) == 0
+    said = capsys.readouterr().out
+    assert "ends at step 6, and --train_steps is 8: the updates past step 6 run at its final LR (0)" in said, said
+    assert "note: continuing" not in said
