@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--save_prefix", default=None, help="run folder for checkpoints and logs (default: runs/<size>-<time>)")
+    g.add_argument("--save_prefix", default=None, help="run folder for checkpoints and logs (default: the --resume "
+                   "run's own folder when --resume names its newest checkpoint, else runs/<size>-<time>)")
     g.add_argument("--resume", default=None, help="checkpoint folder, run folder, or 'latest' (in --save_prefix) to "
                    "continue; continuing a checkpoint of --save_prefix's own run, the training flags this command "
                    "leaves out are the checkpoint's (data, batch, schedule, precision, growth plan; a note says "
@@ -216,6 +217,21 @@ def _flag_text(name: str, value) -> str:
     return f"--{name} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
+def continue_in_the_checkpoints_folder(args) -> None:
+    """`--resume RUN` without --save_prefix continues RUN in its own folder when it names that run's newest
+    checkpoint (the run folder, or its newest step_ folder); it used to start a new timestamped folder with the
+    command's defaults. An older checkpoint still starts a new folder (continued in place, it would overwrite
+    the newer ones), and so does --doubling (the seed's workflow writes the grown run elsewhere)."""
+    if args.save_prefix is not None or not args.resume or args.resume == "latest" or args.doubling:
+        return
+    from .checkpoint import list_checkpoints, resolve_checkpoint
+
+    path = resolve_checkpoint(args.resume)
+    found = list_checkpoints(path.parent)
+    if found and found[-1].resolve() == path.resolve():
+        args.save_prefix = str(path.parent)
+
+
 def continue_with_saved_flags(args, given: set[str]) -> list[str]:
     """Fill the flags a continued run's command leaves out from its checkpoint (KEPT_ON_CONTINUE); refuse a
     changed schedule flag without --reset_lr_scheduler. Returns the flags taken, as text."""
@@ -254,6 +270,7 @@ def parse_args(argv: list[str] | None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    continue_in_the_checkpoints_folder(args)
     taken = continue_with_saved_flags(args, given_flags(argv))
     if taken:
         _note(f"continuing the run in {args.save_prefix} with its checkpoint's flags where this command leaves "

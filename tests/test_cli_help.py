@@ -49,7 +49,7 @@ def test_each_default_is_shown_once_and_only_where_it_is_a_value(name, capsys, m
 
 @pytest.mark.parametrize("name, shown", [
     ("train", "--seed SEED seeds init, data order and dropout (default: 1234)"),
-    ("train", "(default: runs/<size>-<time>)"),  # the help's own, without argparse's "(default: None)" after it
+    ("train", "else runs/<size>-<time>)"),  # the help's own, without argparse's "(default: None)" after it
     ("grow", "--width_noise WIDTH_NOISE std of E"),
     ("grow", "(default: alternate_id)"),
     ("sample", "tokens to generate per sample (default: 100)"),  # was shown no default at all

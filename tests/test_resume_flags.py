@@ -69,6 +69,19 @@ def test_a_checkpoint_of_another_folder_or_a_doubling_takes_nothing(tmp_path):
         assert (args.seqlen, args.train_steps, args.fp16) == (defaults.seqlen, defaults.train_steps, False), argv
 
 
+def test_resume_of_a_runs_newest_checkpoint_without_save_prefix_continues_in_its_folder(tmp_path):
+    """`--resume RUN` alone continues RUN (its flags included); it used to start a timestamped folder with the
+    defaults. An older checkpoint, or --doubling, still starts a new folder: nothing of RUN is overwritten."""
+    run = tmp_path / "run"
+    _fake_run(run, step=3, **STARTED)
+    newest = _fake_run(run, step=5, **STARTED)
+    for resume in (run, newest):
+        args = parse_args(["--resume", str(resume)])
+        assert args.save_prefix == str(run) and args.seqlen == STARTED["seqlen"], resume
+    assert parse_args(["--resume", str(run / "step_00000003")]).save_prefix is None
+    assert parse_args(["--resume", str(run), "--doubling", "weights"]).save_prefix is None
+
+
 def test_given_flags_reads_the_command_as_argparse_does():
     assert given_flags(["--train_step", "5", "--seqlen=64", "--bf16", "--data", "a", "b"]) == {
         "train_steps", "seqlen", "bf16", "data"}
