@@ -217,33 +217,41 @@ def _flag_text(name: str, value) -> str:
     return f"--{name} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
-def continue_in_the_checkpoints_folder(args) -> None:
-    """`--resume RUN` without --save_prefix continues RUN in its own folder when it names that run's newest
-    checkpoint (the run folder, or its newest step_ folder); it used to start a new timestamped folder with the
-    command's defaults. An older checkpoint still starts a new folder (continued in place, it would overwrite
-    the newer ones), and so does --doubling (the seed's workflow writes the grown run elsewhere)."""
-    if args.save_prefix is not None or not args.resume or args.resume == "latest" or args.doubling:
-        return
+def _continued_checkpoint(args) -> Path | None:
+    """The checkpoint this --resume continues in its own run folder, else None (no --resume, --doubling, a fresh
+    `latest`, another folder's checkpoint). Without --save_prefix, a --resume of its run's newest checkpoint (the
+    run folder, or its newest step_ folder) continues that run there: --save_prefix is set to the folder (it used
+    to be a new timestamped one, with the command's defaults). An older checkpoint still starts a new folder
+    (continued in place, it would overwrite the newer ones), and so does --doubling (the seed's workflow writes
+    the grown run elsewhere)."""
+    if not args.resume or args.doubling:
+        return None
     from .checkpoint import list_checkpoints, resolve_checkpoint
 
-    path = resolve_checkpoint(args.resume)
-    found = list_checkpoints(path.parent)
-    if found and found[-1].resolve() == path.resolve():
+    if args.save_prefix is None:
+        if args.resume == "latest":
+            return None  # the trainer names the missing --save_prefix
+        path = resolve_checkpoint(args.resume)
+        found = list_checkpoints(path.parent)
+        if not found or found[-1].resolve() != path.resolve():
+            return None
         args.save_prefix = str(path.parent)
+        return path
+    if args.resume == "latest" and not list_checkpoints(args.save_prefix):
+        return None  # a fresh start
+    path = resolve_checkpoint(args.resume, args.save_prefix)
+    return path if path.resolve().parent == Path(args.save_prefix).resolve() else None
 
 
 def continue_with_saved_flags(args, given: set[str]) -> list[str]:
     """Fill the flags a continued run's command leaves out from its checkpoint (KEPT_ON_CONTINUE); refuse a
-    changed schedule flag without --reset_lr_scheduler. Returns the flags taken, as text."""
-    if not args.resume or args.doubling or args.save_prefix is None:
+    changed schedule flag without --reset_lr_scheduler. Returns the flags taken, as text. A new run from another
+    run's checkpoint takes nothing: its command says what it trains."""
+    path = _continued_checkpoint(args)
+    if path is None:
         return []
-    from .checkpoint import list_checkpoints, read_trainer_state, resolve_checkpoint
+    from .checkpoint import read_trainer_state
 
-    if args.resume == "latest" and not list_checkpoints(args.save_prefix):
-        return []  # a fresh start
-    path = resolve_checkpoint(args.resume, args.save_prefix)
-    if path.resolve().parent != Path(args.save_prefix).resolve():
-        return []  # a new run from another run's checkpoint: its command says what it trains
     state = read_trainer_state(path)
     saved = state.get("args") or {}
     changed = [n for n in SCHEDULE_FLAGS if n in given and n in saved and getattr(args, n) != saved[n]]
@@ -270,7 +278,6 @@ def parse_args(argv: list[str] | None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    continue_in_the_checkpoints_folder(args)
     taken = continue_with_saved_flags(args, given_flags(argv))
     if taken:
         _note(f"continuing the run in {args.save_prefix} with its checkpoint's flags where this command leaves "
