@@ -28,11 +28,17 @@ def describe_run(trainer) -> list[str]:
              f"dropout {config.dropout}; {trainer.backend} kernels, {precision(a, trainer.device.type)} on "
              f"{trainer.device.type}, {ranks}")
     per_update = trainer.tokens_per_step
-    updates = max(0, a.train_steps - trainer.step)  # a growth that restarts the step counter adds more
+    updates, exact = trainer.growths.updates_left(a, trainer.step, trainer.iteration)
+    if not exact:
+        to_go = f"at least {updates:,} updates to go (a --grow_when growth that restarts the step counter adds more)"
+    elif updates != max(0, a.train_steps - trainer.step):
+        to_go = f"{updates:,} updates to go (the growths restart the step counter)"
+    else:
+        to_go = f"{updates:,} updates to go"
     train_tokens = len(trainer.data.train)
     data = (f"data: {train_tokens:,} train / {len(trainer.data.val):,} val tokens ({trainer.data.source}); "
             f"{per_update:,} tokens per update = {a.batch_size} x {a.seqlen} x {a.grad_accum} accumulated x "
-            f"{dist.world_size} ranks; {updates:,} updates to go = {updates * per_update:,} tokens "
+            f"{dist.world_size} ranks; {to_go} = {updates * per_update:,} tokens "
             f"({updates * per_update / max(train_tokens, 1):.2f} epochs)")
     s = trainer.schedule
     start = "from step 0" if trainer.step == 0 else f"resumed at step {trainer.step}"

@@ -26,12 +26,13 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from . import distributed as D  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .config import ConfigError  # noqa: E402
 from .run_folder import RunFolderError, RunLock, remove_leftovers  # noqa: E402
-from .train_args import UsageError, demo_argv, parse_args  # noqa: E402
+from .train_args import FLAGS_REPORTED_ENV, UsageError, demo_argv, parse_args  # noqa: E402
 
 # Errors that are the user's to fix: one paragraph, exit code 2, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, UsageError, RunFolderError)
@@ -72,7 +73,11 @@ def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> 
         with preemption.raising_until_launch():
             from torch.distributed.run import main as torchrun_main
 
-            torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "staged_fast.train", *argv])
+            os.environ[FLAGS_REPORTED_ENV] = "1"  # the workers inherit it: this process said the notes
+            try:
+                torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "staged_fast.train", *argv])
+            finally:
+                os.environ.pop(FLAGS_REPORTED_ENV, None)  # main may run in-process (tests, notebooks)
     except PreemptedBeforeLaunch:
         print(f"stop requested (SIGTERM) before the {n} worker processes started: none launched, nothing "
               "written; run the same command to start", file=sys.stderr)
@@ -240,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             args.save_prefix = D.broadcast_object(f"runs/{args.size or 'model'}-{stamp}", dist)
         from .trainer import Trainer, run
 
-        log = print if dist.is_main else (lambda *a, **k: None)
+        # tqdm.write prints above the progress bar instead of through it (a growth's line, a warning)
+        log = (lambda msg: tqdm.write(str(msg))) if dist.is_main else (lambda *a, **k: None)
         lock = _own_run_folder(Path(args.save_prefix), dist, log)
         trainer = Trainer(args, dist, log=log)
         preemption.attach(trainer)

@@ -408,17 +408,26 @@ def validate(args) -> None:
               f"for the whole run and never reaches its peak nor decays. Lower --warmup_steps if that is not meant.")
 
 
+# Set by the --gpu_count launcher for its workers: it parsed the same flags and said their notes already.
+FLAGS_REPORTED_ENV = "STAGED_FAST_FLAGS_REPORTED"
+
+
+def _reports() -> bool:
+    """Whether this process says what parsing found: once per job, on rank 0 (every process of a torchrun job
+    parses the same flags), and not again in the workers of a --gpu_count launcher that said it."""
+    return os.environ.get("RANK", "0") == "0" and not ("RANK" in os.environ and FLAGS_REPORTED_ENV in os.environ)
+
+
 def _warn(message: str) -> None:
-    """Once per job: on rank 0 (every process of a torchrun job parses the same flags)."""
     import sys
 
-    if os.environ.get("RANK", "0") == "0":
+    if _reports():
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _note(message: str) -> None:
-    """Once per job, on stdout with the run's other notes."""
-    if os.environ.get("RANK", "0") == "0":
+    """On stdout with the run's other notes."""
+    if _reports():
         print(f"note: {message}", flush=True)
 
 
@@ -519,15 +528,16 @@ def _check_paths(args) -> None:
                           f"its learned position table stops there. Pass --seqlen {n_positions} or less.")
 
 
-def _restart_counter(args, counter: int, op: str) -> int:
-    """The step counter after a growth at `counter` under --restart_steps (as Trainer.grow sets it)."""
-    if args.restart_steps is None:
-        return counter
-    if args.restart_steps == "auto":
+def restart_value(restart, counter: int, op: str) -> int | None:
+    """The step counter a growth at `counter` restarts to: None (--restart_steps not given: it goes on), or R
+    ('auto': the counter / the operator's constant, as the paper's schedule assumes)."""
+    if restart is None:
+        return None
+    if restart == "auto":
         from .schedule import constant_op
 
         return int(round(counter / constant_op(op)))
-    return args.restart_steps
+    return int(restart)
 
 
 def _check_growths(args) -> None:
@@ -554,7 +564,8 @@ def _check_growths(args) -> None:
                 f"update {ends}{' (after the earlier growths restart it)' if done else ''}, where the run ends. "
                 f"Grow earlier, or raise --train_steps."
             )
-        counter, done = _restart_counter(args, counter, op), at
+        restart = restart_value(args.restart_steps, counter, op)
+        counter, done = counter if restart is None else restart, at
 
 
 def _check_plan(args) -> None:

@@ -26,7 +26,7 @@ from .run_summary import describe_run
 from .model import GPT
 from .optim import decay_groups, names_in_optimizer_order, state_in_layout
 from .schedule.growth_schedule import GrowthSchedule, load_plan
-from .train_args import UsageError, model_config, peak_lr
+from .train_args import UsageError, model_config, peak_lr, restart_value
 
 
 def _grown(config: GPTConfig, ops: list[str]) -> GPTConfig:
@@ -319,7 +319,7 @@ class Trainer:
                     "--restart_steps on a resume moves the step counter back; that is only meant for the first "
                     "resume of a freshly grown checkpoint, and this one was not just grown. Drop --restart_steps."
                 )
-            r = self._restart_value(grown_op, self.step)
+            r = restart_value(self.args.restart_steps, self.step, grown_op)
             self.step = r
             self.schedule.restart(r, a.restart_warmup_steps)
             for state in self.optimizer.state.values():  # Adam's bias correction follows the counter, as in-memory
@@ -419,13 +419,10 @@ class Trainer:
         self.model.train()
         return D.all_reduce_mean(total / max(n, 1), self.dist).item()
 
-    def _restart_value(self, op: str, step: int, override=None) -> int | None:
-        r = self.args.restart_steps if override is None else override
-        if r == "auto":
-            from .schedule import constant_op
-
-            return int(round(step / constant_op(op)))
-        return r
+    def updates_total(self) -> int:
+        """Updates the run takes in all, the growths' restarts of the step counter counted (a slope-rule growth
+        not yet fired counts none)."""
+        return self.iteration + self.growths.updates_left(self.args, self.step, self.iteration)[0]
 
     def grow(self, op: str, restart_step=None, restart_warmup_steps: int | None = None) -> dict:
         """Grow model and optimizer in memory (every rank identically), rebuild DDP, move the schedule."""
@@ -434,7 +431,7 @@ class Trainer:
         a = self.args
         before = self.evaluate(num_batches=1)
         old_shape = self.config.shape_str()
-        restart = self._restart_value(op, self.step, restart_step)
+        restart = restart_value(a.restart_steps if restart_step is None else restart_step, self.step, op)
         warmup = a.restart_warmup_steps if restart_warmup_steps is None else restart_warmup_steps
         if op == "width" and a.width_noise == 0 and self.config.dropout == 0 and self.config.attn_dropout == 0:
             self.log("warning: width growth with dropout 0 and --width_noise 0: the two halves get identical "
@@ -597,8 +594,9 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     a = trainer.args
-    bar = tqdm(total=a.train_steps, initial=trainer.step, disable=not (progress and trainer.dist.is_main),
-               desc="train", dynamic_ncols=True)
+    # the bar counts updates: the step counter moves back at a growth with --restart_steps, the updates do not
+    bar = tqdm(total=trainer.updates_total(), initial=trainer.iteration,
+               disable=not (progress and trainer.dist.is_main), desc="train", unit="update", dynamic_ncols=True)
     window = trainer.rate_window()
     last = {}
     # A SIGTERM to any rank during the start: all leave before the first update, with nothing new to save
@@ -625,7 +623,7 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
                                 size=trainer.config.shape_str(), tok_s=f"{last['train_tokens_per_s']:.0f}")
             trainer.maybe_grow(window.paused)
-            bar.n = min(trainer.step, a.train_steps)
+            bar.total, bar.n = trainer.updates_total(), trainer.iteration  # a growth can change the total
             bar.refresh()
             # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at one update
             # (an all-reduce of the flag, read one update later in a multi-rank run so that no update waits for

@@ -27,10 +27,12 @@ def _updates(run):
     return [r for r in _records(run) if "loss" in r and "event" not in r]
 
 
-def test_growth_mid_run_preserves_loss_and_restarts_schedule(tmp_path, data_cache):
+def test_growth_mid_run_preserves_loss_and_restarts_schedule(tmp_path, data_cache, capsys):
     run = tmp_path / "run"
     assert train(run, data_cache, *START, "--train_steps", "8", "--grow_at", "4", "--grow_ops", "width",
                  "--restart_steps", "2", "--restart_warmup_steps", "2") == 0
+    # the summary counts the updates the growth's restart adds (the run takes 10, below)
+    assert "10 updates to go (the growths restart the step counter)" in capsys.readouterr().out
     (event,) = _growths(run)
     assert event["old_size"] == "2L/64d/1H" and event["new_size"] == "2L/128d/2H"
     assert event["iteration"] == 4 and event["step_before"] == 4 and event["step_after"] == 2

@@ -275,12 +275,14 @@ def test_gpu_count_worker_error_exits_with_its_code_and_no_traceback(tmp_path, d
     import sys
 
     cmd = [sys.executable, "-m", "staged_fast.train", "--gpu_count", "2", "--device", "cpu", "--size", "tiny",
-           "--seqlen", "32", "--batch_size", "2", "--train_steps", "3", "--warmup_steps", "1", "--no_progress",
+           "--seqlen", "32", "--batch_size", "2", "--train_steps", "3", "--warmup_steps", "5", "--no_progress",
            "--cache_dir", data_cache, "--save_prefix", str(tmp_path / "run"), "--kernels", "triton",
-           "--n_embd", "120"]  # head_dim 60
+           "--n_embd", "120"]  # head_dim 60; warmup past the end: a parse-time warning
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     err = proc.stderr
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "the flash attention kernel is built for head_dim" in err, err[-3000:]
     assert "error: 2 worker processes launched with --gpu_count; rank" in err, err[-3000:]
+    # said once, by the launcher: the workers parse the same flags and keep quiet about them
+    assert err.count("warning: --warmup_steps 5 is longer than --train_steps 3") == 1, err[-3000:]

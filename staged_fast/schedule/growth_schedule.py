@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..train_args import UsageError, growth_ops, model_config
+from ..train_args import UsageError, growth_ops, model_config, restart_value
 
 
 @dataclass
@@ -120,6 +120,22 @@ class GrowthSchedule:
 
             self.trigger.reset(n_params)
             self.trigger.threshold = threshold_for(self.pending.op)
+
+    def updates_left(self, args, step: int, iteration: int) -> tuple[int, bool]:
+        """Updates until the step counter reaches --train_steps, counting the restarts of the counter by the
+        growths still to come, and whether that is exact (a slope-rule growth's update is known only when it
+        fires: the count is then a lower bound)."""
+        counter, done = step, iteration
+        for req in self.requests[self.next:]:
+            if req.iteration is None:
+                return done - iteration + max(0, args.train_steps - counter), False
+            if counter + req.iteration - done > args.train_steps:
+                break  # the run ends before this growth
+            counter += req.iteration - done
+            restart = restart_value(args.restart_steps if req.restart_step is None else req.restart_step,
+                                    counter, req.op)
+            counter, done = counter if restart is None else restart, req.iteration
+        return done - iteration + max(0, args.train_steps - counter), True
 
     def state_dict(self) -> dict:
         return {"next_growth": self.next, "slope_points": list(self.points)}
