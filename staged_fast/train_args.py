@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the schedule's value this many steps later")
     g.add_argument("--reset_lr_scheduler", action="store_true", help="on --resume, rebuild the LR schedule from "
                    "the flags instead of the checkpoint's")
+    g.add_argument("--reset_data_order", action="store_true", help="on --resume, start a new data order (other "
+                   "--data, --seed or --seqlen) instead of going on where the checkpoint's stopped; the model may "
+                   "see again what it has seen")
     g.add_argument("--grow_at", default=None, help="comma-separated steps at which to grow in memory")
     g.add_argument("--grow_ops", default="width", help=f"comma-separated operators, one per growth: {', '.join(GROWTH_OP_NAMES)}")
     g.add_argument("--schedule", default=None, help="plan JSON from `python -m staged_fast.schedule plan`")
@@ -194,6 +197,11 @@ KEPT_ON_CONTINUE = (
     "width_noise", "restart_steps", "restart_warmup_steps", "grow_at", "grow_ops", "schedule", "grow_when",
     "doubling_layers",
 )
+# What the checkpoint's data order (its sampler's position) was drawn from. A new run from another run's
+# checkpoint (a branch, or --doubling) takes the ones its command leaves out as well, so that it goes on with
+# the data it has not seen yet: the command's defaults (the bundled corpus, seed 1234) were refused by the
+# sampler. --reset_data_order starts a new order instead.
+DATA_ORDER_FLAGS = ("data", "tokenizer", "text_field", "val_fraction", "val_data", "cache_dir", "seed", "seqlen")
 # Flags that go together: one of them given, the others are not taken from the checkpoint either.
 _TOGETHER = (("fp16", "bf16"), ("grow_at", "grow_ops", "schedule", "grow_when"))
 # What the LR schedule was built from. A continued run keeps the checkpoint's schedule, so a changed value would
@@ -243,15 +251,42 @@ def _continued_checkpoint(args) -> Path | None:
     return path if path.resolve().parent == Path(args.save_prefix).resolve() else None
 
 
-def continue_with_saved_flags(args, given: set[str]) -> list[str]:
+def _branched_checkpoint(args) -> Path | None:
+    """The checkpoint a new run starts from (--resume of another folder's checkpoint, or --doubling), else None."""
+    if not args.resume:
+        return None
+    from .checkpoint import list_checkpoints, resolve_checkpoint
+
+    if args.resume == "latest":
+        if args.save_prefix is None or not list_checkpoints(args.save_prefix):
+            return None  # a fresh start, or the trainer names the missing --save_prefix
+    return resolve_checkpoint(args.resume, args.save_prefix)
+
+
+def _take(args, saved: dict, names, skip: set[str]) -> list[str]:
+    taken = []
+    for name in names:
+        if name in skip or name not in saved or getattr(args, name) == saved[name]:
+            continue
+        setattr(args, name, saved[name])
+        taken.append(_flag_text(name, saved[name]))
+    return taken
+
+
+def continue_with_saved_flags(args, given: set[str]) -> tuple[list[str], Path | None]:
     """Fill the flags a continued run's command leaves out from its checkpoint (KEPT_ON_CONTINUE); refuse a
-    changed schedule flag without --reset_lr_scheduler. Returns the flags taken, as text. A new run from another
-    run's checkpoint takes nothing: its command says what it trains."""
-    path = _continued_checkpoint(args)
-    if path is None:
-        return []
+    changed schedule flag without --reset_lr_scheduler. A new run from another run's checkpoint is defined by its
+    command, but for the data order's flags it leaves out (DATA_ORDER_FLAGS). Returns the flags taken, as text,
+    and the checkpoint they came from when that is a branch (None when the run continues)."""
     from .checkpoint import read_trainer_state
 
+    path = _continued_checkpoint(args)
+    if path is None:
+        branched = _branched_checkpoint(args)
+        if branched is None:
+            return [], None
+        saved = read_trainer_state(branched).get("args") or {}
+        return _take(args, saved, DATA_ORDER_FLAGS, given), branched
     state = read_trainer_state(path)
     saved = state.get("args") or {}
     changed = [n for n in SCHEDULE_FLAGS if n in given and n in saved and getattr(args, n) != saved[n]]
@@ -264,13 +299,7 @@ def continue_with_saved_flags(args, given: set[str]) -> list[str]:
             f"from this command's flags from step {state.get('step', '?')} on, or leave "
             f"{', '.join('--' + n for n in changed)} out to finish the run as it was planned.")
     held = {n for group in _TOGETHER if given.intersection(group) for n in group}
-    taken = []
-    for name in KEPT_ON_CONTINUE:
-        if name in given or name in held or name not in saved or getattr(args, name) == saved[name]:
-            continue
-        setattr(args, name, saved[name])
-        taken.append(_flag_text(name, saved[name]))
-    return taken
+    return _take(args, saved, KEPT_ON_CONTINUE, given | held), None
 
 
 def parse_args(argv: list[str] | None):
@@ -278,10 +307,13 @@ def parse_args(argv: list[str] | None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    taken = continue_with_saved_flags(args, given_flags(argv))
-    if taken:
+    taken, branched = continue_with_saved_flags(args, given_flags(argv))
+    if taken and branched is None:
         _note(f"continuing the run in {args.save_prefix} with its checkpoint's flags where this command leaves "
               f"them out: {'; '.join(taken)}")
+    elif taken:
+        _note(f"starting from {branched} with its data order's flags where this command leaves them out, so that "
+              f"it goes on with the data the checkpoint has not seen: {'; '.join(taken)}")
     validate(args)
     return args
 

@@ -308,7 +308,11 @@ class Trainer:
         self.step, self.iteration, self.tokens = st["step"], st["iteration"], st["tokens"]
         self.last_val_loss = st.get("last_val_loss")
         self.growth_log = list(st.get("growth_log", []))
-        self.sampler.load_state_dict(st["sampler"])
+        if a.reset_data_order:
+            self.log(f"--reset_data_order: a new data order from the start of the data (seed {a.seed}), not the "
+                     f"checkpoint's")
+        else:
+            self.sampler.load_state_dict(st["sampler"])
         # grown by train --doubling (grown_at_iteration) or by `python -m staged_fast.grow` (grown_from;
         # the trainer does not carry that key into later checkpoints, so its presence means "not trained since")
         just_grown = st.get("grown_at_iteration") == self.iteration or "grown_from" in st

@@ -43,7 +43,7 @@ def test_a_flag_of_a_group_given_holds_back_the_others(tmp_path):
     plan = tmp_path / "plan.json"
     given = ["--bf16", "--schedule", str(plan)]
     args = build_parser().parse_args(["--resume", "latest", "--save_prefix", str(run), *given])
-    continue_with_saved_flags(args, given_flags(given))
+    assert continue_with_saved_flags(args, given_flags(given))[1] is None  # a continuation, not a branch
     assert args.bf16 and not args.fp16 and args.grow_at is None and args.grow_ops == "width"
     assert args.seqlen == 32
 
@@ -59,14 +59,20 @@ def test_a_changed_schedule_flag_is_refused_unless_the_schedule_is_rebuilt(tmp_p
     assert parse_args([*base, "--train_steps", "6"]).train_steps == 6  # the same value: no change
 
 
-def test_a_checkpoint_of_another_folder_or_a_doubling_takes_nothing(tmp_path):
-    """A new run started from another run's checkpoint, or the seed's --doubling, is defined by its command."""
-    ckpt = _fake_run(tmp_path / "old", **STARTED)
+def test_a_checkpoint_of_another_folder_or_a_doubling_takes_only_its_data_order(tmp_path, capsys):
+    """A new run started from another run's checkpoint, or the seed's --doubling, is defined by its command, but
+    for the flags of the data order it goes on with (the sampler refused the defaults' corpus and seed)."""
+    ckpt = _fake_run(tmp_path / "old", **STARTED, seed=7, data=["corpus.txt"])
     defaults = build_parser().parse_args([])
     for argv in (["--resume", str(ckpt), "--save_prefix", str(tmp_path / "new")],
                  ["--resume", str(ckpt), "--save_prefix", str(tmp_path / "old"), "--doubling", "weights"]):
         args = parse_args(argv)
-        assert (args.seqlen, args.train_steps, args.fp16) == (defaults.seqlen, defaults.train_steps, False), argv
+        assert (args.seqlen, args.seed, args.data) == (32, 7, ["corpus.txt"]), argv
+        assert (args.train_steps, args.batch_size, args.fp16) == (defaults.train_steps, defaults.batch_size, False)
+        said = capsys.readouterr().out
+        assert f"note: starting from {ckpt} with its data order's flags" in said and "--seed 7" in said, said
+    given = parse_args(["--resume", str(ckpt), "--save_prefix", str(tmp_path / "new"), "--seed", "8"])
+    assert (given.seed, given.seqlen) == (8, 32)
 
 
 def test_resume_of_a_runs_newest_checkpoint_without_save_prefix_continues_in_its_folder(tmp_path):
@@ -117,3 +123,16 @@ def test_resume_with_only_the_folder_continues_bit_for_bit(tmp_path, data_cache,
     said = capsys.readouterr().out
     assert "ends at step 6, and --train_steps is 8: the updates past step 6 run at its final LR (0)" in said, said
     assert "note: continuing" not in said
+    # a branch whose command gives only the folders: it takes the data order's flags (the default --seed and
+    # corpus were refused by the sampler), and the rest from the command
+    bare = ["--resume", str(tmp_path / "split"), "--no_progress", "--train_steps", "7", "--reset_lr_scheduler",
+            "--size", "tiny", "--batch_size", "2", "--warmup_steps", "1", "--device", "cpu"]
+    assert main([*bare, "--save_prefix", str(tmp_path / "bare")]) == 0
+    said = capsys.readouterr().out
+    assert "with its data order's flags" in said and "--seqlen 32" in said, said[-2000:]
+    assert "done: step 7, 448 tokens" in said, said[-2000:]
+    # another seed: refused, naming --reset_data_order, which starts a new order
+    assert main([*bare, "--save_prefix", str(tmp_path / "seed"), "--seed", "5"]) == 2
+    assert "add --reset_data_order to start a new data order" in capsys.readouterr().err
+    assert main([*bare, "--save_prefix", str(tmp_path / "seed"), "--seed", "5", "--reset_data_order"]) == 0
+    assert "--reset_data_order: a new data order from the start of the data (seed 5)" in capsys.readouterr().out

@@ -110,7 +110,8 @@ class TokenSampler:
                 raise DataError(
                     f"Cannot resume the data order: the checkpoint's sampler has {key}={state[key]}, this run "
                     f"{key}={getattr(self, key)}. Fix: resume with the same --seed, --seqlen and data as the "
-                    "checkpoint (or start a fresh data order without loading the sampler state).")
+                    "checkpoint (leave them out to take the checkpoint's), or add --reset_data_order to start a "
+                    "new data order.")
         # Same layout: start + k*W*B == old consumed count, so this continues bit for bit. New world_size or
         # batch_size: the new micro-batch 0 begins at the first sample no rank has seen.
         self.start, self.k = int(state["consumed_samples"]), 0
