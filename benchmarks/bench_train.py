@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from staged_fast.cli_help import HelpFormatter  # noqa: E402
+from staged_fast.cli_types import unit_interval  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--kernels", default="auto", choices=BACKENDS, help="our model's kernels (auto: triton on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 16 on CUDA, 2 on CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 1024 on CUDA, 64 on CPU)")
-    p.add_argument("--dropout", type=float, default=0.1, help="embedding/residual/attention dropout of both models")
+    p.add_argument("--dropout", type=unit_interval, default=0.1, help="embedding/residual/attention dropout of both models")
     p.add_argument("--steps", type=int, default=None, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--quick", action="store_true", help="fewer timed steps")
     p.add_argument("--rows", default=",".join(ROWS),

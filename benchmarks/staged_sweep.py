@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import staged_vs_direct as svd  # noqa: E402
 from staged_fast.cli_help import HelpFormatter  # noqa: E402
+from staged_fast.cli_types import non_negative_float, unit_interval  # noqa: E402
 
 OPS = {"width": ("_div2_width", "width"), "depth": ("_div2_depth", "alternate_id")}
 # (target, start suffix, seqlen, batch, S, warmup, val_every, val_batches); --gpu uses explicit shapes.
@@ -303,13 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", default=None, help="comma-separated peak LRs of the direct runs (default: the mode's)")
     p.add_argument("--train_steps", type=int, default=None, help="updates per run (default: the mode's)")
     p.add_argument("--vocab", default="bpe2048", help="'gpt2' or 'bpeN' (see staged_vs_direct.py)")
-    p.add_argument("--width_noise", type=float, default=0.01, help="symmetry-breaking split of width growth")
+    p.add_argument("--width_noise", type=non_negative_float, default=0.01, help="symmetry-breaking split of width growth")
     p.add_argument("--out", default=None, help="sweep folder (default runs/staged_sweep_<mode>)")
     p.add_argument("--cache_dir", default=None, help="tokenized-data cache (default: the trainer's)")
     p.add_argument("--data", nargs="+", default=None,
                    help="the trainer's --data (default: the bundled corpus, 1.6M tokens: too small for --gpu; "
                         "with a corpus of your own, --vocab gpt2 tokenizes it with GPT-2's BPE)")
-    p.add_argument("--val_fraction", type=float, default=0.01, help="the trainer's --val_fraction")
+    p.add_argument("--val_fraction", type=unit_interval, default=0.01, help="the trainer's --val_fraction")
     p.add_argument("--analyze_only", action="store_true", help="rebuild the tables and figure from the runs")
     return p
 

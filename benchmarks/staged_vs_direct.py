@@ -66,6 +66,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from staged_fast.cli_help import HelpFormatter  # noqa: E402
+from staged_fast.cli_types import non_negative_float  # noqa: E402
 
 GPT2_VOCAB = 50257
 
@@ -441,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_batches", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--warmup_steps", type=int, default=None)
-    p.add_argument("--width_noise", type=float, default=0.01, help="std of the symmetry-breaking split of the "
+    p.add_argument("--width_noise", type=non_negative_float, default=0.01, help="std of the symmetry-breaking split of the "
                    "width growth (function-preserving; 0 = plain copy, whose two halves stay identical forever "
                    "with dropout 0, so the grown model never outgrows the small one)")
     p.add_argument("--seed", type=int, default=1234)

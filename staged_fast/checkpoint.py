@@ -292,7 +292,7 @@ def resolve_checkpoint(path: str | os.PathLike, save_dir: str | os.PathLike | No
         return found[-1]
     raise CheckpointError(
         f"{p} is not a staged_fast checkpoint (no meta.json) and holds none. Give a step_<8-digit update> folder "
-        f"written by staged_fast.train, its run folder, or 'latest' with --save_prefix."
+        f"written by staged_fast.train, or its run folder (train's --resume also takes 'latest' with --save_prefix)."
     )
 
 
@@ -306,7 +306,7 @@ def _verify(path: Path, meta: dict) -> None:
         if required and name not in files:
             raise CheckpointError(
                 f"checkpoint {path} is damaged: its meta.json does not list {name} (size and sha256), so the file "
-                f"cannot be verified. Resume from an earlier checkpoint in {path.parent}."
+                f"cannot be verified. Use an earlier checkpoint in {path.parent}."
             )
     for name, info in files.items():
         f = path / name
@@ -315,7 +315,7 @@ def _verify(path: Path, meta: dict) -> None:
         if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: {name} does not match the size/sha256 recorded when it was "
-                f"written (truncated or modified). Resume from an earlier checkpoint in {path.parent}."
+                f"written (truncated or modified). Use an earlier checkpoint in {path.parent}."
             )
 
 
@@ -340,7 +340,7 @@ def read_meta(path: str | os.PathLike) -> dict:
             problems.append(f"the entry of {name!r} in 'files' has no integer 'bytes' and string 'sha256'")
     if problems:
         raise CheckpointError(
-            f"checkpoint {path} is damaged: in its meta.json {'; '.join(problems)}. Resume from an earlier "
+            f"checkpoint {path} is damaged: in its meta.json {'; '.join(problems)}. Use an earlier "
             f"checkpoint in {path.parent}."
         )
     return meta
@@ -382,8 +382,8 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     try:
         return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"cannot read {Path(path) / 'trainer.pt'} ({e}); the checkpoint is damaged. Resume "
-                              f"from an earlier one (a step_<8-digit update> folder) or delete this one.") from e
+        raise CheckpointError(f"cannot read {Path(path) / 'trainer.pt'} ({e}); the checkpoint is damaged. Use "
+                              f"an earlier one (a step_<8-digit update> folder) or delete this one.") from e
 
 
 def load_model(path: str | os.PathLike, *, kernels_backend: str = "torch", device="cpu"):

@@ -23,6 +23,7 @@ import torch
 
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cli_help import HelpFormatter
+from .cli_types import non_negative_float, non_negative_int
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, preset_config
 from .growth import STATE_ABSENT, GrowthError, grow_checkpoint
 from .growth.index_maps import DEPTH_MODES
@@ -40,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth_mode", choices=DEPTH_MODES, default="alternate_id",
                    help="depth growth: where the inserted layers go (alternate/append) and what they hold "
                         "(_id: exact identity, loss-preserving; _copy: the seed's copy, changes the loss)")
-    p.add_argument("--width_noise", type=float, default=0.0,
+    p.add_argument("--width_noise", type=non_negative_float, default=0.0,
                    help="std of E in the [W - E, E] split of every block row (function-preserving; breaks "
                         "the symmetry of the two halves, which otherwise never separate without dropout)")
     p.add_argument("--seed", type=int, default=0, help="seed of the width-noise generator")
     p.add_argument("--target", choices=sorted(PRESETS) + sorted(LLAMA_PRESETS), default=None,
                    help="the preset the grown model must be (checked; an error if the op does not produce it)")
-    p.add_argument("--optimizer_step", type=int, default=None, help="set every parameter's Adam step to this")
+    p.add_argument("--optimizer_step", type=non_negative_int, default=None,
+                   help="set every parameter's Adam step to this (0 or more)")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
                    help="fused C++ kernels (auto: when built) or the PyTorch reference")
     p.add_argument("--out", required=True, help="run folder to write the grown checkpoint into (empty or new)")
@@ -123,7 +125,7 @@ def _grow(args) -> int:
     trainer_state["growth_log"] = [*trainer_state.get("growth_log", []), dict(
         event="growth", op=op, iteration=trainer_state.get("iteration", step), old_size=old_shape,
         new_size=config.shape_str(), offline=True)]
-    with RunLock(out_dir):  # one writer per run folder, as train
+    with RunLock(out_dir, flag="--out"):  # one writer per run folder, as train
         _check_out(out_dir, path, args.overwrite)  # again, now that no one else can write there
         if args.overwrite:
             _clear_run(out_dir)

@@ -29,8 +29,8 @@ class HFImportError(ConfigError):
     """A Hugging Face model staged_fast cannot represent exactly; the message names the problem and the fix."""
 
 
-def _token_id(token_id: int, vocab_size: int) -> int | None:
-    return token_id if token_id < vocab_size else None
+def special_token_id(token_id: int | None, vocab_size: int) -> int | None:
+    return token_id if token_id is not None and token_id < vocab_size else None
 
 
 # our GPTConfig field -> GPT2Config field; the two directions of the conversion read this one table
@@ -42,15 +42,15 @@ _FIELDS = {
 }
 
 
-def hf_config(config: GPTConfig, bos_token_id: int = 50256, eos_token_id: int = 50256):
+def hf_config(config: GPTConfig, bos_token_id: int | None = 50256, eos_token_id: int | None = 50256):
     from transformers import GPT2Config
 
     return GPT2Config(
         **{theirs: getattr(config, ours) for ours, theirs in _FIELDS.items()},
         n_inner=4 * config.n_embd,
         embd_pdrop=config.dropout,
-        bos_token_id=_token_id(bos_token_id, config.vocab_size),
-        eos_token_id=_token_id(eos_token_id, config.vocab_size),
+        bos_token_id=special_token_id(bos_token_id, config.vocab_size),
+        eos_token_id=special_token_id(eos_token_id, config.vocab_size),
     )
 
 
@@ -101,16 +101,17 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf(model: GPT):
-    """A GPT2LMHeadModel (a LlamaForCausalLM for --arch llama) holding a copy of `model`'s weights."""
+def to_hf(model: GPT, *, bos_token_id: int | None = 50256, eos_token_id: int | None = 50256):
+    """A GPT2LMHeadModel (a LlamaForCausalLM for --arch llama) holding a copy of `model`'s weights; the special
+    token ids (GPT-2 BPE's by default) go into its config and generation config."""
     from transformers import GPT2LMHeadModel
 
     if model.config.arch == "llama":
         from . import hf_llama
 
-        return hf_llama.to_hf(model)
+        return hf_llama.to_hf(model, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
-    hf = GPT2LMHeadModel(hf_config(model.config))
+    hf = GPT2LMHeadModel(hf_config(model.config, bos_token_id, eos_token_id))
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     tied = model.config.tie_embeddings
     missing = [k for k in missing if not (k.endswith(_HF_BUFFERS) or (k == "lm_head.weight" and tied))]
@@ -159,9 +160,10 @@ def check_weights(missing, unexpected, what: str) -> None:
                         f"from scratch (--random).")
 
 
-def save_pretrained(model: GPT, out_dir, tokenizer=None) -> None:
+def save_pretrained(model: GPT, out_dir, tokenizer=None, *, bos_token_id: int | None = 50256,
+                    eos_token_id: int | None = 50256) -> None:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` loads (safetensors weights)."""
-    hf = to_hf(model)
+    hf = to_hf(model, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     hf.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -12,7 +12,7 @@ import re
 import torch
 
 from .config import GPTConfig
-from .hf import HFImportError, check_weights
+from .hf import HFImportError, check_weights, special_token_id
 
 # ours -> HF, per block; outside the blocks: embedding, final norm, head
 _BLOCK = {
@@ -40,7 +40,7 @@ def is_llama_hf_config(hf_cfg) -> bool:
     return getattr(hf_cfg, "model_type", None) == "llama"
 
 
-def hf_config(config: GPTConfig, bos_token_id: int = 50256, eos_token_id: int = 50256):
+def hf_config(config: GPTConfig, bos_token_id: int | None = 50256, eos_token_id: int | None = 50256):
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
@@ -58,8 +58,8 @@ def hf_config(config: GPTConfig, bos_token_id: int = 50256, eos_token_id: int = 
         attention_bias=False,
         mlp_bias=False,
         attention_dropout=config.attn_dropout,
-        bos_token_id=bos_token_id if bos_token_id < config.vocab_size else None,
-        eos_token_id=eos_token_id if eos_token_id < config.vocab_size else None,
+        bos_token_id=special_token_id(bos_token_id, config.vocab_size),
+        eos_token_id=special_token_id(eos_token_id, config.vocab_size),
         rope_theta=config.rope_theta,
     )
     _set_rope_theta(cfg, config.rope_theta)
@@ -144,11 +144,11 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf(model):
+def to_hf(model, *, bos_token_id: int | None = 50256, eos_token_id: int | None = 50256):
     """A LlamaForCausalLM holding a copy of `model`'s weights."""
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(hf_config(model.config))
+    hf = LlamaForCausalLM(hf_config(model.config, bos_token_id, eos_token_id))
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
     if missing or unexpected:

@@ -40,8 +40,9 @@ def _missing_dirs(path: Path) -> list[Path]:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, flag: str = "--save_prefix"):
         self.run_dir = Path(run_dir)
+        self.flag = flag  # the command's name for the folder, in messages
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
         self._created: list[Path] = []
@@ -74,7 +75,7 @@ class RunLock:
         except PermissionError as e:
             self._remove_created()
             raise RunFolderError(
-                f"--save_prefix {self.run_dir} is not writable ({e.strerror}: {e.filename}). Choose a folder you "
+                f"{self.flag} {self.run_dir} is not writable ({e.strerror}: {e.filename}). Choose a folder you "
                 f"can write to, or fix its permissions."
             ) from e
         except RunFolderError:
@@ -83,8 +84,8 @@ class RunLock:
         except OSError as e:
             self._remove_created()
             raise RunFolderError(
-                f"--save_prefix {self.run_dir} cannot be used as a run folder ({e.strerror}: {e.filename}). "
-                f"Choose another --save_prefix."
+                f"{self.flag} {self.run_dir} cannot be used as a run folder ({e.strerror}: {e.filename}). "
+                f"Choose another {self.flag}."
             ) from e
         holder = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                       command=" ".join(sys.argv)[:500])
@@ -122,9 +123,9 @@ class RunLock:
         else:
             who = "a process that has not written its name yet"
         return (
-            f"--save_prefix {self.run_dir} is in use by another run: {who}. Two runs on one folder would overwrite "
+            f"{self.flag} {self.run_dir} is in use by another run: {who}. Two runs on one folder would overwrite "
             f"each other's checkpoints and logs. Wait for that run to finish (or stop it), or give this one another "
-            f"--save_prefix. The lock ({self.path}) is released when its holder exits or dies."
+            f"{self.flag}. The lock ({self.path}) is released when its holder exits or dies."
         )
 
     def __enter__(self):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli_help import HelpFormatter
+from .cli_types import finite_float
 from .evaluate.common import (
     DTYPES, InputError, autocast, check_vocab, load_eval_model, load_eval_tokenizer, pick_device, run_cli,
 )
@@ -169,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="staged_fast checkpoint or run folder, Hugging Face GPT-2 folder, or hub name")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 = off)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--top_p", type=finite_float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same samples)")
     p.add_argument("--num_samples", type=int, default=1, help="samples drawn in one batch")
     p.add_argument("--tokenizer", default=None,

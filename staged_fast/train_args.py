@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .activation_checkpointing import POLICIES as AC_POLICIES
 from .cli_help import HelpFormatter
+from .cli_types import finite_float, non_negative_float, positive_float, unit_interval
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
 from .kernels import BACKENDS, check_dq_mode
 from .lr_schedule import DECAYS
@@ -84,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the preset's, else n_head)")
     g.add_argument("--intermediate_size", type=int, default=None, help="llama: SwiGLU hidden size (default: the "
                    "preset's, else the multiple of 64 nearest 8/3 n_embd)")
-    g.add_argument("--rope_theta", type=float, default=10000.0, help="llama: RoPE base")
+    g.add_argument("--rope_theta", type=positive_float, default=10000.0, help="llama: RoPE base")
     g.add_argument("--tie_embeddings", default=None, choices=("true", "false"), help="llama: tie the LM head to "
                    "the token embedding (default true; GPT-2 always ties)")
-    g.add_argument("--dropout", type=float, default=0.1, help="embedding/residual dropout (seed: 0.1)")
-    g.add_argument("--attn_dropout", type=float, default=None, help="attention-probability dropout (default: --dropout)")
+    g.add_argument("--dropout", type=finite_float, default=0.1, help="embedding/residual dropout (seed: 0.1)")
+    g.add_argument("--attn_dropout", type=finite_float, default=None, help="attention-probability dropout (default: --dropout)")
     g.add_argument("--model", default="gpt2", help="seed flag: model family 'gpt2' (with --random), or a HF "
                    "GPT-2 folder/hub name whose weights initialize the run (without --random)")
     g.add_argument("--random", action="store_true", help="seed flag: random init (our default unless --model is a "
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "name[:config]; default: the bundled corpus")
     g.add_argument("--tokenizer", default="gpt2", help="'gpt2' (offline GPT-2 BPE) or a HF tokenizer folder/name")
     g.add_argument("--text_field", default="text", help="field of jsonl/parquet/HF records holding the text")
-    g.add_argument("--val_fraction", type=float, default=0.01, help="share of tokens held out for validation (whole documents)")
+    g.add_argument("--val_fraction", type=unit_interval, default=0.01, help="share of tokens held out for validation (whole documents)")
     g.add_argument("--val_data", nargs="+", default=None, help="a separate validation set (the forms --data takes): "
                    "--data is then all train, and --val_fraction does not apply")
     g.add_argument("--cache_dir", default="~/.cache/staged_fast", help="where tokenized data is cached")
@@ -125,21 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=None, help="peak LR (default: the seed's heuristic "
+    g.add_argument("--lr", type=finite_float, default=None, help="peak LR (default: the seed's heuristic "
                    "0.003239 - 0.0001395*log10(12*n_layer*d^2))")
     g.add_argument("--warmup_steps", type=int, default=3000)
     g.add_argument("--train_steps", type=int, default=250000, help="LR reaches its minimum here; training stops")
     g.add_argument("--lr_decay", default="linear", choices=DECAYS, help="after warmup: linear or cosine to --min_lr "
                    "at --train_steps, or wsd: the peak held, then linear to --min_lr over the last --decay_fraction")
-    g.add_argument("--decay_fraction", type=float, default=0.2, help="--lr_decay wsd: share of --train_steps spent "
+    g.add_argument("--decay_fraction", type=finite_float, default=0.2, help="--lr_decay wsd: share of --train_steps spent "
                    "decaying")
-    g.add_argument("--min_lr", type=float, default=0.0)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.98)
-    g.add_argument("--adam_eps", type=float, default=1e-6)
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled decay, on weight matrices "
+    g.add_argument("--min_lr", type=non_negative_float, default=0.0)
+    g.add_argument("--adam_beta1", type=unit_interval, default=0.9)
+    g.add_argument("--adam_beta2", type=unit_interval, default=0.98)
+    g.add_argument("--adam_eps", type=positive_float, default=1e-6)
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="AdamW's decoupled decay, on weight matrices "
                    "and embeddings only (biases and norm gains are not decayed)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    g.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max global grad norm (0 = off)")
     g.add_argument("--fp16", action="store_true", help="fp16 autocast with a GradScaler")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     g.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls (and the flash attention kernel's fp32 "
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint (weights = width, layers = depth), save it, and continue training")
     g.add_argument("--doubling_layers", default="alternate_id", choices=GROWTH_OP_NAMES[1:],
                    help="depth operator for --doubling layers (the seed's was alternate_copy, not loss-preserving)")
-    g.add_argument("--width_noise", type=float, default=0.0, help="std of the symmetry-breaking split for width growth")
+    g.add_argument("--width_noise", type=finite_float, default=0.0, help="std of the symmetry-breaking split for width growth")
     g.add_argument("--restart_steps", default=None, help="step counter after growth: an int, or 'auto' = "
                    "growth step / constant_op of the operator")
     g.add_argument("--restart_warmup_steps", type=int, default=0, help="LR ramps from 0 at the restart step to "

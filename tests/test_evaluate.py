@@ -127,6 +127,18 @@ def test_wikitext_cli_writes_json(random_ckpt, tmp_path, capsys):
     assert "ppl" in capsys.readouterr().out
 
 
+def test_a_bad_out_is_refused_before_the_evaluation(random_ckpt, tmp_path, capsys):
+    """--out a folder used to end in a traceback after the whole evaluation had run, its result lost."""
+    for out, said in ((tmp_path, "is a folder; it must name a file"), (tmp_path / "f" / "x" / "r.json", "is a file, not a folder")):
+        if said == "is a file, not a folder":
+            (tmp_path / "f").write_text("a file where a folder should be")
+        code = run_cli(main, ["wikitext", "--checkpoint", str(random_ckpt), "--data_file", str(WIKITEXT),
+                              "--context", "32", "--no_progress", "--out", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and said in captured.err, captured.err
+        assert "ppl" not in captured.out  # refused before it evaluated
+
+
 # ----------------------------------------------------------------------------------------------- lambada
 
 def lookup_model(table: dict[int, int], seed: int = 0) -> GPT:

@@ -60,7 +60,7 @@ def test_exported_tokenizer_round_trips(tmp_path):
 
 def test_export_bf16(tmp_path):
     model, ckpt = saved(tmp_path)
-    out = export(str(ckpt), tmp_path / "hf", dtype="bf16", tokenizer=None)
+    out = export(str(ckpt), tmp_path / "hf", dtype="bf16", write_tokenizer=False)
     assert not (out / "tokenizer.json").exists()
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     wte = hf.transformer.wte.weight
@@ -90,3 +90,38 @@ def test_export_rejects_a_too_small_vocab(tmp_path, capsys):
     assert run_cli(main, [str(ckpt), "--out", str(tmp_path / "hf")]) == 2
     assert "vocabulary has only 1000" in capsys.readouterr().err
     assert run_cli(main, [str(ckpt), "--out", str(tmp_path / "hf2"), "--no_tokenizer"]) == 0
+
+
+def test_bad_out_is_refused_before_any_work(tmp_path, capsys):
+    _, ckpt = saved(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert run_cli(main, [str(ckpt), "--out", str(a_file)]) == 2
+    assert "is a file; it must be a folder" in capsys.readouterr().err
+    assert run_cli(main, [str(ckpt), "--out", str(a_file / "sub")]) == 2
+    assert "cannot be made" in capsys.readouterr().err
+    # a run folder, even with --overwrite: its loaders would then read the export instead of the newest checkpoint
+    assert run_cli(main, [str(ckpt), "--out", str(ckpt.parent), "--overwrite"]) == 2
+    assert "is a training run's folder" in capsys.readouterr().err
+    assert not (ckpt.parent / "config.json").exists()
+
+
+def test_export_takes_the_tokenizer_the_run_trained_with(tmp_path):
+    """A run trained with its own --tokenizer exports that tokenizer, and the config's special ids are its; the
+    export used to write GPT-2 BPE whatever the run used."""
+    folder = tmp_path / "tok"
+    tok = load_tokenizer("gpt2")
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=50264)
+    ckpt = save_checkpoint(tmp_path / "run", step=3, model=GPT(cfg), config=cfg,
+                           trainer_state={"args": {"tokenizer": str(folder)}})
+    out = export(str(ckpt.parent), tmp_path / "hf")
+    exported = AutoTokenizer.from_pretrained(out)
+    assert exported.encode("<|user|> hi<|assistant|>") == [50257, 23105, 50258]
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == tok.eos_token_id == 50256
+    # and the export of the export keeps them: the tokenizer saved in the folder wins
+    again = export(str(out), tmp_path / "hf2")
+    assert AutoTokenizer.from_pretrained(again).encode("<|user|>") == [50257]

@@ -251,3 +251,120 @@ def test_cli_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "staged_fast.schedule", "law", "--n_params", "1e8"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "optimality" in r.stdout
+
+
+# ------------------------------------------------------------------------------ CLI: bad input, exit 2
+def _usage_error(capsys, argv) -> str:
+    """argparse refuses argv (exit 2, no traceback); returns its stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_output_paths_checked_before_the_work(capsys, tmp_path, monkeypatch):
+    import staged_fast.schedule.__main__ as cli
+
+    def no_work(*a, **k):
+        raise AssertionError("the work ran before the output path was checked")
+
+    monkeypatch.setattr(cli, "plan_for_run", no_work)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for argv, words in [
+        (["--out", str(tmp_path)], ["--out", "is a folder", "plan.json"]),
+        (["--out", str(tmp_path) + "/"], ["--out", "is a folder"]),
+        (["--plot", str(tmp_path)], ["--plot", "is a folder"]),
+        (["--out", str(a_file / "plan.json")], ["--out", "is a file, not a folder"]),
+        (["--plot", str(tmp_path / "plan.txt")], ["--plot", ".txt", ".png"]),
+        (["--out", str(tmp_path / "p.png"), "--plot", str(tmp_path / "p.png")], ["--out and --plot"]),
+    ]:
+        assert main(["plan", "--target", "tiny", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert all(w in err for w in words), (argv, err)
+    monkeypatch.setattr(cli.os, "access", lambda *a, **k: False)  # as a read-only folder (root ignores modes)
+    assert main(["plan", "--target", "tiny", "--out", str(tmp_path / "plan.json")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    monkeypatch.undo()
+    # a missing folder above --out is created (as `staged_fast.evaluate --out` does)
+    out, png = tmp_path / "new" / "dir" / "plan.json", tmp_path / "new" / "plots" / "plan.png"
+    assert main(["plan", "--target", "tiny", "--out", str(out), "--plot", str(png)]) == 0
+    assert Plan.from_json(str(out)).stages[-1].preset == "tiny" and png.read_bytes()[:4] == b"\x89PNG"
+    # analyze --json: refused before the curves are read
+    monkeypatch.setattr(cli, "analyze_logs", no_work)
+    assert main(["analyze", "--logs", LOGS, "--json", str(tmp_path)]) == 2
+    assert "--json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["5", "-1", "1.5", "nan", "inf"])
+def test_cli_restart_warmup_frac_range(capsys, value):
+    err = _usage_error(capsys, ["plan", "--target", "tiny", f"--restart_warmup_frac={value}"])
+    assert "--restart_warmup_frac" in err and ("[0, 1]" in err or "finite" in err)
+    with pytest.raises(ConfigError, match=r"restart_warmup_frac must be in \[0, 1\]"):
+        plan_stages("tiny", ["width"], restart_warmup_frac=float(value))
+
+
+def test_restart_warmup_frac_ends():
+    none, full = (plan_for_run("tiny", ["width"], 300, restart_warmup_frac=f) for f in (0.0, 1.0))
+    assert none.stages[0].restart_warmup == 0  # 0 means no re-warmup, not one step
+    assert full.stages[0].restart_warmup == full.stages[1].steps
+
+
+@pytest.mark.parametrize("flag,value", [("--window", "0"), ("--window", "-3"), ("--batch_tokens", "0"),
+                                        ("--small_params", "-5"), ("--target_params", "0")])
+def test_cli_analyze_numeric_flags(capsys, flag, value):
+    pair = [os.path.join(LOGS, "GPT2_base_div2_width.csv"), os.path.join(LOGS, "GPT2_base.csv"), "--op", "width"]
+    err = _usage_error(capsys, ["analyze", *pair, f"{flag}={value}"])
+    assert f"argument {flag}" in err and "1 or more" in err
+
+
+def test_analyze_pair_checks_window_and_sizes():
+    from staged_fast.schedule import analyze_pair
+
+    small, target = (read_curve(os.path.join(LOGS, n + ".csv")) for n in ("GPT2_base_div2_width", "GPT2_base"))
+    with pytest.raises(ValueError, match="window must be"):
+        analyze_pair(small, target, "width", 1e7, 4e7, window=0)
+    with pytest.raises(ValueError, match="batch_tokens must be"):
+        analyze_pair(small, target, "width", 1e7, 4e7, batch_tokens=0)
+    with pytest.raises(ValueError, match="small_params must be"):
+        analyze_pair(small, target, "width", -1.0, 4e7)
+    # the authors' centred window cannot be longer than the curve (it gave a silent answer)
+    with pytest.raises(ValueError, match="points after spike removal"):
+        analyze_pair(small, target, "width", 1e7, 4e7, window=100_000, rule="authors")
+
+
+def test_batch_tokens_one_check_for_plan_and_law(capsys):
+    from staged_fast.schedule import law_summary
+
+    errs = [_usage_error(capsys, [cmd, "--target", "tiny", "--batch_tokens", "0"]) for cmd in ("plan", "law")]
+    assert all("argument --batch_tokens: 0 must be an integer of 1 or more" in e for e in errs)
+    with pytest.raises(ValueError) as plan_err:
+        plan_stages("tiny", ["width"], batch_tokens=0)
+    with pytest.raises(ValueError) as law_err:
+        law_summary(1e8, 1e4, batch_tokens=0)
+    assert str(plan_err.value) == str(law_err.value) == "batch_tokens must be a finite number > 0, got 0."
+
+
+@pytest.mark.parametrize("argv", [["law", "--n_params", "inf"], ["law", "--n_params", "nan"],
+                                  ["law", "--n_params=-1"], ["law", "--steps", "inf"], ["law", "--steps", "0"],
+                                  ["plan", "--train_steps", "0"], ["plan", "--n_layer", "0", "--n_embd", "128",
+                                                                   "--n_head", "2"]])
+def test_cli_plan_law_numeric_flags(capsys, argv):
+    err = _usage_error(capsys, argv)
+    flag = next(a.split("=")[0] for a in argv if a.startswith("--"))
+    assert f"argument {flag}" in err
+
+
+def test_cli_help_lists_every_preset(capsys):
+    import re
+
+    from staged_fast.config import LLAMA_PRESETS, PRESETS
+
+    for cmd in ("plan", "law"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        words = set(re.findall(r"\w+", capsys.readouterr().out))
+        assert set(PRESETS) | set(LLAMA_PRESETS) <= words, cmd
+    assert main(["plan", "--target", "llama_large", "--ops", "width", "width"]) == 0
+    assert "llama_large_div4_width" in capsys.readouterr().out

@@ -154,3 +154,19 @@ def test_docs_hold_the_current_tables(comparison):
 def test_other_fit_start_joins_the_sensitivity_rows():
     c = compare_planner_with_curves(LOGS, min_step=2500, sensitivity_steps=(1000,))
     assert [f.min_step for f, _ in c.sensitivity] == [1000, 2500] and c.sensitivity[1][0] is c.fit
+
+
+def test_cli_compare_curves_checks_flags_before_the_work(capsys, tmp_path, monkeypatch):
+    import staged_fast.schedule.compare as compare
+
+    def no_work(*a, **k):
+        raise AssertionError("the comparison ran before its flags were checked")
+
+    monkeypatch.setattr(compare, "compare_planner_with_curves", no_work)
+    assert main(["compare-curves", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --json") and "is a folder" in err
+    for flag, value in (("--min_step", "nan"), ("--min_step", "inf"), ("--min_step", "-5"), ("--batch_tokens", "0")):
+        with pytest.raises(SystemExit) as e:
+            main(["compare-curves", f"{flag}={value}"])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err

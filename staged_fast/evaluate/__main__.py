@@ -11,8 +11,8 @@ import sys
 
 from ..cli_help import HelpFormatter
 from .common import (
-    DTYPES, InputError, check_vocab, format_table, load_eval_model, load_eval_tokenizer, pick_device, run_cli,
-    write_json,
+    DTYPES, InputError, check_out_file, check_vocab, format_table, load_eval_model, load_eval_tokenizer, pick_device,
+    run_cli, write_json,
 )
 from .hellaswag import evaluate_hellaswag, load_hellaswag
 from .lambada import evaluate_lambada, load_lambada
@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    check_out_file(args.out)  # before the evaluation, which may take hours
     # Data first: a missing file should fail before the model loads.
     if args.task == "wikitext":
         rows, source = load_wikitext(args.data_file)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_model
+from ..checkpoint import CheckpointError, load_model, read_trainer_state, resolve_checkpoint
+from ..cli_types import out_file_problem
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -69,7 +70,11 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
 
     backend = resolve_backend(kernels, device)
     p = Path(path).expanduser()
-    if not p.exists() and (str(path).count("/") > 1 or str(path).startswith((".", "/", "~"))):
+    # a local path, not a hub name ('org/name'): its folder exists here (a typo there used to spend ~30 s on hub
+    # retries offline before it failed)
+    local = str(path).count("/") > 1 or str(path).startswith((".", "/", "~")) or (
+        "/" in str(path) and p.parent.is_dir())
+    if not p.exists() and local:
         raise InputError(
             f"--checkpoint {path}: no such folder. Fix: check the path; give a step_<8-digit update> folder or run folder "
             f"written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
@@ -104,17 +109,41 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
     return model.eval()
 
 
+def checkpoint_tokenizer(checkpoint: str) -> tuple[str, str]:
+    """The tokenizer a checkpoint goes with, and where that was read: the one saved in its folder (an exported or
+    imported HF folder), else the --tokenizer its training run used (its trainer.pt), else GPT-2 BPE."""
+    folder = Path(checkpoint).expanduser()
+    if any((folder / f).exists() for f in _TOKENIZER_FILES):
+        return str(folder), "saved in the checkpoint folder"
+    if folder.is_dir():
+        try:
+            trained = (read_trainer_state(resolve_checkpoint(folder)).get("args") or {}).get("tokenizer")
+        except CheckpointError:
+            trained = None  # not a staged_fast checkpoint; loading the model says what it is
+        if trained:
+            return str(trained), "the --tokenizer its training run used"
+    return "gpt2", "the default"
+
+
 def load_eval_tokenizer(name: str | None, checkpoint: str):
-    """`name` if given; else the tokenizer saved beside the checkpoint (an exported HF folder); else GPT-2 BPE."""
+    """`name` if given; else the checkpoint's own (checkpoint_tokenizer)."""
     from ..tokenizer import load_tokenizer
 
+    where = "given"
     if name is None:
-        folder = Path(checkpoint).expanduser()
-        name = str(folder) if any((folder / f).exists() for f in _TOKENIZER_FILES) else "gpt2"
+        name, where = checkpoint_tokenizer(checkpoint)
     try:
         return load_tokenizer(name)
     except ValueError as e:
-        raise InputError(str(e)) from e
+        fix = "" if where in ("given", "the default") else f" (the tokenizer {where}; pass --tokenizer to use another)"
+        raise InputError(f"{e}{fix}") from e
+
+
+def check_out_file(path: str | None, flag: str = "--out") -> None:
+    """A result file's place, checked before the work: a long evaluation used to end in a traceback there."""
+    problem = None if path is None else out_file_problem(flag, str(Path(path).expanduser()), "result.json")
+    if problem:
+        raise InputError(problem)
 
 
 def not_utf8_error(path: Path, e: UnicodeDecodeError, what: str) -> InputError:

@@ -7,11 +7,32 @@ import os
 import sys
 
 from ..cli_help import HelpFormatter
-from ..config import ConfigError, GPTConfig, PRESETS, preset_config
-from .planner import DEFAULT_RESTART_WARMUP_FRAC, plan_for_run, plot_plan
+from ..cli_types import fraction, non_negative_float, out_file_problem, positive_float, positive_int
+from ..config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, preset_config
+from .planner import DEFAULT_RESTART_WARMUP_FRAC, plan_for_run, plot_formats, plot_plan
 from .scaling_law import DEFAULT_BATCH_TOKENS, law_summary, optimality_step
 from .slope import (DEFAULT_DEPTH_OP, DEPTH_OPS, RULES, SMOOTH_WINDOW, PairResult, analyze_logs, analyze_pair,
                     read_curve)
+
+
+PRESET_NAMES = (*PRESETS, *LLAMA_PRESETS)
+
+
+def _check_out_file(flag: str, path: str, example: str) -> None:
+    problem = out_file_problem(flag, path, example)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _make_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def _write_json(path: str, data) -> None:
+    _make_parent(path)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {path}")
 
 
 def _fmt(v, spec):
@@ -38,15 +59,17 @@ def _n_params_for(path: str, preset: str | None, n_params: int | None, which: st
     if n_params is not None:
         return n_params
     name = preset or os.path.splitext(os.path.basename(path))[0]
-    if name not in PRESETS:
+    if name not in PRESET_NAMES:
         raise ConfigError(f"cannot tell the {which} model's size from {path!r}: pass --{which}_preset "
-                          f"(one of {', '.join(PRESETS)}) or --{which}_params N.")
+                          f"(one of {', '.join(PRESET_NAMES)}) or --{which}_params N.")
     return preset_config(name).n_params_non_embedding
 
 
 def cmd_analyze(args) -> int:
     if args.rule == "authors" and args.smooth_x:
         raise ConfigError("--smooth_x belongs to --rule online; the authors' rule never smooths x.")
+    if args.json:
+        _check_out_file("--json", args.json, "analyze.json")
     if args.logs:
         results = analyze_logs(args.logs, args.batch_tokens, args.window, args.smooth_x, args.rule)
     else:
@@ -59,9 +82,7 @@ def cmd_analyze(args) -> int:
                                 args.batch_tokens, args.window, args.smooth_x, args.rule)]
     print(format_pairs(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in results], f, indent=2)
-        print(f"wrote {args.json}")
+        _write_json(args.json, [r.to_dict() for r in results])
     return 0
 
 
@@ -72,12 +93,12 @@ def cmd_compare_curves(args) -> int:
     if logs is None:
         raise ConfigError("no --logs given and the repository's tests/data/staged_training_logs is not here: "
                           "pass --logs DIR (the six <preset>.csv curves).")
+    if args.json:
+        _check_out_file("--json", args.json, "compare.json")
     comparison = compare_planner_with_curves(logs, min_step=args.min_step, batch_tokens=args.batch_tokens)
     print(format_comparison(comparison))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(comparison.to_dict(), f, indent=2)
-        print(f"wrote {args.json}")
+        _write_json(args.json, comparison.to_dict())
     return 0
 
 
@@ -91,14 +112,32 @@ def _target_from_args(args):
     return args.target
 
 
+def _check_plan_outputs(args) -> None:
+    if args.out and args.plot and os.path.abspath(args.out) == os.path.abspath(args.plot):
+        raise ConfigError(f"--out and --plot both name {args.out}: the plot would overwrite the plan. Give them "
+                          f"different files, e.g. --out plan.json --plot plan.png.")
+    if args.out:
+        _check_out_file("--out", args.out, "plan.json")
+    if args.plot:
+        _check_out_file("--plot", args.plot, "plan.png")
+        ext = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        formats = plot_formats()
+        if ext and ext not in formats:
+            raise ConfigError(f"--plot {args.plot}: matplotlib cannot write .{ext} files. End the name with one of "
+                              f"{', '.join('.' + f for f in formats)} (e.g. .png).")
+
+
 def cmd_plan(args) -> int:
+    _check_plan_outputs(args)
     plan = plan_for_run(_target_from_args(args), args.ops, args.train_steps, batch_tokens=args.batch_tokens,
                         depth_op=args.depth_op, restart_warmup_frac=args.restart_warmup_frac)
     print(plan.table())
     if args.out:
+        _make_parent(args.out)
         plan.to_json(args.out)
         print(f"wrote {args.out}")
     if args.plot:
+        _make_parent(args.plot)
         plot_plan(plan, args.plot)
         print(f"wrote {args.plot}")
     return 0
@@ -137,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--logs", help="directory with the authors' six <preset>.csv curves: analyze all four pairs")
     a.add_argument("--small_preset", help="preset of the small model (default: the CSV's file name)")
     a.add_argument("--target_preset", help="preset of the target model (default: the CSV's file name)")
-    a.add_argument("--small_params", type=int, help="non-embedding parameter count of the small model")
-    a.add_argument("--target_params", type=int, help="non-embedding parameter count of the target model")
-    a.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
-    a.add_argument("--window", type=int, default=SMOOTH_WINDOW, help="running-mean window (points)")
+    a.add_argument("--small_params", type=positive_int, help="non-embedding parameter count of the small model")
+    a.add_argument("--target_params", type=positive_int, help="non-embedding parameter count of the target model")
+    a.add_argument("--batch_tokens", type=positive_int, default=DEFAULT_BATCH_TOKENS,
+                   help="tokens per optimizer step")
+    a.add_argument("--window", type=positive_int, default=SMOOTH_WINDOW,
+                   help="running-mean window (points, 1 or more; at most the curve's points)")
     a.add_argument("--smooth_x", action="store_true",
                    help="also smooth log10(C) with the same window (fixes the gap artefact; not the authors' rule)")
     a.add_argument("--rule", choices=RULES, default="online",
@@ -156,18 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "measured on the curves (docs/schedule.md).")
     c.add_argument("--logs", help="directory with the six <preset>.csv curves "
                                   "(default: the repository's tests/data/staged_training_logs)")
-    c.add_argument("--min_step", type=float, default=3000,
+    c.add_argument("--min_step", type=non_negative_float, default=3000,
                    help="fit the law to points at or after this step (default 3000: after the runs' LR warmup)")
-    c.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
+    c.add_argument("--batch_tokens", type=positive_int, default=DEFAULT_BATCH_TOKENS,
+                   help="tokens per optimizer step")
     c.add_argument("--json", help="write the comparison to this JSON file")
     c.set_defaults(func=cmd_compare_curves)
 
     def add_model_args(q):
-        q.add_argument("--target", default="GPT2_large", help=f"target preset: {', '.join(PRESETS)}")
-        q.add_argument("--n_layer", type=int, help="explicit target shape (with --n_embd, --n_head)")
-        q.add_argument("--n_embd", type=int)
-        q.add_argument("--n_head", type=int)
-        q.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS, help="tokens per optimizer step")
+        q.add_argument("--target", default="GPT2_large", help=f"target preset: {', '.join(PRESET_NAMES)}")
+        q.add_argument("--n_layer", type=positive_int, help="explicit target shape (with --n_embd, --n_head)")
+        q.add_argument("--n_embd", type=positive_int)
+        q.add_argument("--n_head", type=positive_int)
+        q.add_argument("--batch_tokens", type=positive_int, default=DEFAULT_BATCH_TOKENS,
+                       help="tokens per optimizer step")
 
     q = sub.add_parser("plan", formatter_class=HelpFormatter,
                        help="plan the stages of a staged run under the scaling law",
@@ -176,19 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ops", nargs="+", default=["width"],
                    help=f"growths in order: width, depth, or a depth op ({', '.join(DEPTH_OPS)})")
     q.add_argument("--depth_op", default=DEFAULT_DEPTH_OP, choices=DEPTH_OPS, help="trainer op used for 'depth'")
-    q.add_argument("--train_steps", type=int,
+    q.add_argument("--train_steps", type=positive_int,
                    help="scale the stage lengths so the run takes exactly this many optimizer steps")
-    q.add_argument("--restart_warmup_frac", type=float, default=DEFAULT_RESTART_WARMUP_FRAC,
-                   help="LR re-warmup after a growth, as a fraction of the next stage's steps")
+    q.add_argument("--restart_warmup_frac", type=fraction, default=DEFAULT_RESTART_WARMUP_FRAC,
+                   help="LR re-warmup after a growth, as a fraction in [0, 1] of the next stage's steps (0: none)")
     q.add_argument("--out", help="write the plan JSON here (for `staged_fast.train --schedule`)")
-    q.add_argument("--plot", help="write a PNG of predicted loss against compute, staged and direct")
+    q.add_argument("--plot", help="write a PNG (or another matplotlib format, by the file's extension) of "
+                                  "predicted loss against compute, staged and direct")
     q.set_defaults(func=cmd_plan)
 
     w = sub.add_parser("law", formatter_class=HelpFormatter,
                        help="print L(N,S), Bcrit and C = 6NBS for a model and a step count")
     add_model_args(w)
-    w.add_argument("--n_params", type=float, help="non-embedding parameter count (instead of a preset)")
-    w.add_argument("--steps", type=float, help="optimizer steps (default: the law's optimality point)")
+    w.add_argument("--n_params", type=positive_float, help="non-embedding parameter count (instead of a preset)")
+    w.add_argument("--steps", type=positive_float, help="optimizer steps (default: the law's optimality point)")
     w.set_defaults(func=cmd_law)
     return p
 

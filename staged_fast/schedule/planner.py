@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..config import ConfigError, GPTConfig, preset_config, preset_name
-from .scaling_law import DEFAULT_BATCH_TOKENS, KAPLAN, ScalingLaw, compute
+from .scaling_law import DEFAULT_BATCH_TOKENS, KAPLAN, ScalingLaw, check_positive, compute
 from .slope import DEFAULT_DEPTH_OP, DEPTH_OPS, constant_op, op_kind
 
 PLAN_FORMAT = "staged_fast.plan/1"
@@ -246,6 +246,13 @@ def optimize_stage_steps(ns: list[float], target_loss: float, s_direct: float,
     return steps
 
 
+def check_restart_warmup_frac(frac: float) -> None:
+    """The restart warmup is a fraction of the next stage: a finite number in [0, 1] (0: no warmup)."""
+    if not 0.0 <= frac <= 1.0:  # NaN fails too
+        raise ConfigError(f"restart_warmup_frac must be in [0, 1] (a fraction of the next stage's steps; 0 for no "
+                          f"LR re-warmup), got {frac!r}.")
+
+
 def plan_stages(target, ops: list[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                 depth_op: str = DEFAULT_DEPTH_OP,
                 restart_warmup_frac: float = DEFAULT_RESTART_WARMUP_FRAC, law: ScalingLaw = KAPLAN) -> Plan:
@@ -253,8 +260,8 @@ def plan_stages(target, ops: list[str], *, batch_tokens: int = DEFAULT_BATCH_TOK
     under `law` (Kaplan's constants unless given)."""
     if not ops:
         raise ConfigError("give at least one growth operator, e.g. ops=['width'].")
-    if batch_tokens <= 0:
-        raise ConfigError(f"batch_tokens must be > 0, got {batch_tokens}.")
+    check_positive(batch_tokens=batch_tokens)
+    check_restart_warmup_frac(restart_warmup_frac)
     name, target_cfg = _resolve_target(target)
     trainer_ops = [_normalize_op(op, depth_op) for op in ops]
     cfgs = stage_configs(target_cfg, trainer_ops)
@@ -275,7 +282,8 @@ def _build(name, cfgs, ops, law_steps, int_steps, target_loss, s_direct, batch_t
         last = k == len(cfgs) - 1
         op = None if last else ops[k]
         restart = None if last else max(1, round((counter + steps) / constant_op(op)))
-        warm = None if last else max(1, round(warmup_frac * int_steps[k + 1]))
+        # at least one step of a warmup asked for; 0 only when none is
+        warm = None if last else (max(1, round(warmup_frac * int_steps[k + 1])) if warmup_frac > 0 else 0)
         stages.append(Stage(preset_name(cfg), cfg.n_layer, cfg.n_embd, cfg.n_head, ns[k], int(steps), counter,
                             run_step, op, restart, warm, float(losses[k]),
                             compute(ns[k], batch_tokens, steps), None if last else float(s_eff[k + 1])))
@@ -334,6 +342,13 @@ def law_curves(plan: Plan, points: int = 200) -> dict:
     return {"staged": (np.concatenate(staged_c), np.concatenate(staged_l)),
             "growth": [(c[-1], l[-1]) for c, l in zip(staged_c[:-1], staged_l[:-1])],
             "direct": (compute(ns[-1], b, sd), np.array([law.loss(ns[-1], v) for v in sd]))}
+
+
+def plot_formats() -> dict[str, str]:
+    """{file extension: format} that `plot_plan` can write (matplotlib's Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return FigureCanvasAgg.get_supported_filetypes()
 
 
 def plot_plan(plan: Plan, path: str) -> None:

@@ -28,10 +28,11 @@ DEFAULT_BATCH_TOKENS = 512 * 1024  # the paper's runs: 512 sequences x 1024 toke
 OPTIMALITY_SLOPE = -0.052  # d log L / d log C at the "optimality point" (the paper's threshold)
 
 
-def _check_positive(**values: float) -> None:
+def check_positive(**values: float) -> None:
+    """Every value a finite number > 0 (a count of parameters, steps or tokens; a loss), or ValueError naming it."""
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}.")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,12 @@ class ScalingLaw:
 
     def param_term(self, n_params: float) -> float:
         """(Nc / N)^aN: the loss an infinitely long run of N parameters approaches."""
-        _check_positive(n_params=n_params)
+        check_positive(n_params=n_params)
         return (self.n_c / n_params) ** self.alpha_n
 
     def step_term(self, steps: float) -> float:
         """(2 Sc / S)^aS."""
-        _check_positive(steps=steps)
+        check_positive(steps=steps)
         return (2.0 * self.s_c / steps) ** self.alpha_s
 
     def loss(self, n_params: float, steps: float) -> float:
@@ -116,7 +117,7 @@ def steps_to_loss(n_params: float, loss: float) -> float:
 
 def critical_batch(loss: float) -> float:
     """Bcrit(L) = B* / L^(1/aB), tokens per step."""
-    _check_positive(loss=loss)
+    check_positive(loss=loss)
     return B_STAR / loss ** (1.0 / ALPHA_B)
 
 
@@ -143,6 +144,7 @@ def optimality_step(n_params: float, slope: float = OPTIMALITY_SLOPE) -> float:
 
 def law_summary(n_params: float, steps: float, batch_tokens: float = DEFAULT_BATCH_TOKENS) -> dict:
     """Everything the `law` subcommand prints, as one dict."""
+    check_positive(n_params=n_params, steps=steps, batch_tokens=batch_tokens)
     loss = loss_scaling_law(n_params, steps)
     s_opt = optimality_step(n_params)
     return {

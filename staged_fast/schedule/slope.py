@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .scaling_law import DEFAULT_BATCH_TOKENS, OPTIMALITY_SLOPE, compute
+from .scaling_law import DEFAULT_BATCH_TOKENS, OPTIMALITY_SLOPE, check_positive, compute
 
 RULES = ("online", "authors")  # analyze_pair(rule=...): the trainer's online rule, the authors' offline one
 
@@ -183,8 +183,9 @@ def authors_curve(curve: Curve, n_params: float, batch_tokens: float = DEFAULT_B
     from scipy.ndimage import uniform_filter1d
 
     steps, loss = remove_spikes(curve.steps, curve.loss)
-    if len(steps) < 2:
-        raise ValueError(f"curve {curve.name!r}: {len(steps)} points after spike removal, need >= 2.")
+    if len(steps) < max(2, window):  # a centred window longer than the curve averages reflections of it
+        raise ValueError(f"curve {curve.name!r}: {len(steps)} points after spike removal, need >= "
+                         f"{max(2, window)} (the window is {window} points).")
     x = np.log10(compute(n_params, batch_tokens, steps))
     y = uniform_filter1d(np.log10(loss), size=window)
     slope = np.full(len(y), np.nan)
@@ -262,6 +263,9 @@ def analyze_pair(small: Curve, target: Curve, op: str, small_params: float, targ
         raise ValueError(f"Unknown rule {rule!r}: choose one of {', '.join(RULES)}.")
     if rule == "authors" and smooth_x:
         raise ValueError("smooth_x belongs to the online rule; the authors' rule never smooths x.")
+    if not (isinstance(window, (int, np.integer)) and window >= 1):
+        raise ValueError(f"window must be a whole number of points >= 1, got {window!r}.")
+    check_positive(small_params=small_params, target_params=target_params, batch_tokens=batch_tokens)
     kind = op_kind(op)
     if rule == "online":
         s_sc = slope_curve(small, small_params, batch_tokens, window, smooth_x)
