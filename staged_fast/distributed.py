@@ -63,13 +63,28 @@ def init(requested_device: str = "auto", parallel: str = "ddp") -> DistInfo:
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
-def close(info: DistInfo) -> None:
-    """Barrier then destroy: without the barrier rank 0 can abort at exit while others still talk."""
+def close(info: DistInfo, *, barrier: bool = True) -> None:
+    """Barrier then destroy: without the barrier rank 0 can abort at exit while others still talk. After a
+    failure no barrier: the other ranks are elsewhere (in the update's collectives), or gone, and the barrier
+    would fail again on top of the first error, or match their collective and hang."""
     if info.enabled and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+# How a collective fails when another rank died: torch's distributed errors, and gloo's bare RuntimeErrors.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer(error: BaseException, info: DistInfo) -> bool:
+    """Whether `error` says another rank of this multi-rank job went away."""
+    if not info.enabled or info.world_size == 1:
+        return False
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_GONE))
 
 
 def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import time
 from pathlib import Path
@@ -72,6 +73,17 @@ class RateWindow:
         return done / max(wall, 1e-9), done / max(wall - self.paused_s, 1e-9)
 
 
+def _write_failed(path: Path, e: OSError):
+    """A metrics write the disk refused, as the run folder's error (exit 2, no traceback): it used to be an
+    OSError traceback mid-run, or at the start of a requeue on a disk still full."""
+    from .run_folder import RunFolderError
+
+    why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+    return RunFolderError(f"cannot write {path} ({why}). The run stopped; its last complete checkpoint in "
+                          f"{path.parent} is intact. Free space (or fix the folder) and run the same command to "
+                          f"continue from it.")
+
+
 class MetricsLogger:
     """Rank 0 only: appends one JSON object per record to metrics.jsonl (resumed runs keep appending).
 
@@ -93,8 +105,11 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a torn line is dropped by the next run's truncate_metrics
+            raise _write_failed(self.path, e) from e
         if self.writer is not None and "step" in record:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -127,11 +142,15 @@ def truncate_metrics(path: str | Path, iteration: int) -> int:
     if len(keep) == len(lines):
         return 0
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, e) from e
     return len(lines) - len(keep)
 
 

@@ -73,7 +73,7 @@ def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> 
         with preemption.raising_until_launch():
             from torch.distributed.run import main as torchrun_main
 
-            os.environ[FLAGS_REPORTED_ENV] = "1"  # the workers inherit it: this process said the notes
+            os.environ[FLAGS_REPORTED_ENV] = str(os.getpid())  # the workers inherit it (_stop_with_launcher)
             try:
                 torchrun_main(["--standalone", f"--nproc_per_node={n}", "-m", "staged_fast.train", *argv])
             finally:
@@ -82,9 +82,14 @@ def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> 
         print(f"stop requested (SIGTERM) before the {n} worker processes started: none launched, nothing "
               "written; run the same command to start", file=sys.stderr)
     except SignalException as e:  # torchrun's agent got the signal, passed it to the workers and waited for them
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(args.save_prefix) if args.save_prefix else []
+        newest = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint in the run folder"
         print(f"stop requested ({signal.Signals(e.sigval).name}): torchrun passed it to the {n} workers, which "
-              "agree to stop one update later, save a checkpoint and stop (torchrun waits up to 30 s for them, then kills "
-              "them; the last complete checkpoint stays usable); run the same command to continue", file=sys.stderr)
+              "agree to stop one update (or validation batch) later, save a checkpoint and stop (torchrun waits up "
+              f"to 30 s for them, then kills them; the last complete checkpoint stays usable): {newest}; run the "
+              "same command to continue", file=sys.stderr)
         # SIGTERM is a preemption, as in one process (exit 0); Ctrl-C and the like: the shell's status for it.
         return 0 if e.sigval == signal.SIGTERM else 128 + int(e.sigval)
     except ChildFailedError as e:  # the worker's own error is in its output above; torchrun's table says which
@@ -93,6 +98,22 @@ def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> 
               file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
     return 0
+
+
+def _stop_with_launcher() -> None:
+    """In a worker of the --gpu_count launcher: a SIGTERM when the launcher dies, even by kill -9 (Linux's
+    parent-death signal), so the ranks save and stop as when preempted. torchrun starts each worker in a session
+    of its own: they used to train on as orphans, holding the run folder's lock, where a scheduler that stops a
+    job by its process group could not reach them."""
+    launcher = os.environ.get(FLAGS_REPORTED_ENV)
+    if launcher is None or "RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the call above: the signal would never come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
@@ -231,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = None
     trainer = None
     lock = None
+    finished = False  # the ranks meet at a barrier only after a clean finish
     try:
         args = parse_args(argv)
         if args.deterministic:
@@ -238,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         relaunched = _relaunch_for_gpu_count(args, argv, preemption)
         if relaunched is not None:
             return relaunched
+        _stop_with_launcher()  # after main's SIGTERM handler is in place: it saves and stops
         dist = D.init(args.device, args.parallel)
         prefix_given = args.save_prefix is not None
         if args.save_prefix is None:
@@ -252,15 +275,23 @@ def main(argv: list[str] | None = None) -> int:
         preemption.attach(trainer)
         summary = run(trainer, progress=not args.no_progress)
         log(_finish_line(args, trainer, summary, prefix_given))
+        finished = True
         return 0
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if dist is None or not D.lost_peer(e, dist):
+            raise
+        print(f"error: rank {dist.rank} lost its connection to another rank ({str(e).splitlines()[0][:300]}): one "
+              f"died or was killed (torchrun's summary names it). The last complete checkpoint in "
+              f"{args.save_prefix} is intact: run the same command to continue from it.", file=sys.stderr)
+        return 1
     finally:
         if trainer is not None:
             trainer.close()
         if dist is not None:
-            D.close(dist)
+            D.close(dist, barrier=finished)
         if lock is not None:  # a failed start leaves no folder it created
             lock.release()
         preemption.close()

@@ -47,6 +47,7 @@ class Trainer:
         self.iteration = 0
         self.tokens = 0
         self.last_val_loss = None
+        self.validation_pending = False  # a SIGTERM cut this update's validation short: the resumed run does it
         self.skipped_updates = torch.zeros((), device=self.device)  # non-finite grad norms, counted on the device
         self.skipped_reported = 0
         self.growth_log: list[dict] = []
@@ -307,6 +308,7 @@ class Trainer:
                      f"{end}.")
         self.step, self.iteration, self.tokens = st["step"], st["iteration"], st["tokens"]
         self.last_val_loss = st.get("last_val_loss")
+        self.validation_pending = bool(st.get("validation_pending", False))
         self.growth_log = list(st.get("growth_log", []))
         if a.reset_data_order:
             self.log(f"--reset_data_order: a new data order from the start of the data (seed {a.seed}), not the "
@@ -405,23 +407,52 @@ class Trainer:
         return loss_sum / a.grad_accum, grad_norm
 
     @torch.no_grad()
-    def evaluate(self, num_batches: int | None = None) -> float:
-        """Mean validation loss over --val_batches micro-batches per rank, averaged across ranks."""
+    def evaluate(self, num_batches: int | None = None, *, stoppable: bool = False) -> float | None:
+        """Mean validation loss over --val_batches micro-batches per rank, averaged across ranks. `stoppable`:
+        None once a SIGTERM has reached any rank, agreed before each batch (a long validation otherwise kept
+        the job past the scheduler's grace period: torchrun killed the ranks before they saved)."""
         from .data import val_batches
 
         a = self.args
         self.model.eval()
         total = torch.zeros((), device=self.device)
         n = 0
-        for x, y in val_batches(
-            self.data.val, seqlen=a.seqlen, batch_size=a.batch_size, num_batches=num_batches or a.val_batches,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        ):
-            with self.autocast():
-                total += self.model(x.to(self.device), y.to(self.device)).float()
-            n += 1
-        self.model.train()
+        try:
+            for x, y in val_batches(
+                self.data.val, seqlen=a.seqlen, batch_size=a.batch_size, num_batches=num_batches or a.val_batches,
+                rank=self.dist.rank, world_size=self.dist.world_size,
+            ):
+                if stoppable and D.any_rank(self.stop_requested, self.dist):
+                    return None
+                with self.autocast():
+                    total += self.model(x.to(self.device), y.to(self.device)).float()
+                n += 1
+        finally:
+            self.model.train()
         return D.all_reduce_mean(total / max(n, 1), self.dist).item()
+
+    def validate(self) -> bool:
+        """The run's validation of this update; False when a SIGTERM cut it short (on every rank alike): the
+        checkpoint then records it as pending, and the resumed run does it before its first update, so the
+        validation curve (and a slope-rule growth that reads it) is the uninterrupted run's."""
+        val_loss = self.evaluate(stoppable=True)
+        self.validation_pending = val_loss is None
+        if val_loss is None:
+            self.last_val_loss = None  # this update's record shows none; the resumed run logs it
+            return False
+        self.on_validation(val_loss)
+        return True
+
+    def finish_pending_validation(self) -> bool:
+        """A resumed run whose checkpoint's validation was cut short does it now, and logs it; False when a
+        SIGTERM cuts it short again."""
+        if not self.validation_pending:
+            return True
+        if not self.validate():
+            return False
+        self.metrics.log(dict(event="validation", iteration=self.iteration, step=self.step,
+                              val_loss=self.last_val_loss, resumed=True))
+        return True
 
     def updates_total(self) -> int:
         """Updates the run takes in all, the growths' restarts of the step counter counted (a slope-rule growth
@@ -513,7 +544,8 @@ class Trainer:
         state = dict(
             step=self.step, iteration=self.iteration, tokens=self.tokens, sampler=self.sampler.state_dict(),
             schedule=self.schedule.state_dict(), rng=D.gather_objects(rng, self.dist), scaler=self.scaler.state_dict(),
-            last_val_loss=self.last_val_loss, growth_log=self.growth_log, args=vars(self.args),
+            last_val_loss=self.last_val_loss, validation_pending=self.validation_pending,
+            growth_log=self.growth_log, args=vars(self.args),
             world_size=self.dist.world_size, **self.growths.state_dict(),
         )
         if getattr(self, "grown_at_iteration", None) is not None:
@@ -605,7 +637,12 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
     last = {}
     # A SIGTERM to any rank during the start: all leave before the first update, with nothing new to save
     # (a resumed run's checkpoint is the latest; a fresh folder without one is started afresh next time).
-    if D.any_rank(trainer.stop_requested, trainer.dist):
+    pending = trainer.validation_pending
+    with window.paused():
+        finished = trainer.finish_pending_validation()
+    if pending and finished:  # the rest of the cut-short update: its growth, if one is due
+        trainer.maybe_grow(window.paused)
+    if not finished or D.any_rank(trainer.stop_requested, trainer.dist):
         bar.close()
         trainer.log(f"stop requested (SIGTERM) before the first update at step {trainer.step}: leaving without "
                     f"training")
@@ -618,15 +655,17 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
             profiler.before_update(trainer.iteration + 1)
             loss, grad_norm = trainer.train_step()
             it = trainer.iteration
+            validated = True
             if it % a.val_every == 0 or trainer.step >= a.train_steps:
                 with window.paused():
-                    trainer.on_validation(trainer.evaluate())
+                    validated = trainer.validate()
             if it % a.log_rate == 0 or trainer.step >= a.train_steps:
                 last = trainer.log_record(loss, grad_norm, window)
                 window.restart(trainer.tokens)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
                                 size=trainer.config.shape_str(), tok_s=f"{last['train_tokens_per_s']:.0f}")
-            trainer.maybe_grow(window.paused)
+            if validated:  # else the resumed run validates, then grows (finish_pending_validation)
+                trainer.maybe_grow(window.paused)
             bar.total, bar.n = trainer.updates_total(), trainer.iteration  # a growth can change the total
             bar.refresh()
             # a SIGTERM reaches one rank, or ranks at different updates: all agree on stopping at one update
@@ -635,7 +674,9 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
             # never written back: a SIGTERM handled while the all-reduce is in flight sets it after it was read,
             # and writing the result over it lost the request (the job trained on).
             # --stop_at_step is the same on every rank: no vote, no lag.
-            if vote(trainer.stop_requested):
+            if not validated:  # every rank agreed on the SIGTERM within the validation: stop at once
+                stop, stopped = True, "SIGTERM"
+            elif vote(trainer.stop_requested):
                 stop, stopped = True, "SIGTERM"
             elif a.stop_at_step is not None and it >= a.stop_at_step:
                 stop, stopped = True, f"--stop_at_step {a.stop_at_step}"

@@ -286,3 +286,40 @@ def test_gpu_count_worker_error_exits_with_its_code_and_no_traceback(tmp_path, d
     assert "error: 2 worker processes launched with --gpu_count; rank" in err, err[-3000:]
     # said once, by the launcher: the workers parse the same flags and keep quiet about them
     assert err.count("warning: --warmup_steps 5 is longer than --train_steps 3") == 1, err[-3000:]
+
+
+def test_a_full_disk_when_logging_metrics_stops_with_a_clear_error_and_the_run_continues(tmp_path, data_cache,
+                                                                                          capsys, monkeypatch):
+    """ENOSPC appending to metrics.jsonl mid-run, and again when a requeue cuts the log back to its checkpoint:
+    each used to end in an OSError traceback (and left the cut's temporary file). Now: exit 2 naming the disk,
+    the last checkpoint intact, and the same command continues once there is space."""
+    import builtins
+    import errno
+
+    import staged_fast.metrics as metrics_module
+
+    real_open, full = builtins.open, {"append": False, "rewrite": False}
+
+    def disk_full_open(path, mode="r", *args, **kwargs):
+        name = Path(path).name
+        if (full["append"] and name == "metrics.jsonl" and "a" in mode) or (
+                full["rewrite"] and name.startswith(".tmp-metrics.jsonl") and "w" in mode):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "open", disk_full_open, raising=False)
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "6", "--stop_at_step", "3", "--save_every", "3") == 0
+    capsys.readouterr()
+    full["append"] = True
+    err = _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest"),
+                 "metrics.jsonl (the disk is full)", "last complete checkpoint", "run the same command")
+    assert "Traceback" not in err
+    # the requeue while the disk is still full: the cut of the log back to the checkpoint fails cleanly too
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"iteration": 9, "loss": 1.0}\n')
+    full.update(append=False, rewrite=True)
+    _fails(capsys, train(run, data_cache, "--train_steps", "6", "--resume", "latest"), "the disk is full")
+    assert not list(run.glob(".tmp-metrics*"))
+    full["rewrite"] = False
+    assert train(run, data_cache, "--train_steps", "6", "--resume", "latest") == 0
+    assert "done: step 6" in capsys.readouterr().out
