@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from .cli_help import HelpFormatter
 from .cli_types import finite_float
 from .evaluate.common import (
-    DTYPES, InputError, autocast, check_vocab, load_eval_model, load_eval_tokenizer, pick_device, run_cli,
+    DTYPES, InputError, autocast, check_vocab, load_eval_model, load_eval_tokenizer, not_utf8_error, pick_device,
+    run_cli,
 )
 
 
@@ -163,12 +165,28 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     return out
 
 
+def read_prompt_file(path: str) -> str:
+    """A prompt kept in a file (long ones, or ones with quotes a shell would mangle); a final newline is the
+    editor's, not the prompt's."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8_error(file, e, "--prompt_file") from e
+    except OSError as e:
+        raise InputError(f"--prompt_file {path}: cannot be read ({e.strerror}). Fix: check the path.") from e
+    return text[:-1] if text.endswith("\n") else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m staged_fast.sample", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="staged_fast checkpoint or run folder, Hugging Face GPT-2 folder, or hub name")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    prompt.add_argument("--prompt_file", default=None, help="read the text to continue from this UTF-8 file "
+                        "(nanoGPT's FILE: prompt)")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample")
     p.add_argument("--temperature", type=finite_float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens (0 = off)")
@@ -188,6 +206,8 @@ def main(argv=None) -> list[str]:
         raise InputError("--max_new_tokens and --num_samples must be at least 1.")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise InputError("--temperature must be >= 0, --top_p in (0, 1] and --top_k >= 0 (0 turns top-k off).")
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
     device = pick_device(args.device)
     model = load_eval_model(args.checkpoint, device=device)
     tokenizer = load_eval_tokenizer(args.tokenizer, args.checkpoint)

@@ -174,6 +174,16 @@ def test_sample_cli(tmp_path, capsys):
     assert run_cli(main, ["--checkpoint", str(tmp_path / "x" / "y"), "--prompt", "a"]) == 2
     assert run_cli(main, ["--checkpoint", str(ckpt), "--top_p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+    # a prompt kept in a file (its editor's final newline is not part of it)
+    (tmp_path / "prompt.txt").write_text("The lighthouse\n")
+    assert main([*argv[:2], "--prompt_file", str(tmp_path / "prompt.txt"), *argv[4:]]) == texts
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert run_cli(main, ["--checkpoint", str(ckpt), "--prompt_file", str(tmp_path / "latin1.txt")]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert run_cli(main, ["--checkpoint", str(ckpt), "--prompt_file", str(tmp_path / "missing.txt")]) == 2
+    assert "--prompt_file" in capsys.readouterr().err
+    assert run_cli(main, ["--checkpoint", "latest"]) == 2  # train's word: said at once, not a hub lookup
+    assert "'latest' is train's --resume word" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("temperature", [0.8, 0.0])

@@ -72,6 +72,9 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
     p = Path(path).expanduser()
     # a local path, not a hub name ('org/name'): its folder exists here (a typo there used to spend ~30 s on hub
     # retries offline before it failed)
+    if str(path) == "latest" and not p.exists():
+        raise InputError("--checkpoint latest: 'latest' is train's --resume word (with --save_prefix); here give "
+                         "the run folder (its newest checkpoint is used) or a step_<8-digit update> folder.")
     local = str(path).count("/") > 1 or str(path).startswith((".", "/", "~")) or (
         "/" in str(path) and p.parent.is_dir())
     if not p.exists() and local:
