@@ -127,6 +127,20 @@ def test_wikitext_cli_writes_json(random_ckpt, tmp_path, capsys):
     assert "ppl" in capsys.readouterr().out
 
 
+def test_wikitext_context_defaults_to_the_seqlen_the_run_trained_with(tmp_path, capsys):
+    """A run trained at --seqlen 16 in a 32-position table: the default window is 16, not the table's 32, whose
+    positions past 16 were never trained (the ppl measured them)."""
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, n_positions=32)
+    ckpt = save_checkpoint(tmp_path / "run", step=1, model=GPT(cfg), config=cfg, trainer_state={"args": {"seqlen": 16}})
+    result = main(["wikitext", "--checkpoint", str(ckpt.parent), "--data_file", str(WIKITEXT), "--no_progress"])
+    assert result["context"] == 16 and "--context 16: the --seqlen the run trained with" in capsys.readouterr().err
+    given = main(["wikitext", "--checkpoint", str(ckpt), "--data_file", str(WIKITEXT), "--no_progress",
+                  "--context", "32"])
+    assert given["context"] == 32
+
+
 def test_a_bad_out_is_refused_before_the_evaluation(random_ckpt, tmp_path, capsys):
     """--out a folder used to end in a traceback after the whole evaluation had run, its result lost."""
     for out, said in ((tmp_path, "is a folder; it must name a file"), (tmp_path / "f" / "x" / "r.json", "is a file, not a folder")):

@@ -12,7 +12,7 @@ import sys
 from ..cli_help import HelpFormatter
 from .common import (
     DTYPES, InputError, check_out_file, check_vocab, format_table, load_eval_model, load_eval_tokenizer, pick_device,
-    run_cli, write_json,
+    run_cli, training_flags, write_json,
 )
 from .hellaswag import evaluate_hellaswag, load_hellaswag
 from .lambada import evaluate_lambada, load_lambada
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="perplexity on WikiText-103 raw test")
     _common_args(wt, batch_size=8)
     wt.add_argument("--context", type=int, default=None,
-                    help="tokens per window (default: the model's n_positions, 1024 for GPT-2)")
+                    help="tokens per window (default: the --seqlen a staged_fast run trained with, else the "
+                         "model's n_positions, 1024 for GPT-2)")
     wt.add_argument("--stride", type=int, default=None,
                     help="sliding window: each window scores only its last STRIDE tokens, so every token has at "
                          "least context - stride tokens of history (default: = context, the seed's "
@@ -81,6 +82,12 @@ def main(argv=None) -> dict:
     check_vocab(model, tokenizer)
     common = dict(batch_size=args.batch_size, device=device, dtype=args.dtype, progress=not args.no_progress)
     if args.task == "wikitext":
+        trained = training_flags(args.checkpoint).get("seqlen")
+        if args.context is None and isinstance(trained, int) and trained < model.config.n_positions:
+            # positions past the run's --seqlen were never trained: scoring them measures nothing useful
+            args.context = trained
+            print(f"--context {trained}: the --seqlen the run trained with (its position table holds "
+                  f"{model.config.n_positions}; pass --context to score longer windows)", file=sys.stderr)
         result = evaluate_wikitext(model, tokenizer, rows, context=args.context, stride=args.stride, **common)
         rows_shown = ["protocol", "context", "stride", "tokens_scored", "loss", "ppl"]
     elif args.task == "lambada":

@@ -118,14 +118,21 @@ def checkpoint_tokenizer(checkpoint: str) -> tuple[str, str]:
     folder = Path(checkpoint).expanduser()
     if any((folder / f).exists() for f in _TOKENIZER_FILES):
         return str(folder), "saved in the checkpoint folder"
-    if folder.is_dir():
-        try:
-            trained = (read_trainer_state(resolve_checkpoint(folder)).get("args") or {}).get("tokenizer")
-        except CheckpointError:
-            trained = None  # not a staged_fast checkpoint; loading the model says what it is
-        if trained:
-            return str(trained), "the --tokenizer its training run used"
+    trained = training_flags(checkpoint).get("tokenizer")
+    if trained:
+        return str(trained), "the --tokenizer its training run used"
     return "gpt2", "the default"
+
+
+def training_flags(checkpoint: str) -> dict:
+    """The flags the run that wrote a staged_fast checkpoint trained with (its trainer.pt); {} for anything else."""
+    folder = Path(checkpoint).expanduser()
+    if not folder.is_dir():
+        return {}
+    try:
+        return read_trainer_state(resolve_checkpoint(folder)).get("args") or {}
+    except CheckpointError:
+        return {}  # not a staged_fast checkpoint; loading the model says what it is
 
 
 def load_eval_tokenizer(name: str | None, checkpoint: str):
