@@ -79,6 +79,10 @@ class UpdateProfiler:
             self.window = None
 
     def _write(self, prof) -> None:
+        if self.last_update < self.window[0]:  # stopped in the warm-up update: no update of the window ran
+            self.log(f"--profile {self.window[0]}:{self.window[1]}: the run stopped at update {self.last_update}, "
+                     f"before the window; nothing profiled")
+            return
         updates = f"{self.window[0]}-{self.last_update}"
         trace = self.run_dir / "profile" / f"rank{self.rank}_updates{updates}.json"
         try:

@@ -87,6 +87,13 @@ def load_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerFast:
     return tok
 
 
+def id_space(tokenizer) -> int:
+    """The ids a tokenizer can emit: its largest id + 1. Not len(tokenizer), which counts entries: a vocabulary
+    with gaps in its ids (e.g. added tokens at 70000 over 28 entries) overflowed the uint16 token file or ran
+    past the embedding table at the first update."""
+    return max(max(tokenizer.get_vocab().values(), default=-1) + 1, len(tokenizer))
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of the tokenizer's full definition (vocab, merges, special tokens, normalizer).
 

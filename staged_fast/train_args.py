@@ -252,6 +252,22 @@ def _continued_checkpoint(args) -> Path | None:
     return path if path.resolve().parent == Path(args.save_prefix).resolve() else None
 
 
+def _check_doubling_source(args) -> None:
+    """--doubling grows another run's checkpoint into this one. Of this run's own checkpoint it grew the run a
+    second time: the README's requeue (the same command with --resume latest) did that to a doubled run."""
+    if not (args.doubling and args.resume and args.save_prefix):
+        return
+    from .checkpoint import list_checkpoints, resolve_checkpoint
+
+    if args.resume == "latest" and not list_checkpoints(args.save_prefix):
+        return  # the trainer names the missing checkpoint
+    path = resolve_checkpoint(args.resume, args.save_prefix)
+    if path.resolve().parent == Path(args.save_prefix).resolve():
+        raise UsageError(f"--doubling would grow {path}, a checkpoint of this run ({args.save_prefix}) itself: a "
+                         f"doubled run requeued with --resume latest grew again. To continue it, drop --doubling; "
+                         f"to grow a run, give its checkpoint with --resume and another --save_prefix.")
+
+
 def _branched_checkpoint(args) -> Path | None:
     """The checkpoint a new run starts from (--resume of another folder's checkpoint, or --doubling), else None."""
     if not args.resume:
@@ -308,7 +324,10 @@ def parse_args(argv: list[str] | None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    taken, branched = continue_with_saved_flags(args, given_flags(argv))
+    given = given_flags(argv)
+    _check_doubling_source(args)
+    taken, branched = continue_with_saved_flags(args, given)
+    _check_plan_length(args, given)
     if taken and branched is None:
         _note(f"continuing the run in {args.save_prefix} with its checkpoint's flags where this command leaves "
               f"them out: {'; '.join(taken)}")
@@ -316,7 +335,47 @@ def parse_args(argv: list[str] | None):
         _note(f"starting from {branched} with its data order's flags where this command leaves them out, so that "
               f"it goes on with the data the checkpoint has not seen: {'; '.join(taken)}")
     validate(args)
+    _absolute_local_paths(args)
     return args
+
+
+def _warn_unused(args) -> None:
+    """Flags that do nothing in this run: said once, so that a typo or a misunderstanding shows."""
+    growth = args.grow_at or args.schedule or args.grow_when or args.doubling or args.resume
+    if args.restart_warmup_steps and not growth:
+        _warn(f"--restart_warmup_steps {args.restart_warmup_steps} ramps the LR after a growth, and this run has "
+              f"none (no --grow_at, --schedule, --grow_when or --doubling): it does nothing.")
+    ops = growth_ops(args) if (args.grow_at or args.grow_when) else []
+    if args.width_noise and (args.grow_at or args.grow_when) and "width" not in ops:
+        _warn(f"--width_noise {args.width_noise} splits width growths, and this run's growths are {', '.join(ops)}: "
+              f"it does nothing.")
+    if args.profile and args.restart_steps is None and not args.resume:
+        from .profiling import parse_window
+
+        start, _ = parse_window(args.profile)
+        if start > args.train_steps:
+            _warn(f"--profile {args.profile} starts at update {start}, and the run ends at update {args.train_steps} "
+                  f"(--train_steps): nothing will be profiled.")
+    if args.decay_fraction != 0.2 and args.lr_decay != "wsd":
+        _warn(f"--decay_fraction {args.decay_fraction} is the share of the run --lr_decay wsd decays over; with "
+              f"--lr_decay {args.lr_decay} it does nothing.")
+
+
+def _absolute_local_paths(args) -> None:
+    """Local paths as absolute ones: the checkpoint records the flags, and a continued run takes them, so a
+    relative --data or --tokenizer requeued from another working directory read another folder of that name, or
+    was taken for a hub name (after ~30 s of retries offline). Hub names stay as given."""
+    def absolute(path: str) -> str:
+        local = os.path.expanduser(path)
+        return os.path.abspath(local) if os.path.exists(local) else path
+
+    for name in ("data", "val_data"):
+        if getattr(args, name):
+            setattr(args, name, [absolute(p) for p in getattr(args, name)])
+    for name in ("tokenizer", "schedule", "model"):
+        if getattr(args, name):
+            setattr(args, name, absolute(getattr(args, name)))
+    args.cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir))
 
 
 def model_config(args, *, vocab_size: int) -> GPTConfig:
@@ -405,14 +464,18 @@ def validate(args) -> None:
                          "(bf16 compute, fp32 gradient reduce) or --parallel ddp.")
     if args.seqlen > args.n_positions:
         raise ConfigError(
-            f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: learned positions "
-            f"stop there. Lower --seqlen or raise --n_positions."
+            f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: "
+            + ("its RoPE tables are built that long" if llama_requested(args) else "learned positions stop there")
+            + ". Lower --seqlen or raise --n_positions."
         )
     for name in ("batch_size", "grad_accum", "train_steps", "val_every", "log_rate", "save_every", "seqlen"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.doubling and not args.resume:
         raise UsageError("--doubling grows a checkpoint: give it with --resume PATH.")
+    if args.lr is not None and 0 < args.lr < args.min_lr:
+        raise UsageError(f"--min_lr {args.min_lr} is above the peak --lr {args.lr}: the decay would raise the LR. "
+                         f"Give a --min_lr below --lr (0 decays to nothing).")
     sources = [x for x in (args.grow_at, args.schedule, args.grow_when) if x]
     if len(sources) > 1:
         raise UsageError("Use one of --grow_at, --schedule and --grow_when, not several.")
@@ -433,6 +496,7 @@ def validate(args) -> None:
         except ValueError:
             raise UsageError(f"--restart_steps takes an integer or 'auto', got {args.restart_steps!r}.") from None
     _check_values(args)
+    _warn_unused(args)  # after the checks: it reads values they vouch for
     _check_paths(args)
     _check_growths(args)
     _check_plan(args)
@@ -598,7 +662,29 @@ def _check_growths(args) -> None:
                 f"Grow earlier, or raise --train_steps."
             )
         restart = restart_value(args.restart_steps, counter, op)
+        if restart is not None and restart >= args.train_steps:
+            raise UsageError(
+                f"--restart_steps {args.restart_steps} sets the step counter to {restart} at the growth at update "
+                f"{at}, and the run ends at --train_steps {args.train_steps}: the grown model would never train. "
+                f"Give a --restart_steps below --train_steps (or 'auto').")
         counter, done = counter if restart is None else restart, at
+
+
+def _check_plan_length(args, given: set[str]) -> None:
+    """A --schedule plan sets --train_steps to its final step: a different one given with it would be overridden
+    silently (a contradicting --size is refused the same way)."""
+    if not args.schedule or "train_steps" not in given:
+        return
+    from .schedule import Plan
+
+    try:
+        final = Plan.from_json(args.schedule).to_dict()["final_schedule_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: load_plan says so, with the command that makes a plan
+    if args.train_steps != final:
+        raise UsageError(f"--train_steps {args.train_steps} contradicts --schedule {args.schedule}, which ends at "
+                         f"step {final}; drop --train_steps (the plan sets it), or make a plan of that length with "
+                         f"`python -m staged_fast.schedule plan --train_steps ...`.")
 
 
 def _check_plan(args) -> None:

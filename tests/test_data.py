@@ -206,6 +206,54 @@ def test_cache_hit_and_invalidation(tok, tmp_path, monkeypatch):
         prep([str(f)], tok, tmp_path)
 
 
+def test_a_file_rewritten_with_its_mtime_kept_is_read_afresh(tok, tmp_path):
+    """datasets keys its own cache on a file's path and mtime: a new version with the old mtime (tar, rsync -a,
+    cp -p) was read from the old text into a new entry of ours (its size differs, so our key changed)."""
+    f = tmp_path / "a.txt"
+    f.write_text(" ".join(["apple"] * 300))
+    os.utime(f, (1_700_000_000, 1_700_000_000))
+    prep([str(f)], tok, tmp_path)
+    f.write_text(" ".join(["cherry"] * 500))
+    os.utime(f, (1_700_000_000, 1_700_000_000))
+    again = prep([str(f)], tok, tmp_path)
+    text = tok.decode(np.concatenate([again.train, again.val]).tolist())
+    assert "cherry" in text and "apple" not in text
+
+
+def test_a_text_field_that_is_not_text_is_refused(tok, tmp_path):
+    """A number, a list (the tokenizer took it for a text pair and joined it silently) or a missing value."""
+    cases = {"number": [{"text": "a b c"}, {"text": 123}], "list": [{"text": ["a", "b"]}],
+             "null": [{"text": "a b c"}, {"text": None}], "absent": [{"text": "a b c"}, {"body": "x"}]}
+    for name, rows in cases.items():
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        match = "have no value" if name in ("null", "absent") else "not all strings|not text"
+        with pytest.raises(DataError, match=match):
+            prep([str(f)], tok, tmp_path)
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"holds Value\('int64'\) values, not text"):
+        prep([str(tmp_path / "ints.parquet")], tok, tmp_path)
+
+
+def test_a_tokenizer_with_gaps_in_its_ids_sizes_by_its_largest_id(tmp_path):
+    """28 entries with EOS at id 70000: len(tokenizer) is 28; the token file needs uint32 and the model 70001."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from staged_fast.tokenizer import id_space
+
+    vocab = {**{f"w{i}": i for i in range(27)}, "<eos>": 70_000}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    gappy = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    assert len(gappy) == 28 and id_space(gappy) == 70_001
+    docs = [" ".join(f"w{(i + j) % 27}" for j in range(40)) for i in range(20)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    p = prepare_data([str(tmp_path / "g.jsonl")], gappy, tokenizer_name="gappy", cache_dir=tmp_path / "c",
+                     val_fraction=0.1)
+    assert p.vocab_size == 70_001 and p.train.dtype == np.uint32 and p.train.max() == 70_000
+
+
 def test_truncated_cache_is_rebuilt(tok, tmp_path):
     f = tmp_path / "a.txt"
     f.write_text(" ".join(DOCS))

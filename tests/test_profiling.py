@@ -31,6 +31,16 @@ def test_a_window_cut_short_by_the_end_of_the_run_is_still_written(tmp_path, dat
     assert {"ProfilerStep#1", "ProfilerStep#2"} <= set(steps), steps
 
 
+def test_a_run_stopped_in_the_warm_up_update_writes_nothing_and_a_late_window_is_warned(tmp_path, data_cache,
+                                                                                         capsys):
+    """Stopped at update 2 with --profile 3:2: an empty table and a trace named 'updates 3-2' were written."""
+    assert train(tmp_path / "run", data_cache, "--train_steps", "8", "--profile", "3:2", "--stop_at_step", "2") == 0
+    assert "the run stopped at update 2, before the window; nothing profiled" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "profile").exists() or not list((tmp_path / "run" / "profile").iterdir())
+    assert train(tmp_path / "late", data_cache, "--train_steps", "2", "--profile", "10") == 0
+    assert "--profile 10 starts at update 10, and the run ends at update 2" in capsys.readouterr().err
+
+
 def test_a_run_resumed_after_the_window_says_so_and_profiles_nothing(tmp_path, data_cache, capsys):
     assert train(tmp_path / "run", data_cache, "--train_steps", "4", "--stop_at_step", "3") == 0
     capsys.readouterr()

@@ -65,7 +65,7 @@ def test_a_checkpoint_of_another_folder_or_a_doubling_takes_only_its_data_order(
     ckpt = _fake_run(tmp_path / "old", **STARTED, seed=7, data=["corpus.txt"])
     defaults = build_parser().parse_args([])
     for argv in (["--resume", str(ckpt), "--save_prefix", str(tmp_path / "new")],
-                 ["--resume", str(ckpt), "--save_prefix", str(tmp_path / "old"), "--doubling", "weights"]):
+                 ["--resume", str(ckpt), "--save_prefix", str(tmp_path / "grown"), "--doubling", "weights"]):
         args = parse_args(argv)
         assert (args.seqlen, args.seed, args.data) == (32, 7, ["corpus.txt"]), argv
         assert (args.train_steps, args.batch_size, args.fp16) == (defaults.train_steps, defaults.batch_size, False)
@@ -136,3 +136,45 @@ def test_resume_with_only_the_folder_continues_bit_for_bit(tmp_path, data_cache,
     assert "add --reset_data_order to start a new data order" in capsys.readouterr().err
     assert main([*bare, "--save_prefix", str(tmp_path / "seed"), "--seed", "5", "--reset_data_order"]) == 0
     assert "--reset_data_order: a new data order from the start of the data (seed 5)" in capsys.readouterr().out
+
+
+def test_local_paths_are_recorded_absolute_and_hub_names_as_given(tmp_path, monkeypatch):
+    """A continued run takes --data and --tokenizer from the checkpoint: relative ones, requeued from another
+    working directory, read another folder of that name or were taken for hub names."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--data", "corpus", "wikitext:wikitext-2-raw-v1", "--tokenizer", "tok",
+                       "--cache_dir", "cache", "--size", "tiny"])
+    assert args.data == [str(tmp_path / "corpus"), "wikitext:wikitext-2-raw-v1"]
+    assert (args.tokenizer, args.cache_dir) == (str(tmp_path / "tok"), str(tmp_path / "cache"))
+    assert parse_args(["--size", "tiny"]).tokenizer == "gpt2"
+
+
+def test_doubling_of_the_runs_own_checkpoint_is_refused(tmp_path):
+    """The README's requeue of a doubled run (the same command with --resume latest) grew it a second time."""
+    run = tmp_path / "grown"
+    _fake_run(run, **STARTED)
+    with pytest.raises(UsageError, match="a checkpoint of this run .* itself.*drop --doubling"):
+        parse_args(["--resume", "latest", "--save_prefix", str(run), "--doubling", "layers"])
+
+
+def test_a_train_steps_that_contradicts_the_plan_is_refused(tmp_path):
+    from staged_fast.schedule import plan_for_run
+
+    path = tmp_path / "plan.json"
+    plan_for_run("tiny", ["width"], train_steps=12).to_json(str(path))
+    final = plan_for_run("tiny", ["width"], train_steps=12).to_dict()["final_schedule_step"]
+    with pytest.raises(UsageError, match=f"--train_steps 20 contradicts --schedule .* ends at step {final}"):
+        parse_args(["--schedule", str(path), "--train_steps", "20"])
+    assert parse_args(["--schedule", str(path), "--train_steps", str(final)]).schedule == str(path)
+
+
+def test_flags_that_do_nothing_are_warned_about(capsys):
+    parse_args(["--size", "tiny", "--restart_warmup_steps", "2", "--decay_fraction", "0.5"])
+    parse_args(["--size", "tiny_div2_depth", "--grow_at", "2", "--grow_ops", "append_id", "--width_noise", "0.01",
+                "--train_steps", "4"])
+    err = capsys.readouterr().err
+    assert "--restart_warmup_steps 2 ramps the LR after a growth" in err
+    assert "--decay_fraction 0.5 is the share of the run --lr_decay wsd decays over" in err
+    assert "--width_noise 0.01 splits width growths, and this run's growths are append_id" in err

@@ -49,6 +49,10 @@ def _fails(capsys, code, *fragments):
     pytest.param(["--grow_at", "4,2", "--grow_ops", "width,width", "--train_steps", "8"], ["increasing"],
                  id="grow_at_not_increasing"),
     pytest.param(["--restart_steps", "3"], ["--restart_steps", "no growth"], id="restart_steps_without_growth"),
+    pytest.param(["--grow_at", "1", "--grow_ops", "width", "--restart_steps", "100"],
+                 ["sets the step counter to 100", "would never train"], id="restart_steps_past_the_end"),
+    pytest.param(["--lr", "0.001", "--min_lr", "0.01"], ["--min_lr 0.01 is above the peak --lr 0.001"],
+                 id="min_lr_above_lr"),
 ])
 def test_bad_flags(tmp_path, data_cache, capsys, flags, fragments):
     run = tmp_path / "run"

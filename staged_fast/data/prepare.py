@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tokenizer import tokenizer_fingerprint
+from ..tokenizer import id_space, tokenizer_fingerprint
 from .sources import DataError, Source, load_texts, resolve_source
 
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 class PreparedData:
     train: np.ndarray    # packed train tokens, read-only np.memmap (uint16 or uint32)
     val: np.ndarray      # packed validation tokens, same dtype
-    vocab_size: int      # len(tokenizer), added tokens included
+    vocab_size: int      # the tokenizer's id space (largest id + 1), added tokens included
     eos_id: int          # the document separator
     fingerprint: str     # cache key: input + tokenizer + split settings + format version
     source: str          # human-readable description of the input
@@ -60,7 +60,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def _fingerprint(source: Source, tokenizer, tokenizer_name: str, val_fraction: float,
                  min_val_tokens: int, seed: int, whole: str | None = None) -> str:
     key = {"format": FORMAT_VERSION, "input": source.key, "tokenizer": tokenizer_name,
-           "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer)}
+           "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": id_space(tokenizer)}
     if whole is None:  # split: the split's settings decide the content (keys as before: old caches still hit)
         key.update(val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed)
     else:
@@ -140,7 +140,7 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
            text_field: str, val_fraction: float, min_val_tokens: int, seed: int, num_proc: int,
            cache_dir: Path, whole: str | None = None) -> None:
     t0 = time.perf_counter()
-    vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
+    vocab_size, eos_id = id_space(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
     ds = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets", num_proc=num_proc)
     ds = _tokenize(ds, tokenizer, eos_id, num_proc, fingerprint,  # a saved folder is the user's: cache in ours

@@ -43,7 +43,9 @@ def _check_layout(tokens: np.ndarray, seqlen: int, batch_size: int, rank: int, w
     if n < 1:
         raise DataError(
             f"The {what} data holds {len(tokens)} tokens, fewer than one sample of seqlen + 1 = {seqlen + 1} "
-            f"tokens. Fix: pass more data, or a smaller --seqlen (at most {max(len(tokens) - 1, 0)}).")
+            f"tokens. Fix: pass more data, or a smaller --seqlen (at most {max(len(tokens) - 1, 0)})"
+            + (", or hold out more (a larger --val_fraction, or give --val_data more text)."
+               if what == "validation" else "."))
     return n
 
 
@@ -130,8 +132,9 @@ def val_batches(tokens: np.ndarray, *, seqlen: int, batch_size: int, num_batches
     if count < 1:
         raise DataError(
             f"The validation data holds {len(tokens)} tokens = {n} samples of seqlen {seqlen}, fewer than one "
-            f"batch of {batch_size} per rank x {world_size} rank(s). Fix: a smaller eval batch size or "
-            "seqlen, or hold out more (raise --val_fraction / min_val_tokens, or give --val_data more text).")
+            f"batch of {batch_size} per rank x {world_size} rank(s) (validation uses --batch_size). Fix: a "
+            "smaller --batch_size or --seqlen, or hold out more (a larger --val_fraction, or give --val_data "
+            "more text).")
     for k in range(count):
         first = (k * world_size + rank) * batch_size
         yield _gather(tokens, np.arange(first, first + batch_size), seqlen)

@@ -156,6 +156,16 @@ def _select_text(ds, text_field: str, where: str):
             f"{where} has no field {text_field!r} (its fields: {', '.join(ds.column_names) or 'none'}). "
             f"Fix: pass the field that holds the text with --text_field (text_field=...).")
     ds = ds.select_columns([text_field])
+    feature = ds.features[text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        # an int column, or a list (which the tokenizer took for a text pair and silently joined)
+        held = "values that are not all strings" if type(feature).__name__ == "Json" else f"{feature} values"
+        raise DataError(f"{where}: field {text_field!r} holds {held}, not text. Fix: pass the field that holds "
+                        f"the text with --text_field, or make every value of {text_field!r} a string.")
+    missing = ds.data.column(text_field).null_count  # arrow's count: no pass over the data
+    if missing:
+        raise DataError(f"{where}: {missing} record(s) have no value (null or absent) in field {text_field!r}. "
+                        f"Fix: drop those records, or give them a string.")
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
@@ -206,8 +216,10 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
             continue
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         try:
+            # read afresh: datasets keys its own cache on path and mtime only, so a file rewritten with its
+            # mtime kept (tar, rsync -a, cp -p) was read from the old text into a new entry of ours
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in nonempty], split="train",
-                                       cache_dir=str(hf_cache_dir), **kwargs)
+                                       cache_dir=str(hf_cache_dir), download_mode="force_redownload", **kwargs)
         except Exception as e:
             raise DataError(f"Could not read {builder} file(s) {[f.name for f in nonempty][:3]}: "
                             f"{type(e).__name__}: {e}. Fix: check the files are valid {builder} "

@@ -218,10 +218,12 @@ def read_jsonl(path: str | Path, *, what: str, example: str, parse) -> list:
 
 
 def check_vocab(model, tokenizer) -> None:
-    n = len(tokenizer)
+    from ..tokenizer import id_space
+
+    n = id_space(tokenizer)
     if n > model.config.vocab_size:
         raise InputError(
-            f"the tokenizer has {n} tokens but the model's vocabulary has only {model.config.vocab_size}: token "
+            f"the tokenizer's ids reach {n - 1} but the model's vocabulary has only {model.config.vocab_size}: token "
             f"ids would fall outside the embedding table. Fix: pass --tokenizer with the tokenizer the model "
             f"was trained with."
         )
