@@ -220,6 +220,17 @@ def test_a_file_rewritten_with_its_mtime_kept_is_read_afresh(tok, tmp_path):
     assert "cherry" in text and "apple" not in text
 
 
+def test_a_file_that_is_not_utf8_is_named(tok, tmp_path):
+    """datasets' error named the first three files of the folder, none of them the bad one."""
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"a{i}.txt").write_text(f"good text {i}\n")
+    (folder / "z_bad.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"z_bad\.txt is not UTF-8 text: byte 0xe9 at offset 3 \(line 1\)"):
+        prep([str(folder)], tok, tmp_path)
+
+
 def test_a_text_field_that_is_not_text_is_refused(tok, tmp_path):
     """A number, a list (the tokenizer took it for a text pair and joined it silently) or a missing value."""
     cases = {"number": [{"text": "a b c"}, {"text": 123}], "list": [{"text": ["a", "b"]}],

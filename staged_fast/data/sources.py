@@ -169,6 +169,21 @@ def _select_text(ds, text_field: str, where: str):
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
+def _name_the_file_that_is_not_utf8(files: list[Path], error: Exception) -> None:
+    """datasets' error for a text file it cannot decode names none of them: find the file, line and byte."""
+    for f in files:
+        try:
+            data = f.read_bytes()
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data.count(b"\n", 0, bad.start) + 1
+            raise DataError(f"{f} is not UTF-8 text: byte 0x{data[bad.start]:02x} at offset {bad.start} (line "
+                            f"{line}). Fix: convert it (e.g. iconv -f latin1 -t utf-8), or leave it out of --data.") \
+                from error
+        except OSError:
+            continue
+
+
 def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc: int = 1):
     """The documents of `source` as a `datasets.Dataset` with one string column 'text'."""
     import datasets
@@ -221,6 +236,8 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in nonempty], split="train",
                                        cache_dir=str(hf_cache_dir), download_mode="force_redownload", **kwargs)
         except Exception as e:
+            if builder == "text":
+                _name_the_file_that_is_not_utf8(nonempty, e)
             raise DataError(f"Could not read {builder} file(s) {[f.name for f in nonempty][:3]}: "
                             f"{type(e).__name__}: {e}. Fix: check the files are valid {builder} "
                             "(UTF-8 text, one JSON object per line, or parquet).") from e
