@@ -220,6 +220,21 @@ def test_a_file_rewritten_with_its_mtime_kept_is_read_afresh(tok, tmp_path):
     assert "cherry" in text and "apple" not in text
 
 
+def test_linked_folders_inside_a_data_folder_are_read_once(tok, tmp_path):
+    """A symlinked subfolder was skipped silently (os.walk does not follow links); a link back up must not loop."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.txt").write_text("linked document text")
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "a.txt").write_text("own document text")
+    (top / "linked").symlink_to(other)
+    (other / "up").symlink_to(top)  # a loop: top/linked/up is top
+    from staged_fast.data.sources import _walk
+
+    assert [p.name for p in _walk(top)] == ["a.txt", "b.txt"]
+
+
 def test_a_file_that_is_not_utf8_is_named(tok, tmp_path):
     """datasets' error named the first three files of the folder, none of them the bad one."""
     folder = tmp_path / "mix"

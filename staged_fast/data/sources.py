@@ -85,8 +85,15 @@ def _saved_source(entry: str, folder: Path, text_field: str) -> Source:
 
 
 def _walk(folder: Path) -> list[Path]:
-    found = []
-    for root, dirs, names in os.walk(folder):
+    """The data files under `folder`, in sorted order; linked folders are followed (os.walk skipped them
+    silently), each real folder once, so a link back up ends the walk there instead of looping."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         if _saved_kind(Path(root)):  # its json files are metadata, not documents
             raise DataError(f"{root} inside --data folder {str(folder)!r} was written by `datasets` save_to_disk; "
                             f"it cannot be mixed with other files. Fix: pass it alone (--data {root}).")
