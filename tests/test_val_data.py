@@ -41,6 +41,16 @@ def test_the_same_input_for_both_is_refused(tmp_path, tok):
         prepare_data([train_file], tok, tokenizer_name="gpt2", cache_dir=tmp_path / "cache", val_data=[train_file])
 
 
+def test_a_validation_file_inside_the_training_folder_is_refused(tmp_path, tok):
+    """Only the same input was refused: a --val_data file inside the --data folder trained on the validation text."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _jsonl(folder / "a.jsonl", TRAIN)
+    inside = _jsonl(folder / "b.jsonl", VAL)
+    with pytest.raises(DataError, match=r"--val_data names files of --data \(.*b\.jsonl\)"):
+        prepare_data([str(folder)], tok, tokenizer_name="gpt2", cache_dir=tmp_path / "cache", val_data=[inside])
+
+
 def test_the_trainer_validates_on_it(tmp_path, data_cache):
     val_file = _jsonl(tmp_path / "val.jsonl", VAL * 20)
     assert train(tmp_path / "run", data_cache, "--train_steps", "2", "--val_every", "1", "--seqlen", "32",

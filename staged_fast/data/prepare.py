@@ -260,10 +260,13 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
     else:
         train_meta, train_dir, train_fp = _prepare_one(data, "train", **settings)
         val_meta, val_dir, val_fp = _prepare_one(val_data, "val", **settings)
-        if train_meta["input"] == val_meta["input"]:
-            raise DataError(f"--val_data names the same input as --data ({val_meta['source']}): the validation loss "
-                            f"would be measured on training text. Fix: give held-out text to --val_data, or leave "
-                            f"it out to hold out a --val_fraction of --data.")
+        shared = sorted(_input_files(train_meta["input"]) & _input_files(val_meta["input"]))
+        if train_meta["input"] == val_meta["input"] or shared:
+            what = f"the same input as --data ({val_meta['source']})" if train_meta["input"] == val_meta["input"] \
+                else f"files of --data ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''})"
+            raise DataError(f"--val_data names {what}: the validation loss would be measured on training text. Fix: "
+                            f"give held-out text to --val_data, or leave it out to hold out a --val_fraction of "
+                            f"--data.")
         fp = hashlib.sha256(f"{train_fp}:{val_fp}".encode()).hexdigest()[:20]
         source = f"{train_meta['source']} (train) + {val_meta['source']} (val)"
     dtype = np.dtype(train_meta["dtype"])
@@ -271,6 +274,12 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
         train=_open(train_dir / "train.bin", dtype, train_meta["train_tokens"]),
         val=_open(val_dir / "val.bin", dtype, val_meta["val_tokens"]),
         vocab_size=train_meta["vocab_size"], eos_id=train_meta["eos_id"], fingerprint=fp, source=source)
+
+
+def _input_files(key: dict) -> set[str]:
+    """The real paths of the files an input reads (its cache key lists them), so that links and spellings of
+    one file compare equal: a --val_data file inside the --data folder was accepted."""
+    return {os.path.realpath(entry[0]) for entry in (*key.get("files", ()), *key.get("saved", ()))}
 
 
 def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cache_dir: Path, val_fraction: float,
