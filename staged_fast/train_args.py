@@ -252,22 +252,6 @@ def _continued_checkpoint(args) -> Path | None:
     return path if path.resolve().parent == Path(args.save_prefix).resolve() else None
 
 
-def _check_doubling_source(args) -> None:
-    """--doubling grows another run's checkpoint into this one. Of this run's own checkpoint it grew the run a
-    second time: the README's requeue (the same command with --resume latest) did that to a doubled run."""
-    if not (args.doubling and args.resume and args.save_prefix):
-        return
-    from .checkpoint import list_checkpoints, resolve_checkpoint
-
-    if args.resume == "latest" and not list_checkpoints(args.save_prefix):
-        return  # the trainer names the missing checkpoint
-    path = resolve_checkpoint(args.resume, args.save_prefix)
-    if path.resolve().parent == Path(args.save_prefix).resolve():
-        raise UsageError(f"--doubling would grow {path}, a checkpoint of this run ({args.save_prefix}) itself: a "
-                         f"doubled run requeued with --resume latest grew again. To continue it, drop --doubling; "
-                         f"to grow a run, give its checkpoint with --resume and another --save_prefix.")
-
-
 def _branched_checkpoint(args) -> Path | None:
     """The checkpoint a new run starts from (--resume of another folder's checkpoint, or --doubling), else None."""
     if not args.resume:
@@ -302,6 +286,11 @@ def continue_with_saved_flags(args, given: set[str]) -> tuple[list[str], Path | 
         branched = _branched_checkpoint(args)
         if branched is None:
             return [], None
+        if args.doubling and args.save_prefix and branched.resolve().parent == Path(args.save_prefix).resolve():
+            # the README's requeue of a doubled run (the same command with --resume latest) grew it a second time
+            raise UsageError(f"--doubling would grow {branched}, a checkpoint of this run ({args.save_prefix}) "
+                             f"itself: a doubled run requeued with --resume latest grew again. To continue it, drop "
+                             f"--doubling; to grow a run, give its checkpoint with --resume and another --save_prefix.")
         saved = read_trainer_state(branched).get("args") or {}
         return _take(args, saved, DATA_ORDER_FLAGS, given), branched
     state = read_trainer_state(path)
@@ -325,7 +314,6 @@ def parse_args(argv: list[str] | None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
-    _check_doubling_source(args)
     taken, branched = continue_with_saved_flags(args, given)
     _check_plan_length(args, given)
     if taken and branched is None:
