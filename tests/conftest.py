@@ -30,3 +30,11 @@ def small_vocab(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bpe512")
     return str(make_tokenizer(folder / "tokenizer", 512)), str(folder / "cache")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The GPT-2 tokenizer (bundled, offline), loaded once."""
+    from staged_fast.tokenizer import load_tokenizer
+
+    return load_tokenizer("gpt2")

@@ -96,13 +96,25 @@ def test_bad_arguments_exit_2():
     bad = [("kernel_resources.py", ["--arch", "sm90"]), ("kernel_resources.py", ["--hidden", "0"]),
            ("host_overhead.py", ["--calls", "0"]), ("compile_check.py", ["--arch", "hopper"]),
            ("compile_check.py", ["--dtypes", "fp8"]), ("compile_check.py", ["--batch", "0"]),
-           ("triton_seed.py", ["bake"])]
+           ("triton_seed.py", ["bake"]), ("bench_data_prep.py", ["--mb", "0"]),
+           ("bench_data_prep.py", ["--file", "no/such.txt"])]
     if not torch.cuda.is_available():
         bad.append(("host_overhead.py", ["--device", "cuda"]))
     for script, args in bad:
         proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and f"{script}: error" in proc.stderr, proc.stderr
+
+
+def test_bench_data_prep_builds_both_ways_and_compares_them(tmp_path):
+    out = tmp_path / "prep.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_data_prep.py", "--mb", "0.3", "--reps", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "token files byte-equal" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["one call per file (before)", "seam-checked pieces (now)"]
+    assert rows[0]["tokens"] == rows[1]["tokens"] > 50_000 and all(r["seconds"] > 0 for r in rows)
 
 
 def test_bench_train_runs_rows_in_the_order_named_after_the_baseline(tmp_path):

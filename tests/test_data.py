@@ -24,10 +24,6 @@ def quiet():
     datasets.enable_progress_bars()
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("gpt2")
-
 
 def prep(data, tok, tmp_path, **kw):
     kw.setdefault("val_fraction", 0.1)

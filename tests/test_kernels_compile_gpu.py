@@ -30,9 +30,10 @@ def _compiled_env():
 
 
 def test_every_training_launch_compiles_for_sm90(tmp_path):
-    # Two processes of about equal work: Triton compiles on one core, and CI machines have two. fp32 (exact
-    # dots and --tf32's, one attention config) at head_dim 64 and 96 here; the script's default covers all.
-    groups = [(["gpt2_hd64", "gpt2_hd96"], ["bf16", "fp16", "fp32", "tf32"]), (["gpt2_hd128", "llama"], ["bf16", "fp16"])]
+    # Two processes (Triton compiles on one core; CI machines have two), ~80 s and ~115 s with a cold Triton
+    # cache here. fp32 (exact dots and --tf32's, one attention config) at head_dim 64 only; the script's
+    # default covers every head_dim in every dtype.
+    groups = [(["gpt2_hd64"], ["bf16", "fp16", "fp32", "tf32"]), (["gpt2_hd96", "gpt2_hd128", "llama"], ["bf16", "fp16"])]
     procs = [subprocess.Popen([sys.executable, "benchmarks/compile_check.py", "--first_config", "--workloads", *workloads,
                                "--dtypes", *dtypes, "--json", str(tmp_path / f"compile{i}.json")], cwd=ROOT,
                               env=_compiled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,17 +5,12 @@ import numpy as np
 import pytest
 
 from staged_fast.data import DataError, prepare_data
-from staged_fast.tokenizer import load_tokenizer
 from test_data import split_at_eos
 from train_utils import train
 
 TRAIN = [f"Training document {i}: a heron waits by the reeds {'and waits ' * (i % 3 + 1)}for a fish." for i in range(9)]
 VAL = [f"Held-out document {i}: the ferry leaves at {i + 6} o'clock {'sharp ' * (i % 2 + 1)}today." for i in range(4)]
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("gpt2")
 
 
 def _jsonl(path, texts):

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..tokenizer import id_space, tokenizer_fingerprint
 from .sources import DataError, Source, load_texts, resolve_source
+from .text_pieces import seam_check
 
 FORMAT_VERSION = 1
 logger = logging.getLogger(__name__)
@@ -117,23 +118,53 @@ def split_documents(lengths: np.ndarray, *, val_fraction: float, min_val_tokens:
     return val_mask, cut_doc, cut_at
 
 
-def _tokenize(ds, tokenizer, eos_id: int, num_proc: int, fingerprint: str, cache_dir: Path | None = None):
-    """Dataset.map: text -> ids (+ EOS) and their count; empty documents are dropped. `cache_dir`: where the
-    map's arrow cache goes (else next to the dataset's own files, e.g. inside a user's save_to_disk folder)."""
+def _tokenized_features():
+    import datasets
+
+    return datasets.Features({"ids": datasets.List(datasets.Value("int32")), "n": datasets.Value("int32"),
+                              "first": datasets.Value("bool")})
+
+
+def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: str, cache_dir: Path | None = None):
+    """Dataset.map over each part: text -> rows of ids (+ EOS at a document's end), their count `n`, and
+    `first` (the row starts a document: a .txt file's pieces continue it). Empty documents are dropped.
+    `cache_dir`: where the map's arrow cache goes (else next to the part's own files, e.g. inside a user's
+    save_to_disk folder)."""
+    import datasets
+
     def encode(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        ids = [x + [eos_id] if x else [] for x in ids]
-        return {"ids": ids, "n": [len(x) for x in ids]}
+        whole = [True] * len(ids)
+        out = {"ids": [], "n": [], "first": []}
+        for x, first, last in zip(ids, batch.get("first", whole), batch.get("last", whole)):
+            if last and (x or not first):  # a document's end, if it has text (its earlier pieces have)
+                x.append(eos_id)
+            if x or (first and not last):  # an empty first piece stays: it marks where its document starts
+                out["ids"].append(x)
+                out["n"].append(len(x))
+                out["first"].append(first)
+        return out
 
-    where = {}
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        where = {"cache_file_name": str(cache_dir / f"staged_fast-{fingerprint}.arrow")}
-    ds = ds.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                remove_columns=ds.column_names, new_fingerprint=f"staged_fast-{fingerprint}",
-                desc="tokenizing", **where)
-    return ds.filter(lambda n: [k > 0 for k in n], input_columns="n", batched=True,
-                     new_fingerprint=f"staged_fast-{fingerprint}-nonempty")
+    tokenized = []
+    for i, ds in enumerate(parts):
+        key = f"staged_fast-v2-{fingerprint}-{i}"  # v2: rows are pieces; an older map cache lacks `first`
+        where = {"cache_file_name": str(cache_dir / f"{key}.arrow")} if cache_dir is not None else {}
+        tokenized.append(ds.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                                remove_columns=ds.column_names, new_fingerprint=key, desc="tokenizing",
+                                features=_tokenized_features(), **where))
+    return datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
+
+
+def _document_lengths(ds) -> np.ndarray:
+    """Tokens per document (EOS included): the rows' counts summed from each row that starts a document."""
+    if ds.num_rows == 0:  # every document empty (and the map's output then lacks its columns)
+        return np.zeros(0, dtype=np.int64)
+    counts = np.asarray(ds["n"], dtype=np.int64)
+    starts = np.flatnonzero(np.asarray(ds["first"], dtype=bool))
+    assert starts[0] == 0, "the first row must start a document"
+    return np.add.reduceat(counts, starts)
 
 
 def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokenizer_name: str,
@@ -142,10 +173,25 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
     t0 = time.perf_counter()
     vocab_size, eos_id = id_space(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
-    ds = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets", num_proc=num_proc)
-    ds = _tokenize(ds, tokenizer, eos_id, num_proc, fingerprint,  # a saved folder is the user's: cache in ours
-                   cache_dir / "hf_datasets" if source.kind == "saved" else None)
-    lengths = np.asarray(ds["n"], dtype=np.int64)
+    # .txt pieces and their tokenized rows are written here and removed with it: the memmaps are the cache
+    scratch = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.scratch-", dir=cache_dir))
+    try:
+        parts = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets",
+                           scratch_dir=scratch, holds=seam_check(tokenizer), num_proc=num_proc)
+        ds = _tokenize(parts, tokenizer, eos_id, num_proc, fingerprint,  # a saved folder is the user's: cache in ours
+                       cache_dir / "hf_datasets" if source.kind == "saved" else None)
+        _write(ds, source, out_dir, fingerprint=fingerprint, tokenizer_name=tokenizer_name, vocab_size=vocab_size,
+               eos_id=eos_id, dtype=dtype, val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed,
+               cache_dir=cache_dir, whole=whole, t0=t0)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_name: str, vocab_size: int,
+           eos_id: int, dtype: np.dtype, val_fraction: float, min_val_tokens: int, seed: int, cache_dir: Path,
+           whole: str | None, t0: float) -> None:
+    """Split the tokenized rows' documents, write train.bin / val.bin / meta.json, rename into `out_dir`."""
+    lengths = _document_lengths(ds)
     if len(lengths) == 0:
         raise DataError(f"No text in {source.description}: every document is empty (0 tokens). Fix: pass "
                         "data that contains text (and for jsonl/parquet, check --text_field).")
@@ -158,23 +204,31 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
     try:
         train = _alloc(tmp / "train.bin", dtype, n_train)
         val = _alloc(tmp / "val.bin", dtype, n_val)
-        ti = vi = doc = 0
-        for batch in ds.iter(batch_size=4096):  # streams: memory stays bounded on large corpora
-            for ids in batch["ids"]:
-                a = np.asarray(ids, dtype=dtype)
-                if val_mask[doc]:
-                    val[vi:vi + len(a)] = a
-                    vi += len(a)
-                elif doc == cut_doc:
-                    train[ti:ti + cut_at] = a[:cut_at]
-                    train[ti + cut_at] = eos_id
-                    ti += cut_at + 1
-                    val[vi:vi + len(a) - cut_at] = a[cut_at:]
-                    vi += len(a) - cut_at
+        ti = vi = 0
+        doc, at = -1, 0  # the row's document, and where the row starts in it
+        # streams arrow batches (no Python lists): memory stays bounded on large corpora
+        for batch in ds.with_format("arrow").iter(batch_size=1024):
+            rows = batch.column("ids").combine_chunks()
+            flat = rows.flatten().to_numpy().astype(dtype, copy=False)
+            ends = rows.offsets.to_numpy() - rows.offsets[0].as_py()
+            for r, first in enumerate(batch.column("first").to_numpy(zero_copy_only=False)):
+                a = flat[ends[r]:ends[r + 1]]
+                if first:
+                    doc, at = doc + 1, 0
+                if doc == cut_doc:  # its tokens [:cut_at] train, then an EOS; the rest val
+                    to_train = min(max(cut_at - at, 0), len(a))
+                elif val_mask[doc]:
+                    to_train = 0
                 else:
-                    train[ti:ti + len(a)] = a
-                    ti += len(a)
-                doc += 1
+                    to_train = len(a)
+                train[ti:ti + to_train] = a[:to_train]
+                ti += to_train
+                if doc == cut_doc and at < cut_at <= at + len(a):  # the row holding the cut
+                    train[ti] = eos_id
+                    ti += 1
+                val[vi:vi + len(a) - to_train] = a[to_train:]
+                vi += len(a) - to_train
+                at += len(a)
         assert (ti, vi) == (n_train, n_val), (ti, vi, n_train, n_val)
         for array in (train, val):
             if isinstance(array, np.memmap):

@@ -2,8 +2,9 @@
 bundled corpus.
 
 `resolve_source` turns the user's `--data` list into a `Source` (cheap: stats files, loads nothing), whose
-`key` feeds the cache fingerprint; `load_texts` loads it as a `datasets.Dataset` with one column `text`,
-one row per document. Local files: `.txt` (one file = one document), `.jsonl`/`.json` and `.parquet`
+`key` feeds the cache fingerprint; `load_texts` loads it as `datasets.Dataset` parts with a column `text`,
+one row per document, except that a `.txt` file's rows are pieces of it (text_pieces.py) marked by the
+columns `first` and `last`. Local files: `.txt` (one file = one document), `.jsonl`/`.json` and `.parquet`
 (one record = one document, text in `text_field`); folders are walked for those extensions. A folder written
 by `Dataset.save_to_disk` (state.json + dataset_info.json + data-*.arrow) or `DatasetDict.save_to_disk`
 (dataset_dict.json; its "train" split, or its only split) is read with `datasets.load_from_disk`, one row per
@@ -18,8 +19,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .text_pieces import SeamCheck, text_pieces
+
 SUPPORTED = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUNDLED_CORPUS = Path(__file__).parent / "corpus.jsonl.xz"
+
+
+def _text_piece_features():
+    import datasets  # imported lazily: resolving a source must stay cheap
+
+    return datasets.Features({"text": datasets.Value("large_string"), "first": datasets.Value("bool"),
+                              "last": datasets.Value("bool")})
 
 
 class DataError(ValueError):
@@ -191,14 +201,30 @@ def _name_the_file_that_is_not_utf8(files: list[Path], error: Exception) -> None
             continue
 
 
-def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc: int = 1):
-    """The documents of `source` as a `datasets.Dataset` with one string column 'text'."""
+def _text_rows(files: list[Path], holds: SeamCheck):
+    """Rows of pieces of each file (one document per file): text, first / last piece of its document?"""
+    for path in files:
+        with open(path, encoding="utf-8") as f:  # universal newlines, as datasets' text builder reads
+            pieces = text_pieces(f, holds, str(path))
+            piece, first = next(pieces, None), True
+            for following in pieces:
+                yield {"text": piece, "first": first, "last": False}
+                piece, first = following, False
+            if piece is not None:
+                yield {"text": piece, "first": first, "last": True}
+
+
+def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, scratch_dir: Path, holds: SeamCheck,
+               num_proc: int = 1) -> list:
+    """The documents of `source` as `datasets.Dataset` parts, in the input's order: a string column 'text'
+    with one row per document, or for a run of .txt files, pieces of them (with bool columns 'first' and
+    'last'), cut where `holds` says the tokenizer's output does not change, written under `scratch_dir`."""
     import datasets
 
     if source.kind == "bundled":
         with lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f]
-        return datasets.Dataset.from_dict({"text": texts})
+        return [datasets.Dataset.from_dict({"text": texts})]
     if source.kind == "hub":
         try:
             ds = datasets.load_dataset(source.hub_name, source.hub_config, split="train",
@@ -209,7 +235,7 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
                 f"train): {type(e).__name__}: {e}. Fix: check the name[:config] (e.g. "
                 "'wikitext:wikitext-103-raw-v1'), that huggingface.co is reachable, or pass local files; "
                 "if you meant a local path, it does not exist.") from e
-        return _select_text(ds, text_field, f"Hub dataset {source.hub_name!r}")
+        return [_select_text(ds, text_field, f"Hub dataset {source.hub_name!r}")]
     if source.kind == "saved":
         folder = source.files[0] / source.saved_split if source.saved_split else source.files[0]
         try:
@@ -218,7 +244,7 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
             raise DataError(f"Could not read the datasets folder {str(folder)!r} with datasets.load_from_disk: "
                             f"{type(e).__name__}: {e}. Fix: save it again with save_to_disk (same datasets "
                             f"version).") from e
-        return _select_text(ds, text_field, f"The {source.description}")
+        return [_select_text(ds, text_field, f"The {source.description}")]
 
     parts = []
     by_builder: dict[str, list[Path]] = {}
@@ -236,12 +262,16 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
         nonempty = [f for f in files if f.stat().st_size > 0]  # an empty file is zero documents
         if not nonempty:
             continue
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
         try:
-            # read afresh: datasets keys its own cache on path and mtime only, so a file rewritten with its
-            # mtime kept (tar, rsync -a, cp -p) was read from the old text into a new entry of ours
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in nonempty], split="train",
-                                       cache_dir=str(hf_cache_dir), download_mode="force_redownload", **kwargs)
+            if builder == "text":  # read afresh into this build's scratch folder, which goes with the build
+                ds = datasets.Dataset.from_generator(
+                    _text_rows, gen_kwargs={"files": nonempty, "holds": holds}, features=_text_piece_features(),
+                    cache_dir=str(scratch_dir), fingerprint=f"staged_fast-text-pieces-{len(loaded)}")
+            else:
+                # read afresh: datasets keys its own cache on path and mtime only, so a file rewritten with its
+                # mtime kept (tar, rsync -a, cp -p) was read from the old text into a new entry of ours
+                ds = datasets.load_dataset(builder, data_files=[str(f) for f in nonempty], split="train",
+                                           cache_dir=str(hf_cache_dir), download_mode="force_redownload")
         except Exception as e:
             if builder == "text":
                 _name_the_file_that_is_not_utf8(nonempty, e)
@@ -255,4 +285,4 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, num_proc:
     if not loaded:
         raise DataError(f"No text in {source.description}: every file is empty. Fix: pass files that "
                         "contain text.")
-    return datasets.concatenate_datasets(loaded) if len(loaded) > 1 else loaded[0]
+    return loaded

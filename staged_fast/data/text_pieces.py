@@ -1,0 +1,85 @@
+""".txt files read in pieces that tokenize exactly as the whole file does.
+
+A .txt file is one document. Tokenized in one call, a fast tokenizer held ~165 bytes of memory per byte of
+text (its encoding's ids, offsets and token strings, then Python lists: measured 3.7 GB for a 22 MB file, so
+a 200 MB file needed ~33 GB), and one thread did all the work. Instead the file is streamed in pieces of
+about PIECE_CHARS characters, cut at seams where the tokenizer's output does not change:
+
+- candidates: before a space between two non-space characters, after a newline, or between punctuation and
+  a word character;
+- a candidate is taken when the tokenizer gives the same ids for the CONTEXT characters on either side of it
+  encoded together and as two halves. Regex pre-tokenizers (GPT-2, tiktoken-style, Llama 3) and
+  whitespace ones decide where a pre-token ends from a few neighbouring characters, so a seam that holds in
+  its window holds in the file, and the pieces' ids joined are the whole file's (a test compares them).
+
+A tokenizer where no candidate holds (one that prepends a marker to every input, for instance) reads the
+rest of the file as one piece, as before, with a warning about memory.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+PIECE_CHARS = 8192          # ~2k GPT-2 tokens: a tokenizer batch of 1000 pieces holds ~8 MB of text
+CONTEXT = 64                # characters on each side of a seam that the check encodes
+READ_CHARS = 1 << 20        # characters read from the file at a time
+TRIES = 8                   # candidates checked per PIECE_CHARS of text before looking further on
+GIVE_UP_CHARS = 1 << 20     # a piece this long without a seam: the tokenizer has none; read the rest whole
+_CANDIDATE = re.compile(r"(?<=\S)(?= \S)|(?<=\n)(?=\S)|(?<=[^\w\s])(?=\w)")
+
+logger = logging.getLogger(__name__)
+SeamCheck = Callable[[str, str], bool]
+
+
+def seam_check(tokenizer) -> SeamCheck:
+    """holds(left, right): does the tokenizer give left + right the ids of left followed by those of right?"""
+    def holds(left: str, right: str) -> bool:
+        whole, head, tail = tokenizer([left + right, left, right], add_special_tokens=False,
+                                      verbose=False)["input_ids"]
+        return whole == head + tail
+    return holds
+
+
+def _seam(text: str, lo: int, hi: int, holds: SeamCheck) -> int | None:
+    """The first candidate in text[lo:hi] that holds, checking at most TRIES."""
+    for tried, match in enumerate(_CANDIDATE.finditer(text, lo, hi)):
+        if tried == TRIES:
+            return None
+        i = match.start()
+        if holds(text[max(i - CONTEXT, 0):i], text[i:i + CONTEXT]):
+            return i
+    return None
+
+
+def text_pieces(f: TextIO, holds: SeamCheck, name: str = "") -> Iterator[str]:
+    """The text of `f` in pieces whose tokenizations joined are the whole text's: each runs from PIECE_CHARS
+    characters to the first seam that holds after them (within 2 x PIECE_CHARS where the text has one); the
+    last may be shorter; empty text yields nothing."""
+    buf, pos, eof = "", 0, False   # the next piece starts at buf[pos]
+    search = PIECE_CHARS           # seams are looked for in buf[pos + search : pos + search + PIECE_CHARS]
+    while True:
+        lo = pos + search
+        if not eof and len(buf) < lo + PIECE_CHARS + CONTEXT:
+            block = f.read(READ_CHARS)
+            eof = not block
+            buf, pos = buf[pos:] + block, 0
+            continue
+        if len(buf) <= lo + PIECE_CHARS:  # at the end of the file: the rest is one piece
+            if pos < len(buf):
+                yield buf[pos:]
+            return
+        cut = _seam(buf, lo, lo + PIECE_CHARS, holds)
+        if cut is not None:
+            yield buf[pos:cut]
+            pos, search = cut, PIECE_CHARS
+        elif search < GIVE_UP_CHARS:
+            search += PIECE_CHARS
+        else:
+            logger.warning("data: the tokenizer changes its output at every seam tried in %d characters of %s, so "
+                           "the rest of the file is tokenized in one piece (~165 bytes of memory per byte of "
+                           "text). Fix, if memory runs out: split the file into several documents (.jsonl).",
+                           GIVE_UP_CHARS, name or "a .txt file")
+            yield buf[pos:] + f.read()
+            return
