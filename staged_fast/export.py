@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import list_checkpoints
-from .cli_help import HelpFormatter
+from .cli_help import HelpFormatter, quiet_on_closed_pipe
 from .evaluate.common import (
     DTYPES, InputError, check_vocab, checkpoint_tokenizer, load_eval_model, load_eval_tokenizer, run_cli,
 )
@@ -116,4 +116,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(quiet_on_closed_pipe(run_cli, main))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .cli_help import HelpFormatter
+from .cli_help import HelpFormatter, quiet_on_closed_pipe
 from .cli_types import non_negative_float, non_negative_int
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, preset_config
 from .growth import STATE_ABSENT, GrowthError, grow_checkpoint
@@ -137,4 +137,4 @@ def _grow(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_on_closed_pipe(main))

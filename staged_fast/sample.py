@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli_help import HelpFormatter
+from .cli_help import HelpFormatter, quiet_on_closed_pipe
 from .cli_types import finite_float
 from .evaluate.common import (
     DTYPES, InputError, autocast, check_vocab, load_eval_model, load_eval_tokenizer, not_utf8_error, pick_device,
@@ -231,4 +231,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(quiet_on_closed_pipe(run_cli, main))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_help import HelpFormatter
+from ..cli_help import HelpFormatter, quiet_on_closed_pipe
 from .common import (
     DTYPES, InputError, check_out_file, check_vocab, format_table, load_eval_model, load_eval_tokenizer, pick_device,
     run_cli, training_flags, write_json,
@@ -105,4 +105,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(quiet_on_closed_pipe(run_cli, main))

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ..cli_help import HelpFormatter
+from ..cli_help import HelpFormatter, quiet_on_closed_pipe
 from ..cli_types import fraction, non_negative_float, out_file_problem, positive_float, positive_int
 from ..config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, preset_config
 from .planner import DEFAULT_RESTART_WARMUP_FRAC, plan_for_run, plot_formats, plot_plan
@@ -247,4 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(quiet_on_closed_pipe(main))
