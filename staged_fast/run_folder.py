@@ -18,6 +18,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -40,10 +41,10 @@ def _missing_dirs(path: Path) -> list[Path]:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | os.PathLike, flag: str = "--save_prefix"):
+    def __init__(self, run_dir: str | os.PathLike, flag: str = "--save_prefix", name: str = LOCK_NAME):
         self.run_dir = Path(run_dir)
         self.flag = flag  # the command's name for the folder, in messages
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name  # several locks may share a folder (the data cache: one per entry)
         self._fd: int | None = None
         self._created: list[Path] = []
         self.warning: str | None = None  # set when the filesystem cannot lock
@@ -52,8 +53,9 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
-        """Take the lock or raise RunFolderError naming the holder. Creates the folder if needed."""
+    def acquire(self, wait: Callable[[dict | None], None] | None = None) -> "RunLock":
+        """Take the lock or raise RunFolderError naming the holder; with `wait`, call wait(holder) instead and
+        block until the holder lets go. Creates the folder if needed."""
         self._created = _missing_dirs(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +65,11 @@ class RunLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     holder = _read_holder(fd)
-                    os.close(fd)
-                    raise RunFolderError(self._busy_message(holder)) from None
+                    if wait is None:
+                        os.close(fd)
+                        raise RunFolderError(self._busy_message(holder)) from None
+                    wait(holder)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
                 except OSError as e:  # ENOLCK / EOPNOTSUPP: a filesystem without flock
                     self.warning = (f"warning: cannot lock {self.path} ({e.strerror}); nothing stops a second run "
                                     f"from writing into {self.run_dir} at the same time")
@@ -116,14 +121,8 @@ class RunLock:
         self._created = []
 
     def _busy_message(self, holder: dict | None) -> str:
-        if holder:
-            who = f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
-            if holder.get("command"):
-                who += f" ({holder['command']})"
-        else:
-            who = "a process that has not written its name yet"
         return (
-            f"{self.flag} {self.run_dir} is in use by another run: {who}. Two runs on one folder would overwrite "
+            f"{self.flag} {self.run_dir} is in use by another run: {describe_holder(holder)}. Two runs on one folder would overwrite "
             f"each other's checkpoints and logs. Wait for that run to finish (or stop it), or give this one another "
             f"{self.flag}. The lock ({self.path}) is released when its holder exits or dies."
         )
@@ -133,6 +132,14 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def describe_holder(holder: dict | None) -> str:
+    """Who holds a lock, from what it wrote into the lock file."""
+    if not holder:
+        return "a process that has not written its name yet"
+    who = f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+    return who + (f" ({holder['command']})" if holder.get("command") else "")
 
 
 def _read_holder(fd: int) -> dict | None:

@@ -15,10 +15,13 @@ off into val (its head gets an EOS). Val text is never in train either way. With
 (`val_data`), no split is made: each input is cached whole, as train or as val.
 
 Caching is atomic: the files are written to a temporary folder that is renamed to `<fingerprint>/` only
-when complete (meta.json last), so a crash never leaves a cache that would be used. Under
-torch.distributed with `rank0_only_build`, the local rank 0 of each node builds (several nodes sharing one
-cache folder race harmlessly: the first rename wins) while the other ranks wait, then everyone opens the
-memmaps; a build error on any rank is raised on every rank instead of hanging the others.
+when complete (meta.json last), so a crash never leaves a cache that would be used. One process builds an
+entry at a time (a lock file per entry, `.<fingerprint>.lock`): a second job on the same data waits and then
+finds it built, and the builder removes what interrupted builds of the entry left. Under torch.distributed
+with `rank0_only_build`, the local rank 0 of each node builds (where the shared filesystem has no flock,
+several nodes race harmlessly: the first rename wins) while the other ranks wait (up to a day, in a gloo
+group of their own), then everyone opens the memmaps; a build error on any rank is raised on every rank
+instead of hanging the others.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -332,6 +336,61 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
         vocab_size=train_meta["vocab_size"], eos_id=train_meta["eos_id"], fingerprint=fp, source=source)
 
 
+def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callable[[], None]) -> None:
+    """Run `build` for a cache entry unless another process built it meanwhile. One builder per entry: a second
+    job on the same data and cache (on any node, where the filesystem has flock) waits for the first and then
+    finds the entry, instead of tokenizing it again; with the entry's lock held, the leftovers of interrupted
+    builds of it (a killed or preempted preparation) are nobody's, and are removed."""
+    from ..run_folder import RunLock, describe_holder
+
+    def waiting(holder: dict | None) -> None:
+        logger.warning("data: another process is preparing this data (%s) into %s: waiting for it to finish",
+                       describe_holder(holder), out_dir)
+
+    lock = RunLock(cache_dir, flag="--cache_dir", name=f".{fingerprint}.lock").acquire(wait=waiting)
+    try:
+        if _valid(out_dir) is not None:
+            logger.info("data: %s was prepared by the process waited for", out_dir)
+            return
+        if lock.warning is not None:  # no flock there: another builder's folders look like leftovers
+            logger.warning("data: %s", lock.warning.removeprefix("warning: "))
+        else:
+            _remove_leftovers(cache_dir, fingerprint)
+        if out_dir.exists():  # a stale or foreign entry under our key: replace it
+            shutil.rmtree(out_dir, ignore_errors=True)
+        build()
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(cache_dir: Path, fingerprint: str) -> None:
+    """The temporary and scratch folders an interrupted build of this entry left (each can hold GBs)."""
+    leftovers = [p for p in cache_dir.glob(f".{fingerprint}.*-*") if p.is_dir() and not p.is_symlink()
+                 and p.name.startswith((f".{fingerprint}.tmp-", f".{fingerprint}.scratch-"))]
+    for path in leftovers:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("data: removed %s (%.1f MB), left by an interrupted preparation of this data", path, size / 1e6)
+
+
+_PATIENT_GROUP: tuple = (None, None)  # (the default group it was made in, the group)
+
+
+def _patient_group():
+    """A gloo group whose collectives wait up to a day: the ranks that do not build wait in one for the builders,
+    and tokenizing a large corpus can take longer than the default group's 30 minutes."""
+    global _PATIENT_GROUP
+    import torch.distributed as dist
+
+    world, group = _PATIENT_GROUP
+    if world is not dist.group.WORLD:  # first use, or a new default group since (made by every rank alike)
+        import datetime
+
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+        _PATIENT_GROUP = (dist.group.WORLD, group)
+    return group
+
+
 def _input_files(key: dict) -> set[str]:
     """The real paths of the files an input reads (its cache key lists them), so that links and spellings of
     one file compare equal: a --val_data file inside the --data folder was accepted."""
@@ -350,12 +409,11 @@ def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cac
     builder = not (distributed and rank0_only_build) or local_rank == 0
     error = None
     if builder and _valid(out_dir) is None:
-        if out_dir.exists():  # a stale or foreign entry under our key: replace it
-            shutil.rmtree(out_dir, ignore_errors=True)
         try:
-            _build(source, tokenizer, out_dir, fingerprint=fp, tokenizer_name=tokenizer_name,
-                   text_field=text_field, val_fraction=val_fraction, min_val_tokens=min_val_tokens,
-                   seed=seed, num_proc=num_proc, cache_dir=cache_dir, whole=whole)
+            _build_once(out_dir, fp, cache_dir, lambda: _build(
+                source, tokenizer, out_dir, fingerprint=fp, tokenizer_name=tokenizer_name, text_field=text_field,
+                val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed, num_proc=num_proc,
+                cache_dir=cache_dir, whole=whole))
         except Exception as e:
             if not distributed:
                 raise
@@ -366,7 +424,8 @@ def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cac
         import torch.distributed as dist
 
         errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, None if error is None else f"rank {rank}: {type(error).__name__}: {error}")
+        dist.all_gather_object(errors, None if error is None else f"rank {rank}: {type(error).__name__}: {error}",
+                               group=_patient_group())
         if error is not None:
             raise error
         failed = [m for m in errors if m is not None]
