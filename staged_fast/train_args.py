@@ -12,6 +12,7 @@ from .activation_checkpointing import POLICIES as AC_POLICIES
 from .cli_help import HelpFormatter
 from .cli_types import finite_float, non_negative_float, positive_float, unit_interval
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
+from .data.flags import absolute_data_paths, absolute_local, add_data_flags, looks_like_path, tokenizer_path_problem
 from .kernels import BACKENDS, check_dq_mode
 from .lr_schedule import DECAYS
 
@@ -112,15 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "more memory). Needs --activation_checkpointing")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=None, help="text/jsonl/parquet files or folders, or a HF dataset "
-                   "name[:config]; default: the bundled corpus")
-    g.add_argument("--tokenizer", default="gpt2", help="'gpt2' (offline GPT-2 BPE) or a HF tokenizer folder/name")
-    g.add_argument("--text_field", default="text", help="field of jsonl/parquet/HF records holding the text")
-    g.add_argument("--val_fraction", type=unit_interval, default=0.01, help="share of tokens held out for validation (whole documents)")
-    g.add_argument("--val_data", nargs="+", default=None, help="a separate validation set (the forms --data takes): "
-                   "--data is then all train, and --val_fraction does not apply")
-    g.add_argument("--cache_dir", default="~/.cache/staged_fast", help="where tokenized data is cached")
-    g.add_argument("--num_workers", type=int, default=1, help="seed flag: processes used to tokenize")
+    add_data_flags(g)
     g.add_argument("--seqlen", type=int, default=1024, help="tokens per sample")
     g.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch per process")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -353,17 +346,10 @@ def _absolute_local_paths(args) -> None:
     """Local paths as absolute ones: the checkpoint records the flags, and a continued run takes them, so a
     relative --data or --tokenizer requeued from another working directory read another folder of that name, or
     was taken for a hub name (after ~30 s of retries offline). Hub names stay as given."""
-    def absolute(path: str) -> str:
-        local = os.path.expanduser(path)
-        return os.path.abspath(local) if os.path.exists(local) else path
-
-    for name in ("data", "val_data"):
+    absolute_data_paths(args)
+    for name in ("schedule", "model"):
         if getattr(args, name):
-            setattr(args, name, [absolute(p) for p in getattr(args, name)])
-    for name in ("tokenizer", "schedule", "model"):
-        if getattr(args, name):
-            setattr(args, name, absolute(getattr(args, name)))
-    args.cache_dir = os.path.abspath(os.path.expanduser(args.cache_dir))
+            setattr(args, name, absolute_local(getattr(args, name)))
 
 
 def model_config(args, *, vocab_size: int) -> GPTConfig:
@@ -516,11 +502,6 @@ def _note(message: str) -> None:
         print(f"note: {message}", flush=True)
 
 
-def _looks_like_path(name: str) -> bool:
-    """A local path rather than a hub name ('org/name' has one slash)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def _check_values(args) -> None:
     """Numbers that have no meaning out of range (each used to give a traceback or be accepted silently)."""
     if args.lr is not None and not args.lr > 0:
@@ -585,16 +566,14 @@ def _check_paths(args) -> None:
         raise UsageError(f"{named} is not writable: this user cannot create files in {existing} (read-only "
                          f"filesystem or permissions). Choose a folder you can write to (--save_prefix), or fix "
                          f"its permissions.")
-    tok = args.tokenizer
-    if tok not in ("gpt2", "openai-community/gpt2") and _looks_like_path(tok) and not Path(tok).expanduser().exists():
-        raise UsageError(f"--tokenizer {tok}: no such folder. Give a folder holding a saved tokenizer "
-                         f"(tokenizer.json, or vocab/merges files, e.g. written by tokenizer.save_pretrained), or "
-                         f"'gpt2' for the GPT-2 BPE built offline.")
+    problem = tokenizer_path_problem(args.tokenizer)
+    if problem:
+        raise UsageError(problem)
     if args.resume or args.random or args.model in ("gpt2", None):
         return
     model = Path(args.model).expanduser()
     if not model.exists():
-        if _looks_like_path(args.model):
+        if looks_like_path(args.model):
             raise UsageError(f"--model {args.model}: no such folder. Give a Hugging Face GPT-2 folder (config.json + "
                              f"weights, e.g. written by `python -m staged_fast.export`) or a hub name; for a random "
                              f"init pass --random (then --model only names the family, gpt2).")

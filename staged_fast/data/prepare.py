@@ -55,6 +55,7 @@ class PreparedData:
     eos_id: int          # the document separator
     fingerprint: str     # cache key: input + tokenizer + split settings + format version
     source: str          # human-readable description of the input
+    folders: tuple = ()  # the cache entries read: one, or with val_data (train's, val's)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -333,7 +334,8 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
     return PreparedData(
         train=_open(train_dir / "train.bin", dtype, train_meta["train_tokens"]),
         val=_open(val_dir / "val.bin", dtype, val_meta["val_tokens"]),
-        vocab_size=train_meta["vocab_size"], eos_id=train_meta["eos_id"], fingerprint=fp, source=source)
+        vocab_size=train_meta["vocab_size"], eos_id=train_meta["eos_id"], fingerprint=fp, source=source,
+        folders=(train_dir,) if val_dir == train_dir else (train_dir, val_dir))
 
 
 def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callable[[], None]) -> None:
