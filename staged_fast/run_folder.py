@@ -41,9 +41,11 @@ def _missing_dirs(path: Path) -> list[Path]:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | os.PathLike, flag: str = "--save_prefix", name: str = LOCK_NAME):
+    def __init__(self, run_dir: str | os.PathLike, flag: str = "--save_prefix", name: str = LOCK_NAME,
+                 role: str = "a run folder"):
         self.run_dir = Path(run_dir)
         self.flag = flag  # the command's name for the folder, in messages
+        self.role = role  # what the folder is, in messages
         self.path = self.run_dir / name  # several locks may share a folder (the data cache: one per entry)
         self._fd: int | None = None
         self._created: list[Path] = []
@@ -69,7 +71,11 @@ class RunLock:
                         os.close(fd)
                         raise RunFolderError(self._busy_message(holder)) from None
                     wait(holder)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                    except OSError:
+                        os.close(fd)
+                        raise
                 except OSError as e:  # ENOLCK / EOPNOTSUPP: a filesystem without flock
                     self.warning = (f"warning: cannot lock {self.path} ({e.strerror}); nothing stops a second run "
                                     f"from writing into {self.run_dir} at the same time")
@@ -89,7 +95,7 @@ class RunLock:
         except OSError as e:
             self._remove_created()
             raise RunFolderError(
-                f"{self.flag} {self.run_dir} cannot be used as a run folder ({e.strerror}: {e.filename}). "
+                f"{self.flag} {self.run_dir} cannot be used as {self.role} ({e.strerror}: {e.filename}). "
                 f"Choose another {self.flag}."
             ) from e
         holder = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"),

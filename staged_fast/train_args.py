@@ -12,7 +12,8 @@ from .activation_checkpointing import POLICIES as AC_POLICIES
 from .cli_help import HelpFormatter
 from .cli_types import finite_float, non_negative_float, positive_float, unit_interval
 from .config import LLAMA_PRESETS, PRESETS, ConfigError, GPTConfig, initial_lr_for, preset_config
-from .data.flags import absolute_data_paths, absolute_local, add_data_flags, looks_like_path, tokenizer_path_problem
+from .data.flags import (absolute_data_paths, absolute_local, add_data_flags, cache_dir_problem, looks_like_path,
+                         tokenizer_path_problem)
 from .kernels import BACKENDS, check_dq_mode
 from .lr_schedule import DECAYS
 
@@ -566,7 +567,7 @@ def _check_paths(args) -> None:
         raise UsageError(f"{named} is not writable: this user cannot create files in {existing} (read-only "
                          f"filesystem or permissions). Choose a folder you can write to (--save_prefix), or fix "
                          f"its permissions.")
-    problem = tokenizer_path_problem(args.tokenizer)
+    problem = tokenizer_path_problem(args.tokenizer) or cache_dir_problem(args.cache_dir)
     if problem:
         raise UsageError(problem)
     if args.resume or args.random or args.model in ("gpt2", None):

@@ -53,7 +53,7 @@ def test_the_pieces_join_to_the_text_and_tokenize_as_it_does(tok, small_pieces):
 
 
 def test_a_tokenizer_with_no_seam_reads_the_rest_whole_and_says_so(monkeypatch, small_pieces, caplog):
-    monkeypatch.setattr(text_pieces_mod, "GIVE_UP_CHARS", 4 * small_pieces)
+    monkeypatch.setattr(text_pieces_mod, "GIVE_UP_CHECKS", 16)
     checked = []
 
     def never(left, right):
@@ -66,6 +66,44 @@ def test_a_tokenizer_with_no_seam_reads_the_rest_whole_and_says_so(monkeypatch, 
     assert checked and all(len(left) <= text_pieces_mod.CONTEXT and len(right) <= text_pieces_mod.CONTEXT
                            for left, right in checked)
     assert "tokenized in one piece" in caplog.text and "big.txt" in caplog.text
+
+
+def test_a_run_of_punctuation_longer_than_the_window_is_not_cut_inside(tok):
+    """GPT-2 keeps "(((...(_" in one pre-token; 64 characters of it tokenized whole and in halves happened to
+    agree, so the ids check alone cut before "_" (found by a review's fuzzing, default sizes)."""
+    text = "a" * 8150 + " " + "(" * 69 + "_x and more text " * 1000
+    pieces = list(text_pieces(io.StringIO(text), seam_check(tok)))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
+    assert not any(p.startswith("_") for p in pieces)
+
+
+def test_random_runs_of_punctuation_space_and_letters_tokenize_as_whole(tok, monkeypatch):
+    """Seeded fuzz at tiny pieces (8 characters): runs of one character, some longer than the 64-character window,
+    where GPT-2's pre-tokenizer groups what a naive cut would split."""
+    import random
+
+    monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", 8)
+    monkeypatch.setattr(text_pieces_mod, "READ_CHARS", 50)
+    holds = seam_check(tok)
+    alphabet = list("!_.-=*'()#/,:;\"`~@$%^&+[]{}<>?|\\") + ["s", "ab", " ", "\n", "\t", "  ", "12", "é", "東", "'s",
+                                                              "'ll", "\r\n", "ـ", "①", "²"]
+    rng = random.Random(7)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) * rng.choice([1, 1, 1, 2, 5, 66, 67, 129]) for _ in range(rng.randint(1, 15)))
+        pieces = list(text_pieces(io.StringIO(text), holds))
+        assert "".join(pieces) == text
+        assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text), text
+
+
+def test_a_stretch_without_candidates_only_lengthens_its_piece(tok, small_pieces, caplog):
+    """A long line with no place to cut (hex) is not a tokenizer without seams: the file goes on in pieces."""
+    text = "0123456789abcdef" * 20 + " word" * 2000
+    with caplog.at_level(logging.WARNING):
+        pieces = list(text_pieces(io.StringIO(text), seam_check(tok)))
+    assert "one piece" not in caplog.text
+    assert len(pieces[0]) >= 320 and len(pieces) > 100 and max(len(p) for p in pieces[1:]) <= 2 * small_pieces
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
 
 
 def test_short_and_empty_texts(tok, small_pieces):
@@ -142,8 +180,36 @@ def test_sentencepiece_style_tokenizers_get_the_whole_files_tokens(tmp_path, mon
     monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", 10 ** 9)
     whole = prepare_data(data, sp, tokenizer_name=kind, cache_dir=tmp_path / "whole", val_fraction=0.2)
     monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", 64)
-    monkeypatch.setattr(text_pieces_mod, "GIVE_UP_CHARS", 1024)
+    monkeypatch.setattr(text_pieces_mod, "GIVE_UP_CHECKS", 16)
     with caplog.at_level(logging.WARNING):
         pieces = prepare_data(data, sp, tokenizer_name=kind, cache_dir=tmp_path / "pieces", val_fraction=0.2)
     assert np.array_equal(pieces.train, whole.train) and np.array_equal(pieces.val, whole.val)
     assert ("tokenized in one piece" in caplog.text) == (kind == "prepend_normalizer")
+
+
+def test_a_file_whose_pieces_all_give_no_tokens_is_dropped_as_an_empty_document(tmp_path, monkeypatch):
+    """A BPE without an unknown token drops what it cannot encode: a file of such text in many pieces made a
+    document of its EOS alone; whole, it was an empty document and dropped. Both builds must agree."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator([_corpus_text(3000).encode("ascii", "ignore").decode()],
+                                trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
+    ascii_only = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    assert ascii_only("東京。大阪。", add_special_tokens=False)["input_ids"] == []
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("東京は日本の首都です。大阪は第二の都市です。" * 40)
+    (folder / "b.txt").write_text(_corpus_text(2000).encode("ascii", "ignore").decode())
+    (folder / "c.txt").write_text("The river runs by the old mill and on to the sea. " * 30)
+    builds = {}
+    for name, piece in (("whole", 10 ** 9), ("pieces", 48)):
+        monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", piece)
+        builds[name] = prepare_data([str(folder)], ascii_only, tokenizer_name="ascii", cache_dir=tmp_path / name,
+                                    val_fraction=0.2)
+    assert np.array_equal(builds["pieces"].train, builds["whole"].train)
+    assert np.array_equal(builds["pieces"].val, builds["whole"].val)
+    meta = json.loads((builds["pieces"].folders[0] / "meta.json").read_text())
+    assert meta["documents"] == 2

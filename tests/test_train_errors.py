@@ -194,6 +194,14 @@ def test_missing_tokenizer_folder(tmp_path, data_cache, capsys):
     assert not run.exists()
 
 
+def test_a_cache_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "cache").write_text("a file, not a folder")
+    run = tmp_path / "run"
+    _fails(capsys, train(run, str(tmp_path / "cache" / "sub"), "--train_steps", "2"), "--cache_dir",
+           "lies under a file")
+    assert not run.exists()
+
+
 def test_missing_model_path(tmp_path, data_cache, capsys):
     run = tmp_path / "run"
     _fails(capsys, train(run, data_cache, "--train_steps", "2", "--model", str(tmp_path / "gpt2-folder")),

@@ -17,7 +17,7 @@ import logging
 import sys
 
 from ..cli_help import HelpFormatter, quiet_on_closed_pipe
-from .flags import absolute_data_paths, add_data_flags, tokenizer_path_problem
+from .flags import absolute_data_paths, add_data_flags, cache_dir_problem, tokenizer_path_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     absolute_data_paths(args)
-    problem = tokenizer_path_problem(args.tokenizer)
+    problem = tokenizer_path_problem(args.tokenizer) or cache_dir_problem(args.cache_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ..run_folder import RunFolderError
     from ..tokenizer import load_tokenizer
     from .prepare import prepare_data
     from .sources import DataError
@@ -47,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(args.data, tokenizer, tokenizer_name=args.tokenizer, cache_dir=args.cache_dir,
                             val_fraction=args.val_fraction, num_proc=args.num_workers, text_field=args.text_field,
                             seed=args.seed, val_data=args.val_data)
-    except (DataError, ValueError) as e:  # the messages name the problem and the fix
+    except (DataError, ValueError, RunFolderError) as e:  # the messages name the problem and the fix
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the cache folder: full, read-only, gone
+        print(f"error: cannot write the data cache under {args.cache_dir} ({e.strerror}: {e.filename}). Fix: give a "
+              f"--cache_dir that is (or can become) a folder you can write to, with room for the tokens.",
+              file=sys.stderr)
         return 2
     for folder in data.folders:
         meta = json.loads((folder / "meta.json").read_text())

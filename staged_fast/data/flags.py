@@ -53,3 +53,15 @@ def tokenizer_path_problem(tokenizer: str) -> str | None:
     return (f"--tokenizer {tokenizer}: no such folder. Give a folder holding a saved tokenizer (tokenizer.json, or "
             f"vocab/merges files, e.g. written by tokenizer.save_pretrained), or 'gpt2' for the GPT-2 BPE built "
             f"offline.")
+
+
+def cache_dir_problem(cache_dir: str) -> str | None:
+    """What is wrong with a --cache_dir that cannot hold the cache (a file, or under one), or None."""
+    path = Path(cache_dir).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_dir():
+        return None
+    where = "is a file" if existing == path else f"lies under a file ({existing})"
+    return f"--cache_dir {cache_dir} {where}; the tokenized data is cached in a folder. Give another --cache_dir."

@@ -19,8 +19,8 @@ when complete (meta.json last), so a crash never leaves a cache that would be us
 entry at a time (a lock file per entry, `.<fingerprint>.lock`): a second job on the same data waits and then
 finds it built, and the builder removes what interrupted builds of the entry left. Under torch.distributed
 with `rank0_only_build`, the local rank 0 of each node builds (where the shared filesystem has no flock,
-several nodes race harmlessly: the first rename wins) while the other ranks wait (up to a day, in a gloo
-group of their own), then everyone opens the memmaps; a build error on any rank is raised on every rank
+several nodes race harmlessly: the first rename wins) while the other ranks wait (up to a day, on the
+rendezvous store), then everyone opens the memmaps; a build error on any rank is raised on every rank
 instead of hanging the others.
 """
 from __future__ import annotations
@@ -199,13 +199,20 @@ def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_nam
            whole: str | None, t0: float) -> None:
     """Split the tokenized rows' documents, write train.bin / val.bin / meta.json, rename into `out_dir`."""
     lengths = _document_lengths(ds)
-    if len(lengths) == 0:
+    # a document of its EOS alone is a .txt file whose every piece gave no tokens (a tokenizer that drops
+    # what it cannot encode): dropped, as an empty document is
+    kept = lengths > 1
+    if not kept.any():
         raise DataError(f"No text in {source.description}: every document is empty (0 tokens). Fix: pass "
                         "data that contains text (and for jsonl/parquet, check --text_field).")
-    val_mask, cut_doc, cut_at = _assign(lengths, whole, val_fraction=val_fraction, min_val_tokens=min_val_tokens,
-                                        seed=seed)
+    index = np.flatnonzero(kept)
+    kept_val, kept_cut, cut_at = _assign(lengths[index], whole, val_fraction=val_fraction,
+                                         min_val_tokens=min_val_tokens, seed=seed)
+    val_mask = np.zeros(len(lengths), dtype=bool)
+    val_mask[index] = kept_val
+    cut_doc = int(index[kept_cut]) if kept_cut >= 0 else -1
     n_val = int(lengths[val_mask].sum()) + (int(lengths[cut_doc]) - cut_at if cut_doc >= 0 else 0)
-    n_train = int(lengths.sum()) - n_val + (1 if cut_doc >= 0 else 0)  # +1: the EOS after the cut head
+    n_train = int(lengths[index].sum()) - n_val + (1 if cut_doc >= 0 else 0)  # +1: the EOS after the cut head
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.tmp-", dir=cache_dir))
     try:
@@ -222,6 +229,8 @@ def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_nam
                 a = flat[ends[r]:ends[r + 1]]
                 if first:
                     doc, at = doc + 1, 0
+                if not kept[doc]:
+                    continue
                 if doc == cut_doc:  # its tokens [:cut_at] train, then an EOS; the rest val
                     to_train = min(max(cut_at - at, 0), len(a))
                 elif val_mask[doc]:
@@ -243,7 +252,7 @@ def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_nam
         del train, val
         meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "source": source.description,
                 "input": source.key, "tokenizer": tokenizer_name, "vocab_size": vocab_size, "eos_id": eos_id,
-                "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val, "documents": len(lengths),
+                "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val, "documents": int(kept.sum()),
                 "val_documents": int(val_mask.sum()), "val_cut_document": cut_doc >= 0,
                 "val_fraction": val_fraction, "min_val_tokens": min_val_tokens, "seed": seed, "whole": whole,
                 "build_seconds": round(time.perf_counter() - t0, 2)}
@@ -346,10 +355,12 @@ def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callabl
     from ..run_folder import RunLock, describe_holder
 
     def waiting(holder: dict | None) -> None:
-        logger.warning("data: another process is preparing this data (%s) into %s: waiting for it to finish",
+        logger.warning("data: another process is preparing this data (%s) into %s: waiting for it to finish "
+                       "(to go on without it: stop that process, or give this one another --cache_dir)",
                        describe_holder(holder), out_dir)
 
-    lock = RunLock(cache_dir, flag="--cache_dir", name=f".{fingerprint}.lock").acquire(wait=waiting)
+    lock = RunLock(cache_dir, flag="--cache_dir", name=f".{fingerprint}.lock", role="a data cache")
+    lock.acquire(wait=waiting)
     try:
         if _valid(out_dir) is not None:
             logger.info("data: %s was prepared by the process waited for", out_dir)
@@ -375,22 +386,31 @@ def _remove_leftovers(cache_dir: Path, fingerprint: str) -> None:
         logger.warning("data: removed %s (%.1f MB), left by an interrupted preparation of this data", path, size / 1e6)
 
 
-_PATIENT_GROUP: tuple = (None, None)  # (the default group it was made in, the group)
+_WAITS = 0  # prepare_data calls waited for so far: every rank makes them in the same order
 
 
-def _patient_group():
-    """A gloo group whose collectives wait up to a day: the ranks that do not build wait in one for the builders,
-    and tokenizing a large corpus can take longer than the default group's 30 minutes."""
-    global _PATIENT_GROUP
+def _gather_build_errors(fingerprint: str, error: str | None) -> list[str | None]:
+    """Every rank's build error (or None), once every rank has one: the ranks that do not build wait here for
+    those that do, up to a day (tokenizing a large corpus can outlast the default group's 30 minutes). Through
+    the rendezvous store, which every rank already reaches, rather than a collective: a new gloo group would
+    need gloo's networking between nodes that run NCCL alone."""
+    global _WAITS
+    import datetime
+
     import torch.distributed as dist
 
-    world, group = _PATIENT_GROUP
-    if world is not dist.group.WORLD:  # first use, or a new default group since (made by every rank alike)
-        import datetime
-
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-        _PATIENT_GROUP = (dist.group.WORLD, group)
-    return group
+    _WAITS += 1
+    world, rank = dist.get_world_size(), dist.get_rank()
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)  # private, present since torch 1.x
+    if get_store is None:  # a future torch without it: the default group's collective, with its timeout
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        return errors
+    store = get_store()
+    keys = [f"staged_fast/data/{_WAITS}/{fingerprint}/{r}" for r in range(world)]
+    store.set(keys[rank], json.dumps(error))
+    store.wait(keys, datetime.timedelta(days=1))
+    return [json.loads(store.get(key)) for key in keys]
 
 
 def _input_files(key: dict) -> set[str]:
@@ -423,11 +443,7 @@ def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cac
     elif builder:
         logger.info("data: cache hit %s (%s)", out_dir, source.description)
     if distributed:  # doubles as the barrier: nobody opens the files before the builders are done
-        import torch.distributed as dist
-
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, None if error is None else f"rank {rank}: {type(error).__name__}: {error}",
-                               group=_patient_group())
+        errors = _gather_build_errors(fp, None if error is None else f"rank {rank}: {type(error).__name__}: {error}")
         if error is not None:
             raise error
         failed = [m for m in errors if m is not None]

@@ -6,14 +6,17 @@ a 200 MB file needed ~33 GB), and one thread did all the work. Instead the file 
 about PIECE_CHARS characters, cut at seams where the tokenizer's output does not change:
 
 - candidates: before a space between two non-space characters, after a newline, or between punctuation and
-  a word character;
-- a candidate is taken when the tokenizer gives the same ids for the CONTEXT characters on either side of it
-  encoded together and as two halves. Regex pre-tokenizers (GPT-2, tiktoken-style, Llama 3) and
-  whitespace ones decide where a pre-token ends from a few neighbouring characters, so a seam that holds in
-  its window holds in the file, and the pieces' ids joined are the whole file's (a test compares them).
+  a letter or digit;
+- a candidate is taken when the tokenizer's pre-tokenizer (if it has one) ends a pre-token there, and the
+  tokenizer gives the same ids for the CONTEXT characters on either side of it encoded together and as two
+  halves. Regex pre-tokenizers (GPT-2, tiktoken-style, Llama 3) and whitespace ones decide where a pre-token
+  ends from a few neighbouring characters, and BPE merges stay inside a pre-token, so a seam that holds in its
+  window holds in the file, and the pieces' ids joined are the whole file's (tests compare them). The ids
+  check alone once passed by coincidence inside a run of punctuation longer than the window ("(((...(_").
 
 A tokenizer where no candidate holds (one that prepends a marker to every input, for instance) reads the
-rest of the file as one piece, as before, with a warning about memory.
+rest of the file as one piece, as before, with a warning about memory. A stretch with no candidate at all (a
+long line without spaces) only makes its piece longer.
 """
 from __future__ import annotations
 
@@ -26,31 +29,41 @@ PIECE_CHARS = 8192          # ~2k GPT-2 tokens: a tokenizer batch of 1000 pieces
 CONTEXT = 64                # characters on each side of a seam that the check encodes
 READ_CHARS = 1 << 20        # characters read from the file at a time
 TRIES = 8                   # candidates checked per PIECE_CHARS of text before looking further on
-GIVE_UP_CHARS = 1 << 20     # a piece this long without a seam: the tokenizer has none; read the rest whole
-_CANDIDATE = re.compile(r"(?<=\S)(?= \S)|(?<=\n)(?=\S)|(?<=[^\w\s])(?=\w)")
+GIVE_UP_CHECKS = 128        # this many failed checks in a row: the tokenizer has no seams; read the rest whole
+_CANDIDATE = re.compile(r"(?<=\S)(?= \S)|(?<=\n)(?=\S)|(?<=[^\w\s])(?=[^\W_])")
 
 logger = logging.getLogger(__name__)
 SeamCheck = Callable[[str, str], bool]
 
 
 def seam_check(tokenizer) -> SeamCheck:
-    """holds(left, right): does the tokenizer give left + right the ids of left followed by those of right?"""
+    """holds(left, right): does a pre-token end between left and right (where the tokenizer pre-tokenizes), and
+    does the tokenizer give left + right the ids of left followed by those of right?"""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+
     def holds(left: str, right: str) -> bool:
+        if pre_tokenizer is not None:
+            starts = {start for _, (start, _) in pre_tokenizer.pre_tokenize_str(left + right)}
+            if len(left) not in starts:
+                return False
         whole, head, tail = tokenizer([left + right, left, right], add_special_tokens=False,
                                       verbose=False)["input_ids"]
         return whole == head + tail
     return holds
 
 
-def _seam(text: str, lo: int, hi: int, holds: SeamCheck) -> int | None:
-    """The first candidate in text[lo:hi] that holds, checking at most TRIES."""
-    for tried, match in enumerate(_CANDIDATE.finditer(text, lo, hi)):
-        if tried == TRIES:
-            return None
+def _seam(text: str, lo: int, hi: int, holds: SeamCheck) -> tuple[int | None, int]:
+    """(the first candidate in text[lo:hi] that holds, or None; how many failed), checking at most TRIES."""
+    failed = 0
+    for match in _CANDIDATE.finditer(text, lo, hi):
+        if failed == TRIES:
+            break
         i = match.start()
         if holds(text[max(i - CONTEXT, 0):i], text[i:i + CONTEXT]):
-            return i
-    return None
+            return i, failed
+        failed += 1
+    return None, failed
 
 
 def text_pieces(f: TextIO, holds: SeamCheck, name: str = "") -> Iterator[str]:
@@ -59,6 +72,7 @@ def text_pieces(f: TextIO, holds: SeamCheck, name: str = "") -> Iterator[str]:
     last may be shorter; empty text yields nothing."""
     buf, pos, eof = "", 0, False   # the next piece starts at buf[pos]
     search = PIECE_CHARS           # seams are looked for in buf[pos + search : pos + search + PIECE_CHARS]
+    failed = 0                     # checks failed since the last seam that held
     while True:
         lo = pos + search
         if not eof and len(buf) < lo + PIECE_CHARS + CONTEXT:
@@ -70,16 +84,17 @@ def text_pieces(f: TextIO, holds: SeamCheck, name: str = "") -> Iterator[str]:
             if pos < len(buf):
                 yield buf[pos:]
             return
-        cut = _seam(buf, lo, lo + PIECE_CHARS, holds)
+        cut, misses = _seam(buf, lo, lo + PIECE_CHARS, holds)
+        failed = 0 if cut is not None else failed + misses
         if cut is not None:
             yield buf[pos:cut]
             pos, search = cut, PIECE_CHARS
-        elif search < GIVE_UP_CHARS:
+        elif failed < GIVE_UP_CHECKS:
             search += PIECE_CHARS
         else:
-            logger.warning("data: the tokenizer changes its output at every seam tried in %d characters of %s, so "
+            logger.warning("data: the tokenizer changes its output at each of %d places tried in a row in %s, so "
                            "the rest of the file is tokenized in one piece (~165 bytes of memory per byte of "
                            "text). Fix, if memory runs out: split the file into several documents (.jsonl).",
-                           GIVE_UP_CHARS, name or "a .txt file")
+                           failed, name or "a .txt file")
             yield buf[pos:] + f.read()
             return
