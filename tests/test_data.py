@@ -479,16 +479,27 @@ def test_val_batches():
 # ---------------------------------------------------------------- torch.distributed
 
 
-def _dist_worker(rank, world, init_file, data, cache_dir, results):
+def _dist_worker(rank, world, init_file, data, cache_dir, results, timeout_s=1800, build_delay_s=0):
+    import datetime
+    import time
+
     import torch.distributed as dist
 
     import staged_fast.data.prepare as pm
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
         if rank != 0:
             def no_build(*a, **k):
                 raise AssertionError("a non-zero rank built the cache")
             pm._build = no_build
+        elif build_delay_s:
+            real_build = pm._build
+
+            def slow_build(*a, **k):
+                time.sleep(build_delay_s)
+                return real_build(*a, **k)
+            pm._build = slow_build
         try:
             p = pm.prepare_data(data, load_tokenizer("gpt2"), tokenizer_name="gpt2", cache_dir=cache_dir,
                                 val_fraction=0.1)
@@ -517,3 +528,16 @@ def test_distributed_rank0_builds_and_errors_reach_every_rank(tmp_path):
         else:
             assert results[0][0] == results[1][0] == "error"
             assert "No text" in results[0][1] and "another rank" in results[1][1]
+
+
+def test_a_build_longer_than_the_groups_timeout_does_not_time_out_the_waiting_rank(tmp_path):
+    """Rank 1 waits for rank 0's build longer than the process group's timeout (2 s here, 30 minutes in
+    training): it waits on the rendezvous store, up to a day, and both ranks open the same data."""
+    import torch.multiprocessing as mp
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    results = mp.Manager().dict()
+    mp.start_processes(_dist_worker, args=(2, tmp_path / "init", [str(good)], tmp_path / "cache", results, 2, 6),
+                       nprocs=2, start_method="fork")
+    assert results[0] == results[1] and results[0][0] != "error"
