@@ -234,6 +234,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                     help="autocast bf16 / fp16, fp32 without autocast (exact dots), or tf32: fp32 with the "
                          "trainer's --tf32 (default all)")
+    ap.add_argument("--pairs", nargs="+", default=None, metavar="WORKLOAD:DTYPE",
+                    help="step exactly these workload:dtype pairs (e.g. gpt2_hd96:bf16 llama:fp16) instead of every "
+                         "--workloads x --dtypes pair")
     ap.add_argument("--arch", default="90a", help="compute capability to compile for: 90a (H100/H200, default), 80, ...")
     ap.add_argument("--first_config", action="store_true",
                     help="compile only the first kept config of each autotuned kernel (faster)")
@@ -246,6 +249,15 @@ def parse_args(argv=None):
         ap.error(f"--batch {args.batch}: give at least 1")
     if not re.fullmatch(r"\d+a?", args.arch):
         ap.error(f"--arch {args.arch!r}: give a compute capability such as 90a or 80")
+    if args.pairs is None:
+        args.pairs = [(w, d) for w in args.workloads for d in args.dtypes]
+    else:
+        pairs = [p.partition(":")[::2] for p in args.pairs]
+        bad = [f"{w}:{d}" for w, d in pairs if w not in WORKLOADS or d not in DTYPES]
+        if bad:
+            ap.error(f"--pairs {' '.join(bad)}: give workload:dtype with a workload of {', '.join(WORKLOADS)} and a "
+                     f"dtype of {', '.join(DTYPES)}")
+        args.pairs = pairs
     return args
 
 
@@ -258,23 +270,22 @@ def main(argv=None) -> int:
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling every launch for sm_{args.arch} "
           f"(no GPU used)", flush=True)
     with compile_only(recorder, args.arch):
-        for workload in args.workloads:
-            for dtype_name in args.dtypes:
-                recorder.workload, recorder.dtype = workload, dtype_name
-                before, t0 = len(recorder.kernels), time.perf_counter()
-                dtype, precision = DTYPES[dtype_name]
-                before_precision = torch.get_float32_matmul_precision()
-                torch.set_float32_matmul_precision(precision)
-                try:
-                    training_step(workload, dtype, args.batch)
-                except Exception as e:  # report every failing workload, not just the first
-                    failures.append(f"{workload} {dtype_name}: {type(e).__name__}: {str(e)[:2000]}")
-                    print(f"FAILED {failures[-1]}", flush=True)
-                    continue
-                finally:
-                    torch.set_float32_matmul_precision(before_precision)
-                print(f"{workload} {dtype_name}: {len(recorder.kernels) - before} new kernels compiled in "
-                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+        for workload, dtype_name in args.pairs:
+            recorder.workload, recorder.dtype = workload, dtype_name
+            before, t0 = len(recorder.kernels), time.perf_counter()
+            dtype, precision = DTYPES[dtype_name]
+            before_precision = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(precision)
+            try:
+                training_step(workload, dtype, args.batch)
+            except Exception as e:  # report every failing workload, not just the first
+                failures.append(f"{workload} {dtype_name}: {type(e).__name__}: {str(e)[:2000]}")
+                print(f"FAILED {failures[-1]}", flush=True)
+                continue
+            finally:
+                torch.set_float32_matmul_precision(before_precision)
+            print(f"{workload} {dtype_name}: {len(recorder.kernels) - before} new kernels compiled in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
     rows = list(recorder.kernels.values())
     if rows:
         print()
