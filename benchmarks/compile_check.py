@@ -252,8 +252,10 @@ def parse_args(argv=None):
     if args.pairs is None:
         args.pairs = [(w, d) for w in args.workloads for d in args.dtypes]
     else:
+        if any(flag in (argv if argv is not None else sys.argv[1:]) for flag in ("--workloads", "--dtypes")):
+            ap.error("--pairs names workload:dtype pairs itself: leave out --workloads and --dtypes")
         pairs = [p.partition(":")[::2] for p in args.pairs]
-        bad = [f"{w}:{d}" for w, d in pairs if w not in WORKLOADS or d not in DTYPES]
+        bad = [p for p, (w, d) in zip(args.pairs, pairs) if w not in WORKLOADS or d not in DTYPES]
         if bad:
             ap.error(f"--pairs {' '.join(bad)}: give workload:dtype with a workload of {', '.join(WORKLOADS)} and a "
                      f"dtype of {', '.join(DTYPES)}")

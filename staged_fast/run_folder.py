@@ -73,7 +73,7 @@ class RunLock:
                     wait(holder)
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX)
-                    except OSError:
+                    except BaseException:  # an OSError, or Ctrl-C during the wait
                         os.close(fd)
                         raise
                 except OSError as e:  # ENOLCK / EOPNOTSUPP: a filesystem without flock
@@ -95,7 +95,7 @@ class RunLock:
         except OSError as e:
             self._remove_created()
             raise RunFolderError(
-                f"{self.flag} {self.run_dir} cannot be used as {self.role} ({e.strerror}: {e.filename}). "
+                f"{self.flag} {self.run_dir} cannot be used as {self.role} ({os_error_text(e)}). "
                 f"Choose another {self.flag}."
             ) from e
         holder = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -138,6 +138,11 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def os_error_text(e: OSError) -> str:
+    """'strerror: file', or the strerror alone where the error names no file (a failed flock)."""
+    return f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror or e)
 
 
 def describe_holder(holder: dict | None) -> str:

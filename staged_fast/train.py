@@ -93,11 +93,22 @@ def _relaunch_for_gpu_count(args, argv: list[str], preemption: "Preemption") -> 
         # SIGTERM is a preemption, as in one process (exit 0); Ctrl-C and the like: the shell's status for it.
         return 0 if e.sigval == signal.SIGTERM else 128 + int(e.sigval)
     except ChildFailedError as e:  # the worker's own error is in its output above; torchrun's table says which
-        rank, failure = e.get_first_failure()
+        rank, failure = _cause(e)
         print(f"error: {n} worker processes launched with --gpu_count; rank {rank} failed first:\n{e}",
               file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
     return 0
+
+
+def _cause(error) -> tuple[int, object]:
+    """The failed worker to name: the first by torchrun's timestamps, leaving out ranks that only left because a
+    peer went away (exit LOST_PEER_EXIT). A rank killed outright leaves no error file, so torchrun stamps it when
+    it notices, which under load came after the survivor's own exit: the job was reported as rank 0's exit 1."""
+    causes = {r: f for r, f in error.failures.items() if f.exitcode != LOST_PEER_EXIT}
+    if not causes:
+        return error.get_first_failure()
+    rank = min(causes, key=lambda r: causes[r].timestamp)
+    return rank, causes[rank]
 
 
 def _stop_with_launcher() -> None:
@@ -165,6 +176,9 @@ class Determinism:
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
         self._saved = None
+
+
+LOST_PEER_EXIT = 3  # a rank that stops because another died: not the job's cause (see _cause)
 
 
 class PreemptedBeforeLaunch(BaseException):
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: rank {dist.rank} lost its connection to another rank ({str(e).splitlines()[0][:300]}): one "
               f"died or was killed (torchrun's summary names it). The last complete checkpoint in "
               f"{args.save_prefix} is intact: run the same command to continue from it.", file=sys.stderr)
-        return 1
+        return LOST_PEER_EXIT
     finally:
         if trainer is not None:
             trainer.close()

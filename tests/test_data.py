@@ -541,3 +541,24 @@ def test_a_build_longer_than_the_groups_timeout_does_not_time_out_the_waiting_ra
     mp.start_processes(_dist_worker, args=(2, tmp_path / "init", [str(good)], tmp_path / "cache", results, 2, 6),
                        nprocs=2, start_method="fork")
     assert results[0] == results[1] and results[0][0] != "error"
+
+
+def _gather_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+
+    import staged_fast.data.prepare as pm
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results[rank] = pm._gather_build_errors(f"fingerprint-of-node-{rank}", None if rank else "rank 0: boom")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_their_own_copies_of_the_data_still_meet(tmp_path):
+    """Each node's copy of the data has its own mtimes, so its own fingerprint: the ranks' wait for the builders
+    must not be keyed on it (they waited on keys no other rank set, for a day)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.start_processes(_gather_worker, args=(2, tmp_path / "init", results), nprocs=2, start_method="fork")
+    assert results[0] == results[1] == ["rank 0: boom", None]

@@ -213,3 +213,23 @@ def test_a_file_whose_pieces_all_give_no_tokens_is_dropped_as_an_empty_document(
     assert np.array_equal(builds["pieces"].val, builds["whole"].val)
     meta = json.loads((builds["pieces"].folders[0] / "meta.json").read_text())
     assert meta["documents"] == 2
+
+
+@pytest.mark.parametrize("pre", ["Whitespace", "WhitespaceSplit", "BertPreTokenizer"])
+def test_tokenizers_that_drop_the_space_still_get_pieces(tmp_path, pre, caplog, small_pieces):
+    """Whitespace-style pre-tokenizers drop the space a seam sits before, so no pre-token starts at the seam;
+    the check asks only that none straddles it (it asked for a start, and such files were read whole)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = getattr(pre_tokenizers, pre)()
+    text = " ".join(_corpus_text(6000).split())  # one long line: the cuts must come before spaces
+    backend.train_from_iterator([text], trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="[UNK]")
+    with caplog.at_level(logging.WARNING):
+        pieces = list(text_pieces(io.StringIO(text), seam_check(tokenizer)))
+    assert "one piece" not in caplog.text
+    assert len([p for p in pieces if len(p) > 2 * small_pieces]) <= 2, [len(p) for p in pieces]  # TRICKY's x run
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert [i for p in pieces for i in encode(p)] == encode(text)

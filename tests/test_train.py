@@ -228,6 +228,24 @@ def test_kill_9_of_one_rank_ends_the_job_without_a_traceback_and_the_same_comman
     assert job.returncode == 0 and f"done: step {saved + 2}" in job.stdout, (job.stdout + job.stderr)[-3000:]
 
 
+def test_the_launcher_names_the_killed_rank_not_the_survivor_that_left_because_of_it():
+    """torchrun stamps a worker killed outright when it notices it, which under CI's load came after the
+    survivor's own exit (3, lost peer): the job was reported as rank 0 failing with exit 1."""
+    from types import SimpleNamespace
+
+    from staged_fast.train import LOST_PEER_EXIT, _cause
+
+    survivor = SimpleNamespace(exitcode=LOST_PEER_EXIT, timestamp=100)
+    killed = SimpleNamespace(exitcode=-9, timestamp=101)
+    failures = SimpleNamespace(failures={0: survivor, 1: killed}, get_first_failure=lambda: (0, survivor))
+    assert _cause(failures) == (1, killed)
+    only_lost = SimpleNamespace(failures={0: survivor}, get_first_failure=lambda: (0, survivor))
+    assert _cause(only_lost) == (0, survivor)  # nothing else to name: the first failure, as torchrun says
+    crashed = SimpleNamespace(exitcode=1, timestamp=99)
+    both = SimpleNamespace(failures={0: crashed, 1: killed}, get_first_failure=lambda: (0, crashed))
+    assert _cause(both) == (0, crashed)  # two real failures: the earlier
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_gpu_count_launcher_stops_its_workers_which_save(tmp_path, data_cache):
     """kill -9 of the --gpu_count launcher (no handler runs in it): its workers, in sessions of their own, used

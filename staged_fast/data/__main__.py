@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ..run_folder import RunFolderError
+    from ..run_folder import RunFolderError, os_error_text
     from ..tokenizer import load_tokenizer
     from .prepare import prepare_data
     from .sources import DataError
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the cache folder: full, read-only, gone
-        print(f"error: cannot write the data cache under {args.cache_dir} ({e.strerror}: {e.filename}). Fix: give a "
+        print(f"error: cannot write the data cache under {args.cache_dir} ({os_error_text(e)}). Fix: give a "
               f"--cache_dir that is (or can become) a folder you can write to, with room for the tokens.",
               file=sys.stderr)
         return 2

@@ -59,9 +59,12 @@ def cache_dir_problem(cache_dir: str) -> str | None:
     """What is wrong with a --cache_dir that cannot hold the cache (a file, or under one), or None."""
     path = Path(cache_dir).expanduser()
     existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.is_dir():
+    try:
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.is_dir():
+            return None
+    except OSError:  # a folder this user cannot search: writing there will say so, naming it
         return None
     where = "is a file" if existing == path else f"lies under a file ({existing})"
     return f"--cache_dir {cache_dir} {where}; the tokenized data is cached in a folder. Give another --cache_dir."

@@ -407,10 +407,12 @@ def _gather_build_errors(fingerprint: str, error: str | None) -> list[str | None
         dist.all_gather_object(errors, error)
         return errors
     store = get_store()
-    keys = [f"staged_fast/data/{_WAITS}/{fingerprint}/{r}" for r in range(world)]
-    store.set(keys[rank], json.dumps(error))
+    # keyed by the call, not the fingerprint: nodes with their own copy of the data (other mtimes) have other
+    # fingerprints, build their own entries, and must still meet here
+    keys = [f"staged_fast/data/{_WAITS}/{r}" for r in range(world)]
+    store.set(keys[rank], json.dumps({"fingerprint": fingerprint, "error": error}))
     store.wait(keys, datetime.timedelta(days=1))
-    return [json.loads(store.get(key)) for key in keys]
+    return [json.loads(store.get(key))["error"] for key in keys]
 
 
 def _input_files(key: dict) -> set[str]:

@@ -7,7 +7,7 @@ about PIECE_CHARS characters, cut at seams where the tokenizer's output does not
 
 - candidates: before a space between two non-space characters, after a newline, or between punctuation and
   a letter or digit;
-- a candidate is taken when the tokenizer's pre-tokenizer (if it has one) ends a pre-token there, and the
+- a candidate is taken when no pre-token of the tokenizer's pre-tokenizer (if it has one) straddles it, and the
   tokenizer gives the same ids for the CONTEXT characters on either side of it encoded together and as two
   halves. Regex pre-tokenizers (GPT-2, tiktoken-style, Llama 3) and whitespace ones decide where a pre-token
   ends from a few neighbouring characters, and BPE merges stay inside a pre-token, so a seam that holds in its
@@ -30,6 +30,7 @@ CONTEXT = 64                # characters on each side of a seam that the check e
 READ_CHARS = 1 << 20        # characters read from the file at a time
 TRIES = 8                   # candidates checked per PIECE_CHARS of text before looking further on
 GIVE_UP_CHECKS = 128        # this many failed checks in a row: the tokenizer has no seams; read the rest whole
+LONG_PIECE_CHARS = 1 << 24  # a piece this long (no candidate in it: one long line of hex, say) is warned of
 _CANDIDATE = re.compile(r"(?<=\S)(?= \S)|(?<=\n)(?=\S)|(?<=[^\w\s])(?=[^\W_])")
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ def seam_check(tokenizer) -> SeamCheck:
     pre_tokenizer = getattr(backend, "pre_tokenizer", None)
 
     def holds(left: str, right: str) -> bool:
-        if pre_tokenizer is not None:
-            starts = {start for _, (start, _) in pre_tokenizer.pre_tokenize_str(left + right)}
-            if len(left) not in starts:
+        if pre_tokenizer is not None:  # no pre-token may straddle the seam (a dropped space between is fine)
+            seam = len(left)
+            if any(start < seam < end for _, (start, end) in pre_tokenizer.pre_tokenize_str(left + right)):
                 return False
         whole, head, tail = tokenizer([left + right, left, right], add_special_tokens=False,
                                       verbose=False)["input_ids"]
@@ -91,6 +92,11 @@ def text_pieces(f: TextIO, holds: SeamCheck, name: str = "") -> Iterator[str]:
             pos, search = cut, PIECE_CHARS
         elif failed < GIVE_UP_CHECKS:
             search += PIECE_CHARS
+            if search == LONG_PIECE_CHARS:
+                logger.warning("data: %s has %d characters in a row with no place to cut them (no space, newline or "
+                               "punctuation before a word), so they are tokenized in one piece (~165 bytes of memory "
+                               "per character). Fix, if memory runs out: break its lines.", name or "a .txt file",
+                               LONG_PIECE_CHARS)
         else:
             logger.warning("data: the tokenizer changes its output at each of %d places tried in a row in %s, so "
                            "the rest of the file is tokenized in one piece (~165 bytes of memory per byte of "
