@@ -113,7 +113,7 @@ def test_bench_data_prep_builds_both_ways_and_compares_them(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "token files byte-equal" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["one call per file (before)", "seam-checked pieces (now)"]
+    assert [r["mode"] for r in rows] == ["one call per file (before)", "seam-checked pieces, encode_batch_fast (now)"]
     assert rows[0]["tokens"] == rows[1]["tokens"] > 50_000 and all(r["seconds"] > 0 for r in rows)
 
 

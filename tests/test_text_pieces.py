@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 
+import staged_fast.data.prepare as prepare_mod
 import staged_fast.data.text_pieces as text_pieces_mod
 from staged_fast.data import prepare_data
 from staged_fast.data.text_pieces import seam_check, text_pieces
@@ -138,12 +139,16 @@ def test_prepared_tokens_equal_the_file_tokenized_whole(tok, tmp_path, monkeypat
     whole = _build(tmp_path, "whole", data, tok, **kw)
     monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", 64)
     seen = []
-    real_call = type(tok).__call__
+    real_encoder = prepare_mod.batch_encoder
 
-    def recording_call(self, texts, *a, **k):
-        seen.extend(texts if isinstance(texts, list) else [texts])
-        return real_call(self, texts, *a, **k)
-    monkeypatch.setattr(type(tok), "__call__", recording_call)
+    def recording_encoder(tokenizer):  # what tokenizes the corpus (the seam checks see 128 characters)
+        encode = real_encoder(tokenizer)
+
+        def recording(texts):
+            seen.extend(texts)
+            return encode(texts)
+        return recording
+    monkeypatch.setattr(prepare_mod, "batch_encoder", recording_encoder)
     pieces = _build(tmp_path, "pieces", data, tok, **kw)
     assert len(pieces.val) > 0 and len(pieces.train) > 0
     assert np.array_equal(pieces.train, whole.train) and np.array_equal(pieces.val, whole.val)
@@ -233,3 +238,17 @@ def test_tokenizers_that_drop_the_space_still_get_pieces(tmp_path, pre, caplog, 
     assert len([p for p in pieces if len(p) > 2 * small_pieces]) <= 2, [len(p) for p in pieces]  # TRICKY's x run
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert [i for p in pieces for i in encode(p)] == encode(text)
+
+
+def test_the_batch_encoder_gives_the_tokenizers_own_ids(tok):
+    """The corpus is tokenized with the Rust tokenizer's encode_batch_fast (no offsets or token strings): the
+    same ids as the tokenizer's call, added tokens in the text included; without it, that call."""
+    from staged_fast.tokenizer import batch_encoder
+
+    texts = [_corpus_text(3000), "one<|endoftext|>two", "", "  spaced \n\n lines\t", TRICKY]
+    expected = tok(texts, add_special_tokens=False)["input_ids"]
+    assert batch_encoder(tok)(texts) == expected
+    assert 50256 in expected[1]
+    calls = []  # a tokenizer without a Rust backend: its own call
+    slow = type("Slow", (), {"__call__": lambda self, t, **k: calls.append(k) or {"input_ids": [[1]] * len(t)}})()
+    assert batch_encoder(slow)(["a", "b"]) == [[1], [1]] and calls == [{"add_special_tokens": False, "verbose": False}]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tokenizer import id_space, tokenizer_fingerprint
+from ..tokenizer import batch_encoder, id_space, tokenizer_fingerprint
 from .sources import DataError, Source, load_texts, resolve_source
 from .text_pieces import seam_check
 
@@ -138,8 +138,10 @@ def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: s
     save_to_disk folder)."""
     import datasets
 
+    ids_of = batch_encoder(tokenizer)
+
     def encode(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = ids_of(batch["text"])
         whole = [True] * len(ids)
         out = {"ids": [], "n": [], "first": []}
         for x, first, last in zip(ids, batch.get("first", whole), batch.get("last", whole)):

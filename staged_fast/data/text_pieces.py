@@ -25,6 +25,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from ..tokenizer import batch_encoder
+
 PIECE_CHARS = 8192          # ~2k GPT-2 tokens: a tokenizer batch of 1000 pieces holds ~8 MB of text
 CONTEXT = 64                # characters on each side of a seam that the check encodes
 READ_CHARS = 1 << 20        # characters read from the file at a time
@@ -42,14 +44,14 @@ def seam_check(tokenizer) -> SeamCheck:
     does the tokenizer give left + right the ids of left followed by those of right?"""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+    ids_of = batch_encoder(tokenizer)  # what the corpus is tokenized with
 
     def holds(left: str, right: str) -> bool:
         if pre_tokenizer is not None:  # no pre-token may straddle the seam (a dropped space between is fine)
             seam = len(left)
             if any(start < seam < end for _, (start, end) in pre_tokenizer.pre_tokenize_str(left + right)):
                 return False
-        whole, head, tail = tokenizer([left + right, left, right], add_special_tokens=False,
-                                      verbose=False)["input_ids"]
+        whole, head, tail = ids_of([left + right, left, right])
         return whole == head + tail
     return holds
 
