@@ -229,9 +229,9 @@ def training_step(workload: str, dtype: torch.dtype | None, batch: int = 1) -> N
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None,
                     help="which models to step (default all)")
-    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
                     help="autocast bf16 / fp16, fp32 without autocast (exact dots), or tf32: fp32 with the "
                          "trainer's --tf32 (default all)")
     ap.add_argument("--pairs", nargs="+", default=None, metavar="WORKLOAD:DTYPE",
@@ -250,9 +250,9 @@ def parse_args(argv=None):
     if not re.fullmatch(r"\d+a?", args.arch):
         ap.error(f"--arch {args.arch!r}: give a compute capability such as 90a or 80")
     if args.pairs is None:
-        args.pairs = [(w, d) for w in args.workloads for d in args.dtypes]
+        args.pairs = [(w, d) for w in args.workloads or WORKLOADS for d in args.dtypes or DTYPES]
     else:
-        if any(flag in (argv if argv is not None else sys.argv[1:]) for flag in ("--workloads", "--dtypes")):
+        if args.workloads or args.dtypes:
             ap.error("--pairs names workload:dtype pairs itself: leave out --workloads and --dtypes")
         pairs = [p.partition(":")[::2] for p in args.pairs]
         bad = [p for p, (w, d) in zip(args.pairs, pairs) if w not in WORKLOADS or d not in DTYPES]

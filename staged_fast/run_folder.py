@@ -168,15 +168,16 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def remove_leftovers(run_dir: str | os.PathLike) -> tuple[int, int]:
-    """Remove the `.tmp-*` folders and files interrupted writes left in `run_dir`: only its lock holder may
-    (another run's write in progress looks the same). Returns (entries removed, bytes freed)."""
+def remove_leftovers(run_dir: str | os.PathLike, prefixes: tuple[str, ...] = (TMP_PREFIX,)) -> tuple[int, int]:
+    """Remove the folders and files named `prefixes`* that interrupted writes left in `run_dir` (`.tmp-*`; the
+    data cache names its own): only the lock holder may (a write in progress looks the same). Returns (entries
+    removed, bytes freed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return 0, 0
     count = freed = 0
     for entry in run_dir.iterdir():
-        if not entry.name.startswith(TMP_PREFIX):
+        if not entry.name.startswith(prefixes):
             continue
         if entry.is_dir() and not entry.is_symlink():
             freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())

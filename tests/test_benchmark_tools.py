@@ -95,7 +95,8 @@ def test_bad_arguments_exit_2():
 
     bad = [("kernel_resources.py", ["--arch", "sm90"]), ("kernel_resources.py", ["--hidden", "0"]),
            ("host_overhead.py", ["--calls", "0"]), ("compile_check.py", ["--arch", "hopper"]),
-           ("compile_check.py", ["--dtypes", "fp8"]), ("compile_check.py", ["--pairs", "gpt2_hd64:fp8"]), ("compile_check.py", ["--batch", "0"]),
+           ("compile_check.py", ["--dtypes", "fp8"]), ("compile_check.py", ["--pairs", "gpt2_hd64:fp8"]),
+           ("compile_check.py", ["--pairs", "llama:bf16", "--dtypes", "bf16"]), ("compile_check.py", ["--batch", "0"]),
            ("triton_seed.py", ["bake"]), ("bench_data_prep.py", ["--mb", "0"]),
            ("bench_data_prep.py", ["--file", "no/such.txt"])]
     if not torch.cuda.is_available():

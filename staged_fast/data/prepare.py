@@ -354,7 +354,7 @@ def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callabl
     job on the same data and cache (on any node, where the filesystem has flock) waits for the first and then
     finds the entry, instead of tokenizing it again; with the entry's lock held, the leftovers of interrupted
     builds of it (a killed or preempted preparation) are nobody's, and are removed."""
-    from ..run_folder import RunLock, describe_holder
+    from ..run_folder import RunLock, describe_holder, remove_leftovers
 
     def waiting(holder: dict | None) -> None:
         logger.warning("data: another process is preparing this data (%s) into %s: waiting for it to finish "
@@ -370,22 +370,15 @@ def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callabl
         if lock.warning is not None:  # no flock there: another builder's folders look like leftovers
             logger.warning("data: %s", lock.warning.removeprefix("warning: "))
         else:
-            _remove_leftovers(cache_dir, fingerprint)
+            count, freed = remove_leftovers(cache_dir, (f".{fingerprint}.tmp-", f".{fingerprint}.scratch-"))
+            if count:
+                logger.warning("data: removed %d folder(s) (%.1f MB) left in %s by interrupted preparations of this "
+                               "data", count, freed / 1e6, cache_dir)
         if out_dir.exists():  # a stale or foreign entry under our key: replace it
             shutil.rmtree(out_dir, ignore_errors=True)
         build()
     finally:
         lock.release()
-
-
-def _remove_leftovers(cache_dir: Path, fingerprint: str) -> None:
-    """The temporary and scratch folders an interrupted build of this entry left (each can hold GBs)."""
-    leftovers = [p for p in cache_dir.glob(f".{fingerprint}.*-*") if p.is_dir() and not p.is_symlink()
-                 and p.name.startswith((f".{fingerprint}.tmp-", f".{fingerprint}.scratch-"))]
-    for path in leftovers:
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-        shutil.rmtree(path, ignore_errors=True)
-        logger.warning("data: removed %s (%.1f MB), left by an interrupted preparation of this data", path, size / 1e6)
 
 
 _WAITS = 0  # prepare_data calls waited for so far: every rank makes them in the same order
