@@ -38,3 +38,24 @@ def tok():
     from staged_fast.tokenizer import load_tokenizer
 
     return load_tokenizer("gpt2")
+
+
+@pytest.fixture
+def record_encoded(monkeypatch):
+    """record_encoded(seen): from then on, every text the data preparation tokenizes (its corpus encoder; the
+    .txt seam checks' 128-character probes are not these) is appended to the list `seen`."""
+    import staged_fast.data.prepare as prepare_mod
+
+    real = prepare_mod.batch_encoder
+
+    def start(seen: list) -> list:
+        def recording(tokenizer):
+            encode = real(tokenizer)
+
+            def run(texts):
+                seen.extend(texts)
+                return encode(texts)
+            return run
+        monkeypatch.setattr(prepare_mod, "batch_encoder", recording)
+        return seen
+    return start

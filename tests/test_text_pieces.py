@@ -11,7 +11,6 @@ import logging
 import numpy as np
 import pytest
 
-import staged_fast.data.prepare as prepare_mod
 import staged_fast.data.text_pieces as text_pieces_mod
 from staged_fast.data import prepare_data
 from staged_fast.data.text_pieces import seam_check, text_pieces
@@ -119,7 +118,7 @@ def _build(tmp_path, name, data, tok, **kw):
 
 
 @pytest.mark.parametrize("layout", ["one_file_cut_into_val", "files_and_jsonl"])
-def test_prepared_tokens_equal_the_file_tokenized_whole(tok, tmp_path, monkeypatch, layout):
+def test_prepared_tokens_equal_the_file_tokenized_whole(tok, tmp_path, monkeypatch, record_encoded, layout):
     """Documents made of many rows: the split's lengths, the chosen val documents, and a tail cut inside a row
     (one file holds one document, so its tail is cut off into val) all match the whole-file build."""
     texts = [_corpus_text(3000 + 700 * i) for i in range(3)]
@@ -138,24 +137,14 @@ def test_prepared_tokens_equal_the_file_tokenized_whole(tok, tmp_path, monkeypat
     monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", 10 ** 9)
     whole = _build(tmp_path, "whole", data, tok, **kw)
     monkeypatch.setattr(text_pieces_mod, "PIECE_CHARS", 64)
-    seen = []
-    real_encoder = prepare_mod.batch_encoder
-
-    def recording_encoder(tokenizer):  # what tokenizes the corpus (the seam checks see 128 characters)
-        encode = real_encoder(tokenizer)
-
-        def recording(texts):
-            seen.extend(texts)
-            return encode(texts)
-        return recording
-    monkeypatch.setattr(prepare_mod, "batch_encoder", recording_encoder)
+    seen = record_encoded([])
     pieces = _build(tmp_path, "pieces", data, tok, **kw)
     assert len(pieces.val) > 0 and len(pieces.train) > 0
     assert np.array_equal(pieces.train, whole.train) and np.array_equal(pieces.val, whole.val)
     assert pieces.fingerprint == whole.fingerprint  # the same content under the same key
     longest = max(len(t) for t in seen)
     assert longest <= 2 * 64 + 300 < len(texts[0]), longest  # no call saw a whole file (300: TRICKY's x run)
-    assert not [p for p in (tmp_path / "pieces").iterdir() if "scratch" in p.name]  # the pieces went with the build
+    assert not [p for p in (tmp_path / "pieces").iterdir() if p.name.startswith(".")]  # the pieces went with the build
 
 
 def _sentencepiece_like(kind: str):

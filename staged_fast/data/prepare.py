@@ -17,7 +17,10 @@ off into val (its head gets an EOS). Val text is never in train either way. With
 Caching is atomic: the files are written to a temporary folder that is renamed to `<fingerprint>/` only
 when complete (meta.json last), so a crash never leaves a cache that would be used. One process builds an
 entry at a time (a lock file per entry, `.<fingerprint>.lock`): a second job on the same data waits and then
-finds it built, and the builder removes what interrupted builds of the entry left. Under torch.distributed
+finds it built, and the builder removes what interrupted builds of the entry left. Builds resume: the input
+is tokenized in chunks of ~CHUNK_TEXT_BYTES of text, each kept in the entry's work folder
+(`.<fingerprint>.work/`) as it finishes, so a build that is killed or preempted and run again keeps the
+finished chunks and loses at most the one it was in; the work folder goes when the entry is complete. Under torch.distributed
 with `rank0_only_build`, the local rank 0 of each node builds (where the shared filesystem has no flock,
 several nodes race harmlessly: the first rename wins) while the other ranks wait (up to a day, on the
 rendezvous store), then everyone opens the memmaps; a build error on any rank is raised on every rank
@@ -30,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,6 +48,9 @@ from .sources import DataError, Source, load_texts, resolve_source
 from .text_pieces import seam_check
 
 FORMAT_VERSION = 1
+# Text per tokenizing chunk: a killed build loses at most one chunk's work; each chunk costs a pool of
+# --num_workers processes (~1 s). Fixed, not per process: a requeue with other --num_workers finds the same chunks.
+CHUNK_TEXT_BYTES = 1 << 30
 logger = logging.getLogger(__name__)
 
 
@@ -131,11 +138,39 @@ def _tokenized_features():
                               "first": datasets.Value("bool")})
 
 
-def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: str, cache_dir: Path | None = None):
+def _chunk_bounds(ds) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of `ds` holding about CHUNK_TEXT_BYTES of text each (one range for a small part)."""
+    import pyarrow.compute as pc
+
+    n = ds.num_rows
+    if n == 0:
+        return [(0, 0)]
+    sizes = pc.binary_length(ds.with_format("arrow")["text"]).fill_null(0).to_numpy()
+    ends = np.cumsum(sizes, dtype=np.int64)
+    marks = np.arange(1, int(ends[-1]) // CHUNK_TEXT_BYTES + 1, dtype=np.int64) * CHUNK_TEXT_BYTES
+    cuts = np.unique(np.searchsorted(ends, marks, side="left") + 1)  # each chunk ends at the row reaching its mark
+    bounds = [0, *(int(c) for c in cuts if 0 < c < n), n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _finished(path: Path) -> bool:
+    """Did a map finish writing `path` (one file, or with num_proc N its N shard files, as datasets names them)?"""
+    if path.exists():
+        return True
+    counts: dict[int, int] = {}
+    pattern = re.compile(re.escape(path.stem) + r"_\d{5}_of_(\d{5})" + re.escape(path.suffix))
+    for f in path.parent.glob(f"{path.stem}_*_of_*{path.suffix}"):
+        if m := pattern.fullmatch(f.name):
+            counts[int(m[1])] = counts.get(int(m[1]), 0) + 1
+    return any(found == total for total, found in counts.items())
+
+
+def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: str, work: Path):
     """Dataset.map over each part: text -> rows of ids (+ EOS at a document's end), their count `n`, and
     `first` (the row starts a document: a .txt file's pieces continue it). Empty documents are dropped.
-    `cache_dir`: where the map's arrow cache goes (else next to the part's own files, e.g. inside a user's
-    save_to_disk folder)."""
+    Chunk by chunk (_chunk_bounds), each map's output cached in `work` under a name that says what it holds:
+    a chunk finished by an earlier, interrupted build is read back (datasets reuses a map's cache file) instead
+    of tokenized again."""
     import datasets
 
     ids_of = batch_encoder(tokenizer)
@@ -153,15 +188,20 @@ def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: s
                 out["first"].append(first)
         return out
 
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    # v3: chunked; the entry's fingerprint covers the input's stats and the tokenizer, the rest says which rows
+    jobs = [(ds, a, b, f"staged_fast-v3-{fingerprint}-{i}-{a}-{b}") for i, ds in enumerate(parts)
+            for a, b in _chunk_bounds(ds)]
+    kept = sum(_finished(work / f"{key}.arrow") for *_, key in jobs)
+    if kept:
+        logger.warning("data: resuming an interrupted preparation: %d of %d chunks were tokenized before (in %s)",
+                       kept, len(jobs), work)
     tokenized = []
-    for i, ds in enumerate(parts):
-        key = f"staged_fast-v2-{fingerprint}-{i}"  # v2: rows are pieces; an older map cache lacks `first`
-        where = {"cache_file_name": str(cache_dir / f"{key}.arrow")} if cache_dir is not None else {}
-        tokenized.append(ds.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                                remove_columns=ds.column_names, new_fingerprint=key, desc="tokenizing",
-                                features=_tokenized_features(), **where))
+    for j, (ds, a, b, key) in enumerate(jobs):
+        chunk = ds if (a, b) == (0, ds.num_rows) else ds.select(range(a, b))  # contiguous: no index file
+        desc = "tokenizing" if len(jobs) == 1 else f"tokenizing {j + 1}/{len(jobs)}"
+        tokenized.append(chunk.map(encode, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                                   remove_columns=ds.column_names, new_fingerprint=key, desc=desc,
+                                   features=_tokenized_features(), cache_file_name=str(work / f"{key}.arrow")))
     return datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
 
 
@@ -178,22 +218,17 @@ def _document_lengths(ds) -> np.ndarray:
 
 def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokenizer_name: str,
            text_field: str, val_fraction: float, min_val_tokens: int, seed: int, num_proc: int,
-           cache_dir: Path, whole: str | None = None) -> None:
+           cache_dir: Path, work: Path, whole: str | None = None) -> None:
+    """Tokenize into `work` (.txt pieces and tokenized chunks: what a rerun resumes from), then write the entry."""
     t0 = time.perf_counter()
     vocab_size, eos_id = id_space(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
-    # .txt pieces and their tokenized rows are written here and removed with it: the memmaps are the cache
-    scratch = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.scratch-", dir=cache_dir))
-    try:
-        parts = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets",
-                           scratch_dir=scratch, holds=seam_check(tokenizer), num_proc=num_proc)
-        ds = _tokenize(parts, tokenizer, eos_id, num_proc, fingerprint,  # a saved folder is the user's: cache in ours
-                       cache_dir / "hf_datasets" if source.kind == "saved" else None)
-        _write(ds, source, out_dir, fingerprint=fingerprint, tokenizer_name=tokenizer_name, vocab_size=vocab_size,
-               eos_id=eos_id, dtype=dtype, val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed,
-               cache_dir=cache_dir, whole=whole, t0=t0)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    parts = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets",
+                       scratch_dir=work, holds=seam_check(tokenizer), num_proc=num_proc)
+    ds = _tokenize(parts, tokenizer, eos_id, num_proc, fingerprint, work)
+    _write(ds, source, out_dir, fingerprint=fingerprint, tokenizer_name=tokenizer_name, vocab_size=vocab_size,
+           eos_id=eos_id, dtype=dtype, val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed,
+           cache_dir=cache_dir, whole=whole, t0=t0)
 
 
 def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_name: str, vocab_size: int,
@@ -349,11 +384,13 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
         folders=(train_dir,) if val_dir == train_dir else (train_dir, val_dir))
 
 
-def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callable[[], None]) -> None:
-    """Run `build` for a cache entry unless another process built it meanwhile. One builder per entry: a second
-    job on the same data and cache (on any node, where the filesystem has flock) waits for the first and then
-    finds the entry, instead of tokenizing it again; with the entry's lock held, the leftovers of interrupted
-    builds of it (a killed or preempted preparation) are nobody's, and are removed."""
+def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(work folder)` for a cache entry unless another process built it meanwhile. One builder per
+    entry: a second job on the same data and cache (on any node, where the filesystem has flock) waits for the
+    first and then finds the entry, instead of tokenizing it again. With the entry's lock held, the work folder
+    `.<fingerprint>.work` is this build's alone: what an interrupted build of the entry tokenized there is
+    resumed from, and the temporary files it was writing are removed; the folder goes once the entry is
+    complete, or when the input itself is at fault (DataError: a rerun of it cannot use the work)."""
     from ..run_folder import RunLock, describe_holder, remove_leftovers
 
     def waiting(holder: dict | None) -> None:
@@ -369,16 +406,43 @@ def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callabl
             return
         if lock.warning is not None:  # no flock there: another builder's folders look like leftovers
             logger.warning("data: %s", lock.warning.removeprefix("warning: "))
+            work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.scratch-", dir=cache_dir))  # private: no resume
         else:
             count, freed = remove_leftovers(cache_dir, (f".{fingerprint}.tmp-", f".{fingerprint}.scratch-"))
             if count:
                 logger.warning("data: removed %d folder(s) (%.1f MB) left in %s by interrupted preparations of this "
                                "data", count, freed / 1e6, cache_dir)
+            work = cache_dir / f".{fingerprint}.work"
+            _remove_partial_writes(work)
         if out_dir.exists():  # a stale or foreign entry under our key: replace it
             shutil.rmtree(out_dir, ignore_errors=True)
-        build()
+        try:
+            build(work)
+        except DataError:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        except BaseException:
+            if lock.warning is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            elif work.exists():
+                logger.warning("data: preparation stopped; what it tokenized so far stays in %s and the same command "
+                               "resumes from it (delete that folder to free its space instead)", work)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
     finally:
         lock.release()
+
+
+def _remove_partial_writes(work: Path) -> None:
+    """The files a killed build was writing in its work folder: datasets writes a map's output to a `tmp*`
+    file and a generated dataset to a `*.incomplete` folder, and renames them only when complete."""
+    if not work.is_dir():
+        return
+    for path in sorted(work.rglob("*"), reverse=True):  # deepest first
+        if path.name.endswith(".incomplete") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith("tmp") and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 _WAITS = 0  # prepare_data calls waited for so far: every rank makes them in the same order
@@ -429,10 +493,10 @@ def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cac
     error = None
     if builder and _valid(out_dir) is None:
         try:
-            _build_once(out_dir, fp, cache_dir, lambda: _build(
+            _build_once(out_dir, fp, cache_dir, lambda work: _build(
                 source, tokenizer, out_dir, fingerprint=fp, tokenizer_name=tokenizer_name, text_field=text_field,
                 val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed, num_proc=num_proc,
-                cache_dir=cache_dir, whole=whole))
+                cache_dir=cache_dir, work=work, whole=whole))
         except Exception as e:
             if not distributed:
                 raise

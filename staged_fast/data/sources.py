@@ -263,7 +263,7 @@ def load_texts(source: Source, *, text_field: str, hf_cache_dir: Path, scratch_d
         if not nonempty:
             continue
         try:
-            if builder == "text":  # read afresh into this build's scratch folder, which goes with the build
+            if builder == "text":  # into the build's work folder: a resumed build reads its pieces back
                 ds = datasets.Dataset.from_generator(
                     _text_rows, gen_kwargs={"files": nonempty, "holds": holds}, features=_text_piece_features(),
                     cache_dir=str(scratch_dir), fingerprint=f"staged_fast-text-pieces-{len(loaded)}")
