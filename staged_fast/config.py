@@ -35,10 +35,6 @@ class GPTConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}.")
-        if self.arch == "llama":
-            from .llama import check_llama_config
-
-            check_llama_config(self)
         self._check_gpt2_options()
         for name in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"):
             value = getattr(self, name)
@@ -51,6 +47,10 @@ class GPTConfig:
                 f"same head_dim. Pick an n_head that divides n_embd, e.g. one of {divisors} (the paper's "
                 f"presets use head_dim 96)."
             )
+        if self.arch == "llama":  # after the shared checks: its own (GQA, RoPE) divide by n_head and head_dim
+            from .llama import check_llama_config
+
+            check_llama_config(self)
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

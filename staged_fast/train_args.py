@@ -437,7 +437,8 @@ def validate(args) -> None:
     if getattr(args, "parallel", "ddp") == "fsdp" and args.fp16:
         raise UsageError("--parallel fsdp does not support --fp16 (a GradScaler over sharded gradients); use --bf16 "
                          "(bf16 compute, fp32 gradient reduce) or --parallel ddp.")
-    if args.seqlen > args.n_positions:
+    weights_from_model = not args.resume and not args.random and args.model not in ("gpt2", None)
+    if args.seqlen > args.n_positions and not weights_from_model:  # else the --model's own config decides
         raise ConfigError(
             f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: "
             + ("its RoPE tables are built that long" if llama_requested(args) else "learned positions stop there")
@@ -589,8 +590,9 @@ def _check_paths(args) -> None:
         raise UsageError(f"--model {model}: its config.json cannot be read ({e}).") from e
     n_positions = hf.get("n_positions", hf.get("n_ctx", hf.get("max_position_embeddings"))) if isinstance(hf, dict) else None
     if isinstance(n_positions, int) and args.seqlen > n_positions:
+        stops = "its RoPE tables stop" if hf.get("model_type") == "llama" else "its learned position table stops"
         raise ConfigError(f"--seqlen {args.seqlen} exceeds n_positions={n_positions} of the --model folder {model}: "
-                          f"its learned position table stops there. Pass --seqlen {n_positions} or less.")
+                          f"{stops} there. Pass --seqlen {n_positions} or less.")
 
 
 def restart_value(restart, counter: int, op: str) -> int | None:

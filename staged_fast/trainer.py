@@ -61,10 +61,9 @@ class Trainer:
             keep_freed_heap()  # reuse each step's freed buffers instead of page-faulting fresh ones (heap.py)
         ckpt = self._load_resume_checkpoint()
         self._check_run_dir(ckpt)
-        if ckpt is None and not args.random and args.model not in ("gpt2", None) and Path(args.model).is_dir():
-            from .hf import pretrained_config
-
-            pretrained_config(args.model)  # a folder we cannot compute exactly is refused before data preparation
+        # the config of the --model weights that initialize this run: it, not the flags, decides the shape checks
+        # below (vocab, context, head_dim); one we cannot compute exactly is refused before data preparation
+        self.pretrained = self._pretrained_config() if self._weights_from_model(ckpt) else None
         self._build_data()
         self.config = self._decide_config(ckpt)
         try:  # before the model is built: under auto, attention may run SDPA for this head_dim
@@ -169,10 +168,37 @@ class Trainer:
             rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
         )
 
+    def _weights_from_model(self, ckpt) -> bool:
+        return ckpt is None and not self.args.random and self.args.model not in ("gpt2", None)
+
+    def _pretrained_config(self) -> GPTConfig:
+        from .hf import pretrained_config
+
+        with self._reading_model():
+            return pretrained_config(self.args.model)
+
+    @contextlib.contextmanager
+    def _reading_model(self):
+        """--model's config or weights being read: an error of transformers or the hub becomes a UsageError."""
+        from .hf import HFImportError
+
+        try:
+            yield
+        except HFImportError:  # a model we cannot represent exactly: its own message (exit 2)
+            raise
+        except Exception as e:  # transformers/hub errors come in many types
+            raise UsageError(
+                f"--model {self.args.model}: could not load it as a Hugging Face GPT-2 or Llama model "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:300]}). Give a local folder (config.json + "
+                f"weights), a hub name with network access, or --random for a fresh model."
+            ) from e
+
     def _decide_config(self, ckpt) -> GPTConfig:
         a = self.args
         dropouts = dict(dropout=a.dropout, attn_dropout=a.dropout if a.attn_dropout is None else a.attn_dropout)
-        if ckpt is None:
+        if ckpt is None and self.pretrained is not None:
+            config = self.pretrained.replace(**dropouts)
+        elif ckpt is None:
             config = model_config(a, vocab_size=self.data.vocab_size)
         else:
             config = ckpt.config.replace(**dropouts)
@@ -201,19 +227,11 @@ class Trainer:
     def _build_model_and_optimizer(self, ckpt) -> None:
         a = self.args
         torch.manual_seed(a.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-        if ckpt is None and not a.random and a.model not in ("gpt2", None):
-            from .hf import HFImportError, load_pretrained
+        if self._weights_from_model(ckpt):
+            from .hf import load_pretrained
 
-            try:
+            with self._reading_model():
                 pretrained = load_pretrained(a.model)  # a HF GPT-2/Llama folder/name initializes the weights
-            except HFImportError:  # a model we cannot represent exactly: its own message (exit 2)
-                raise
-            except Exception as e:  # transformers/hub errors come in many types
-                raise UsageError(
-                    f"--model {a.model}: could not load it as a Hugging Face GPT-2 model ({type(e).__name__}: "
-                    f"{' '.join(str(e).split())[:300]}). Give a local GPT-2 folder (config.json + weights), a hub name "
-                    f"with network access, or --random for a fresh model."
-                ) from e
             self.config = pretrained.config.replace(dropout=self.config.dropout, attn_dropout=self.config.attn_dropout)
             model = GPT(self.config, kernels_backend=self.backend)
             model.load_state_dict(pretrained.state_dict())

@@ -48,3 +48,15 @@ def test_heads_must_divide_width():
 def test_roundtrip_dict():
     cfg = preset_config("tiny", dropout=0.0)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("shape,message", [
+    (dict(n_head=0, n_kv_head=2), "n_head must be a positive integer, got 0"),  # was a ZeroDivisionError
+    (dict(n_head=0), "n_head must be a positive integer, got 0"),  # was about n_kv_head, which nobody set
+    (dict(n_embd=64, n_head=3), "n_embd=64 is not divisible by n_head=3"),  # was "head_dim=21 is odd"
+    (dict(n_embd=48, n_head=3, n_kv_head=2), "not a multiple of n_kv_head=2"),
+    (dict(n_embd=36, n_head=4), "head_dim=9 is odd"),
+])
+def test_a_llama_shape_is_refused_for_what_is_wrong_with_it(shape, message):
+    with pytest.raises(ConfigError, match=message):
+        GPTConfig(**{"n_layer": 2, "n_embd": 64, "vocab_size": 50, "arch": "llama", **shape})

@@ -63,6 +63,23 @@ def test_llama_model_basics():
     assert growth_plan(preset_config("llama_large_div4_width"), preset_config("llama_large")) == ["width", "width"]
 
 
+@pytest.mark.parametrize("dst,why", [
+    (dict(n_kv_head=4), "doubling gives 2L/128d/4H/2KV/384F"),  # only n_kv_head off: it was planned as one width
+    (dict(intermediate_size=512), "doubling gives 2L/128d/4H/2KV/384F"),
+    (dict(arch="gpt2"), "growth keeps the architecture"),
+])
+def test_a_plan_is_refused_when_doubling_does_not_reach_the_target(dst, why):
+    from staged_fast.growth import GrowthError
+
+    src = GPTConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, intermediate_size=192, vocab_size=50, arch="llama")
+    target = dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=384, vocab_size=50, arch="llama")
+    assert growth_plan(src, GPTConfig(**target)) == ["width"]
+    if dst.get("arch") == "gpt2":
+        target = dict(n_layer=2, n_embd=128, n_head=4, vocab_size=50)
+    with pytest.raises(GrowthError, match=why):
+        growth_plan(src, GPTConfig(**{**target, **dst}))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("op", GROWTH_OPS[:1] + ("alternate_id", "append_id"))
 def test_function_preserving_fp64(shape, op):

@@ -222,6 +222,35 @@ def test_seqlen_beyond_the_model_folders_positions(tmp_path, data_cache, capsys)
     assert not run.exists()
 
 
+def _model_folder(path: Path, **shape) -> Path:
+    from staged_fast.config import GPTConfig
+    from staged_fast.hf import save_pretrained
+    from staged_fast.model import GPT
+
+    save_pretrained(GPT(GPTConfig(**{"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, **shape})), path)
+    return path
+
+
+def test_a_model_folders_own_shape_is_checked_not_the_flags(tmp_path, data_cache, capsys):
+    """--model's weights decide the shape: their vocab against the tokenizer's, their head_dim against the
+    kernels, before training (a vocab of 1000 under GPT-2's tokenizer was an IndexError at the first step, a
+    head_dim of 24 under --kernels triton a traceback at the first forward: the flags' GPT2_base was checked)."""
+    small_vocab = _model_folder(tmp_path / "vocab1000", arch="llama", vocab_size=1000)
+    _fails(capsys, train(tmp_path / "a", data_cache, "--train_steps", "2", "--model", str(small_vocab), "--seqlen", "16"),
+           "vocab_size 1000 is smaller than the tokenizer's 50257")
+    head_dim_24 = _model_folder(tmp_path / "hd24", arch="llama", n_embd=48)
+    _fails(capsys, train(tmp_path / "b", data_cache, "--train_steps", "2", "--model", str(head_dim_24), "--seqlen",
+                         "16", "--kernels", "triton"), "this model's is 24")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_model_folder_with_a_longer_context_than_the_flags_trains_at_its_length(tmp_path, data_cache):
+    """--seqlen is checked against the folder's context (1100 here), not --n_positions' default 1024."""
+    folder = _model_folder(tmp_path / "hf", n_positions=1100)
+    assert train(tmp_path / "run", data_cache, "--train_steps", "1", "--model", str(folder), "--seqlen", "1100",
+                 "--batch_size", "1", "--val_batches", "1") == 0
+
+
 def test_plan_whose_stages_are_not_doublings(tmp_path, data_cache, capsys):
     import json
 

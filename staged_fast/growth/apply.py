@@ -97,9 +97,19 @@ def growth_plan(src: GPTConfig, dst: GPTConfig, depth_mode: str = "alternate_id"
             f"cannot grow {src.shape_str()} into {dst.shape_str()}: vocab_size, n_positions and head_dim "
             f"({src.head_dim} vs {dst.head_dim}) must match; width growth doubles heads at fixed head_dim."
         )
+    if src.arch != dst.arch:
+        raise GrowthError(f"cannot grow {src.shape_str()} ({src.arch}) into {dst.shape_str()} ({dst.arch}): growth "
+                          f"keeps the architecture.")
     depth = doublings(src.n_layer, dst.n_layer, "n_layer")
     width = doublings(src.n_embd, dst.n_embd, "n_embd")
-    return [depth_mode] * depth + ["width"] * width
+    ops = [depth_mode] * depth + ["width"] * width
+    reached = src
+    for op in ops:
+        reached = grown_config(reached, op)
+    if not reached.same_shape(dst):  # llama: width also doubles n_kv_head and intermediate_size
+        raise GrowthError(f"cannot grow {src.shape_str()} into {dst.shape_str()}: doubling gives "
+                          f"{reached.shape_str()} (width growth doubles every width dimension together).")
+    return ops
 
 
 # ------------------------------------------------------------------------------ model plumbing
