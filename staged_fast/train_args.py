@@ -308,6 +308,9 @@ def parse_args(argv: list[str] | None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
+    # a resume restarts the step counter only for a --restart_steps typed on its command, not one a continued run
+    # takes from its checkpoint (that one is for the run's own growths; the first resume of a grown run had it)
+    args.restart_given = "restart_steps" in given
     taken, branched = continue_with_saved_flags(args, given)
     _check_plan_length(args, given)
     if taken and branched is None:

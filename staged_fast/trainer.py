@@ -337,12 +337,17 @@ class Trainer:
         # the trainer does not carry that key into later checkpoints, so its presence means "not trained since")
         just_grown = st.get("grown_at_iteration") == self.iteration or "grown_from" in st
         grown_op = st.get("grown_with_op") or st.get("grown_from", {}).get("op", "width")
-        if a.restart_steps is not None and not a.doubling and not (a.grow_at or a.schedule or a.grow_when):
+        typed = getattr(a, "restart_given", a.restart_steps is not None)  # parse_args sets it; a Namespace may not
+        if typed and a.restart_steps is not None and not a.doubling and not (a.grow_at or a.schedule or a.grow_when):
             if not just_grown:
                 raise UsageError(
                     "--restart_steps on a resume moves the step counter back; that is only meant for the first "
                     "resume of a freshly grown checkpoint, and this one was not just grown. Drop --restart_steps."
                 )
+            if st.get("grown_restarted"):  # train --doubling restarted it as it grew (then stopped before an update)
+                self.log(f"the growth at update {self.iteration} already restarted the step counter (now {self.step}); "
+                         f"--restart_steps is not applied again")
+                return
             r = restart_value(self.args.restart_steps, self.step, grown_op)
             self.step = r
             self.schedule.restart(r, a.restart_warmup_steps)
@@ -522,7 +527,7 @@ class Trainer:
         )
         self.growth_log.append(event)
         self.metrics.log(event)
-        self.grown_at_iteration, self.grown_with_op = self.iteration, op
+        self.grown_at_iteration, self.grown_with_op, self.grown_restarted = self.iteration, op, restart is not None
         self.growths.grown(self.config.n_params_non_embedding)
         self.log(
             f"grew {old_shape} -> {self.config.shape_str()} ({op}) at update {self.iteration}: "
@@ -567,7 +572,8 @@ class Trainer:
             world_size=self.dist.world_size, **self.growths.state_dict(),
         )
         if getattr(self, "grown_at_iteration", None) is not None:
-            state.update(grown_at_iteration=self.grown_at_iteration, grown_with_op=self.grown_with_op)
+            state.update(grown_at_iteration=self.grown_at_iteration, grown_with_op=self.grown_with_op,
+                         grown_restarted=self.grown_restarted)
         return state
 
     def save(self) -> Path | None:

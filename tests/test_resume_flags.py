@@ -178,3 +178,51 @@ def test_flags_that_do_nothing_are_warned_about(capsys):
     assert "--restart_warmup_steps 2 ramps the LR after a growth" in err
     assert "--decay_fraction 0.5 is the share of the run --lr_decay wsd decays over" in err
     assert "--width_noise 0.01 splits width growths, and this run's growths are append_id" in err
+
+
+def test_a_doubled_run_with_restart_steps_continues_and_restarts_once(tmp_path, data_cache, capsys, monkeypatch):
+    """`--resume latest --save_prefix DIR` continues a --doubling --restart_steps run, as its finish line says: the
+    flag it takes from the checkpoint restarts nothing (it was refused: 'Drop --restart_steps', which the command
+    did not give). Preempted as it grew, the resume does not restart the counter a second time (10 -> 6 -> 3)."""
+    import os
+    import shutil
+    import signal
+
+    import staged_fast.trainer as trainer_mod
+    from staged_fast.checkpoint import list_checkpoints, load_checkpoint
+
+    flags = ["--seqlen", "32", "--batch_size", "2", "--train_steps", "20", "--warmup_steps", "3", "--log_rate", "1",
+             "--val_every", "1000", "--val_batches", "2", "--no_progress", "--save_every", "1000", "--device", "cpu",
+             "--cache_dir", data_cache]
+    small, trained, preempted = tmp_path / "small", tmp_path / "trained", tmp_path / "preempted"
+    assert main([*flags, "--size", "tiny_div2_width", "--save_prefix", str(small), "--stop_at_step", "10"]) == 0
+    doubling = [*flags, "--resume", str(small), "--doubling", "weights", "--restart_steps", "auto"]
+    # --stop_at_step counts updates (iterations): 10 -> step 6 at the growth, then 2 updates
+    assert main([*doubling, "--save_prefix", str(trained), "--stop_at_step", "12"]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "latest", "--save_prefix", str(trained), "--no_progress", "--stop_at_step", "13"]) == 0
+    said = capsys.readouterr().out
+    assert "stopped (--stop_at_step 13) at step 9 of 20" in said, said[-1500:]
+
+    real_grow = trainer_mod.Trainer.grow
+
+    def grow_preempted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's signal arrives during the growth
+        return real_grow(self, *args, **kwargs)
+    monkeypatch.setattr(trainer_mod.Trainer, "grow", grow_preempted)
+    assert main([*doubling, "--save_prefix", str(preempted)]) == 0
+    monkeypatch.setattr(trainer_mod.Trainer, "grow", real_grow)
+    assert load_checkpoint(list_checkpoints(preempted)[-1]).trainer_state["step"] == 6
+    typed = tmp_path / "typed"
+    shutil.copytree(preempted, typed)
+    assert main(["--resume", "latest", "--save_prefix", str(preempted), "--no_progress", "--stop_at_step", "11"]) == 0
+    assert load_checkpoint(list_checkpoints(preempted)[-1]).trainer_state["step"] == 7
+    capsys.readouterr()  # the flag typed on that resume: not applied a second time either, and said so
+    assert main(["--resume", "latest", "--save_prefix", str(typed), "--no_progress", "--stop_at_step", "11",
+                 "--restart_steps", "auto"]) == 0
+    assert "already restarted the step counter (now 6)" in capsys.readouterr().out
+    assert load_checkpoint(list_checkpoints(typed)[-1]).trainer_state["step"] == 7
+    capsys.readouterr()  # typed on a resume after updates since the growth: refused, as before
+    assert main(["--resume", "latest", "--save_prefix", str(preempted), "--no_progress", "--stop_at_step", "12",
+                 "--restart_steps", "auto"]) == 2
+    assert "was not just grown" in capsys.readouterr().err
