@@ -23,6 +23,7 @@ asked not to (an fsdp run loads its own shards).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -168,7 +169,9 @@ def commit(tmp: Path, final: Path, keep_last: int | None = None, before_commit=N
     save_dir = final.parent
     if before_commit is not None:  # test hook: simulate a crash before the rename
         before_commit(tmp)
-    if final.exists():  # re-saving the same step: move the old one aside first, then swap
+    if final.exists() and _exchange(tmp, final):  # re-saving the same step: one atomic swap, then `tmp` is the old
+        shutil.rmtree(tmp)
+    elif final.exists():  # no swap here: the old one aside first (restore_moved_aside puts it back if killed)
         old = save_dir / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
@@ -181,12 +184,50 @@ def commit(tmp: Path, final: Path, keep_last: int | None = None, before_commit=N
     return final
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the C library or
+    the filesystem lacks it (the caller then renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def restore_moved_aside(save_dir: str | os.PathLike) -> list[str]:
+    """Re-saving a step moves the old checkpoint aside (`.tmp-old-<name>-<pid>`) before the new one is renamed in:
+    killed between the two renames, that step was listed nowhere, and the leftover clean-up deleted the run's last
+    checkpoint (the next start began afresh). The old copy is complete: it goes back under its name. Called by the
+    folder's owner before it removes leftovers; returns the names restored."""
+    save_dir = Path(save_dir)
+    restored = []
+    for old in sorted(save_dir.glob(f"{_TMP_PREFIX}old-*")):
+        m = re.fullmatch(rf"{re.escape(_TMP_PREFIX)}old-(.+)-\d+", old.name)
+        if m and old.is_dir() and not (save_dir / m[1]).exists():
+            old.rename(save_dir / m[1])
+            restored.append(m[1])
+    if restored:
+        _fsync_dir(save_dir)
+    return restored
+
+
 def prune(save_dir: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints: each is first renamed out of the listing (one
-    atomic rename), then deleted, so a kill mid-delete leaves a `.tmp-` folder, never a listed half-checkpoint."""
+    """Delete all but the newest `keep_last` checkpoints (remove_checkpoints)."""
+    remove_checkpoints(save_dir, list_checkpoints(save_dir)[:-keep_last])
+
+
+def remove_checkpoints(save_dir: str | os.PathLike, checkpoints: list[Path]) -> None:
+    """Delete these checkpoints of `save_dir`: each is first renamed out of the listing (one atomic rename), then
+    deleted, so a kill mid-delete leaves a `.tmp-` folder, never a listed half-checkpoint."""
     save_dir = Path(save_dir)
     doomed = []
-    for old in list_checkpoints(save_dir)[:-keep_last]:
+    for old in checkpoints:
         trash = save_dir / f"{_TMP_PREFIX}del-{old.name}-{os.getpid()}"
         old.rename(trash)
         doomed.append(trash)

@@ -89,14 +89,16 @@ class MetricsLogger:
 
     `keep_until`: the update (iteration) the run starts from. Records logged after it by an earlier attempt
     that was killed before its next checkpoint, and a line torn by the kill, are dropped first, so the log
-    holds one line per update; 0 starts a fresh log. None leaves the file as it is."""
+    holds one line per update; 0 starts a fresh log. None leaves the file as it is. `pending`: that update's
+    checkpoint was saved with its validation cut short, so its validation and growth records came after it."""
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool = False, keep_until: int | None = None):
+    def __init__(self, run_dir: Path | None, tensorboard: bool = False, keep_until: int | None = None,
+                 pending: bool = False):
         self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
         self.writer = None
         self.dropped = 0
         if self.path is not None and keep_until is not None:
-            self.dropped = truncate_metrics(self.path, keep_until)
+            self.dropped = truncate_metrics(self.path, keep_until, pending)
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -120,9 +122,11 @@ class MetricsLogger:
             self.writer.close()
 
 
-def truncate_metrics(path: str | Path, iteration: int) -> int:
+def truncate_metrics(path: str | Path, iteration: int, pending: bool = False) -> int:
     """Cut a metrics.jsonl back to the records of updates 1..`iteration` (and anything logged before the first
-    later record); a torn or unreadable line ends the kept part. Rewritten atomically; returns the lines dropped."""
+    later record), with `pending` also before update `iteration`'s validation or growth record (logged after a
+    checkpoint whose validation was cut short); a torn or unreadable line ends the kept part. Rewritten
+    atomically; returns the lines dropped."""
     import os
 
     path = Path(path)
@@ -136,7 +140,10 @@ def truncate_metrics(path: str | Path, iteration: int) -> int:
                 record = json.loads(line)
             except ValueError:
                 break
-            if not line.endswith("\n") or (isinstance(record, dict) and record.get("iteration", 0) > iteration):
+            if not line.endswith("\n"):
+                break
+            at = record.get("iteration", 0) if isinstance(record, dict) else 0
+            if at > iteration or (pending and at == iteration and record.get("event") in ("validation", "growth")):
                 break
             keep.append(line)
     if len(keep) == len(lines):

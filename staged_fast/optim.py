@@ -24,11 +24,17 @@ def names_in_optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Opti
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
+# AdamW's hyperparameters a resumed run takes from its command, not its checkpoint: a continued run's command
+# fills the flags it leaves out from the checkpoint, so they agree unless the command changes them (it used to be
+# ignored: --adam_beta2 0.95 on a resume trained on with 0.98 while the next checkpoint recorded 0.95).
+COMMAND_DECIDES = ("weight_decay", "betas", "eps")
+
+
 def state_in_layout(optimizer: torch.optim.Optimizer, model: torch.nn.Module, saved: dict,
                     saved_names: list[str]) -> dict:
     """A saved optimizer.state_dict() (integer ids over `saved_names`) rearranged by parameter name into
     `optimizer`'s groups, ready for its load_state_dict. Each group keeps the saved hyperparameters of its first
-    parameter's saved group, except weight_decay, which the grouping (the command line) decides."""
+    parameter's saved group, except COMMAND_DECIDES, which the command line (the grouping, the flags) decides."""
     names = names_in_optimizer_order(model, optimizer)
     if sorted(names) != sorted(saved_names):
         raise ValueError(f"the saved optimizer state covers other parameters than this model's (differing: "
@@ -44,6 +50,6 @@ def state_in_layout(optimizer: torch.optim.Optimizer, model: torch.nn.Module, sa
                 state[i] = by_name[names[i]]
         source = group_of[names[ids[0]]] if ids else {k: v for k, v in group.items() if k != "params"}
         hyper = {k: v for k, v in source.items() if k != "params"}
-        groups.append(dict(hyper, params=ids, weight_decay=group["weight_decay"]))
+        groups.append(dict(hyper, params=ids, **{k: group[k] for k in COMMAND_DECIDES}))
     return {"state": state, "param_groups": groups}
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from . import distributed as D  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
+from .checkpoint import CheckpointError, restore_moved_aside  # noqa: E402
 from .config import ConfigError  # noqa: E402
 from .run_folder import RunFolderError, RunLock, remove_leftovers  # noqa: E402
 from .train_args import FLAGS_REPORTED_ENV, UsageError, demo_argv, parse_args  # noqa: E402
@@ -136,6 +136,8 @@ def _own_run_folder(run_dir: Path, dist, log) -> RunLock | None:
             lock = RunLock(run_dir).acquire()
             if lock.warning:
                 print(lock.warning, file=sys.stderr)
+            for name in restore_moved_aside(run_dir):
+                log(f"restored checkpoint {name} of {run_dir}: an interrupted re-save had moved it aside")
             count, freed = remove_leftovers(run_dir)
             if count:
                 log(f"removed {count} leftover temporary folder(s) of interrupted checkpoint writes "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from .metrics import MetricsLogger, RateWindow, device_peak_flops, flops_per_tok
 from .profiling import UpdateProfiler, parse_window
 from .run_summary import describe_run
 from .model import GPT
-from .optim import decay_groups, names_in_optimizer_order, state_in_layout
+from .optim import COMMAND_DECIDES, decay_groups, names_in_optimizer_order, state_in_layout
 from .schedule.growth_schedule import GrowthSchedule, load_plan
 from .train_args import UsageError, model_config, peak_lr, restart_value
 
@@ -90,7 +89,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.trainer_state["scaler"])
         self.peak_flops = device_peak_flops(self.device)
         self.metrics = MetricsLogger(self.run_dir if dist.is_main else None, tensorboard=args.tensorboard,
-                                     keep_until=self.metrics_keep_until)
+                                     keep_until=self.metrics_keep_until, pending=self.metrics_pending)
         if self.metrics.dropped:
             self.log(f"metrics.jsonl: dropped {self.metrics.dropped} line(s) logged after update "
                      f"{self.metrics_keep_until} by the interrupted run")
@@ -125,6 +124,7 @@ class Trainer:
         """Refuse to write into a folder that holds another run (nothing gets overwritten). A folder with no
         complete checkpoint holds at most the leftovers of a start that was killed: it is started afresh."""
         self.metrics_keep_until = 0  # a fresh metrics.jsonl, unless this run continues one of the folder's checkpoints
+        self.metrics_pending = False
         if not list_checkpoints(self.run_dir):
             if (self.run_dir / "metrics.jsonl").exists():
                 self.log(f"note: {self.run_dir} holds no complete checkpoint, only what an interrupted start left; "
@@ -132,12 +132,17 @@ class Trainer:
             return
         continuing = ckpt is not None and Path(self.resume_path).resolve().parent == self.run_dir.resolve()
         if continuing:  # records an earlier attempt logged after this checkpoint are dropped (one line per update)
+            self._drop_newer_checkpoints()
             self.metrics_keep_until = int(ckpt.trainer_state.get("iteration", 0))
+            self.metrics_pending = bool(ckpt.trainer_state.get("validation_pending", False))
+            if not self.metrics_pending:  # this state is saved: a requeue of a finished run writes nothing again
+                self.last_saved_iteration, self.last_saved_path = self.metrics_keep_until, Path(self.resume_path)
             return
         if self.args.overwrite:
-            if self.dist.is_main:
-                for p in list_checkpoints(self.run_dir):
-                    shutil.rmtree(p)
+            if self.dist.is_main:  # out of the listing first: a kill mid-delete leaves no listed half-checkpoint
+                from .checkpoint import remove_checkpoints
+
+                remove_checkpoints(self.run_dir, list_checkpoints(self.run_dir))
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             D.barrier(self.dist)
             return
@@ -145,6 +150,30 @@ class Trainer:
             f"--save_prefix {self.run_dir} already holds another run (checkpoints or metrics.jsonl). "
             f"Continue it with --resume latest, choose another --save_prefix, or pass --overwrite to replace it."
         )
+
+    def _drop_newer_checkpoints(self) -> None:
+        """Continuing an older checkpoint of this folder: the ones after it belong to the history it replaces. Left
+        listed, `--resume latest` would later take them, next to this run's metrics. Refused without --overwrite;
+        with it they are renamed out of the listing, then deleted (prune's order: a kill leaves `.tmp-` folders)."""
+        from .checkpoint import remove_checkpoints
+
+        checkpoints = list_checkpoints(self.run_dir)
+        listed = [p.resolve() for p in checkpoints]
+        resumed = Path(self.resume_path).resolve()
+        newer = checkpoints[listed.index(resumed) + 1:] if resumed in listed else []
+        if not newer:
+            return
+        if not self.args.overwrite:
+            raise UsageError(
+                f"--resume {self.resume_path} is an older checkpoint of {self.run_dir}, which also holds "
+                f"{', '.join(p.name for p in newer)}: continuing it here would leave those listed beside its new "
+                f"ones (a later --resume latest takes them). Continue the newest with --resume latest, branch into "
+                f"another --save_prefix, or pass --overwrite to delete the checkpoints after it.")
+        if self.dist.is_main:
+            self.log(f"--overwrite: deleting {', '.join(p.name for p in newer)} of {self.run_dir}, after the resumed "
+                     f"checkpoint")
+            remove_checkpoints(self.run_dir, newer)
+        D.barrier(self.dist)
 
     def _build_data(self) -> None:
         from .data import TokenSampler, prepare_data, val_batches
@@ -248,14 +277,15 @@ class Trainer:
         if ckpt is not None and ckpt.model_state is None:  # sharded checkpoint, sharded run: any rank count
             from .sharded import load_sharded
 
-            decays = [g["weight_decay"] for g in self.optimizer.param_groups]  # the grouping (command line) decides
+            asked = [{k: g[k] for k in COMMAND_DECIDES} for g in self.optimizer.param_groups]
             try:
                 saved_groups = load_sharded(ckpt.path, self.model, self.optimizer)
             except Exception as e:  # DCP reports missing keys / shape mismatches in many types
                 raise CheckpointError(f"the sharded checkpoint {self.resume_path} cannot be loaded into this model "
                                       f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
-            for group, decay in zip(self.optimizer.param_groups, decays):  # DCP loads the saved hyperparameters
-                group["weight_decay"] = decay
+            self._note_changed_hyperparameters(self.optimizer.param_groups[0], asked[0])
+            for group, hyper in zip(self.optimizer.param_groups, asked):  # DCP loads the saved hyperparameters
+                group.update(hyper)
             self._note_one_group(saved_groups)
         elif ckpt is not None:
             if ckpt.optimizer_state is None:
@@ -267,6 +297,7 @@ class Trainer:
                     raise CheckpointError(f"the optimizer state in {self.resume_path} belongs to different parameters "
                                           f"than this model; it cannot be resumed as is ({e}).") from None
                 self._note_one_group(len(ckpt.optimizer_state["param_groups"]))
+                self._note_changed_hyperparameters(ckpt.optimizer_state["param_groups"][0], self.optimizer.param_groups[0])
                 if self.fsdp:  # a full checkpoint (DDP / one process): each rank keeps its slice
                     from .sharded import load_full
 
@@ -274,6 +305,14 @@ class Trainer:
                 else:
                     self.optimizer.load_state_dict(state)
         self.ddp_model = self._training_model()
+
+    def _note_changed_hyperparameters(self, saved: dict, asked: dict) -> None:
+        def shown(value):
+            return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else float(value)
+        changed = [f"{k} {shown(saved[k])} -> {shown(asked[k])}" for k in ("betas", "eps")
+                   if k in saved and shown(saved[k]) != shown(asked[k])]
+        if changed:
+            self.log(f"note: AdamW {', '.join(changed)} from this command (the checkpoint's moments carry on)")
 
     def _note_one_group(self, saved_groups: int) -> None:
         if saved_groups == 1 and self.args.weight_decay > 0:
@@ -349,6 +388,7 @@ class Trainer:
                          f"--restart_steps is not applied again")
                 return
             r = restart_value(self.args.restart_steps, self.step, grown_op)
+            self.last_saved_iteration = None  # the same update, another state: saved again at the end
             self.step = r
             self.schedule.restart(r, a.restart_warmup_steps)
             for state in self.optimizer.state.values():  # Adam's bias correction follows the counter, as in-memory
@@ -528,6 +568,7 @@ class Trainer:
         self.growth_log.append(event)
         self.metrics.log(event)
         self.grown_at_iteration, self.grown_with_op, self.grown_restarted = self.iteration, op, restart is not None
+        self.last_saved_iteration = None  # a checkpoint of this update holds the small model
         self.growths.grown(self.config.n_params_non_embedding)
         self.log(
             f"grew {old_shape} -> {self.config.shape_str()} ({op}) at update {self.iteration}: "
@@ -670,7 +711,9 @@ def run(trainer: Trainer, *, progress: bool = True) -> dict:
         bar.close()
         trainer.log(f"stop requested (SIGTERM) before the first update at step {trainer.step}: leaving without "
                     f"training")
-        return dict(checkpoint=None, growths=trainer.growth_log, stopped="SIGTERM")
+        # the cut-short validation done (and its growth): saved, or the next start would do and log them again
+        saved = trainer.save() if pending and finished else trainer.last_saved_path
+        return dict(checkpoint=str(saved) if saved else None, growths=trainer.growth_log, stopped="SIGTERM")
     stop, stopped, vote = False, None, D.StopVote(trainer.dist)
     profiler = UpdateProfiler(parse_window(a.profile) if a.profile else None, trainer.run_dir,
                               rank=trainer.dist.rank, device=trainer.device, log=trainer.log)

@@ -68,6 +68,37 @@ def test_crash_while_resaving_same_step_keeps_old(tmp_path):
     load_checkpoint(tmp_path / "step_00000003")
 
 
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_resaving_a_step_replaces_it_whole(tmp_path, monkeypatch, swap):
+    """A re-save swaps the new folder in: by one atomic exchange (Linux renameat2), or where the filesystem lacks
+    it by moving the old one aside first; either way the step holds the new state and nothing is left over."""
+    import staged_fast.checkpoint as checkpoint_mod
+
+    if swap == "two renames":
+        monkeypatch.setattr(checkpoint_mod, "_exchange", lambda a, b: False)
+    cfg, model, opt = _setup()
+    save_checkpoint(tmp_path, step=3, model=model, config=cfg, trainer_state={"attempt": 1})
+    save_checkpoint(tmp_path, step=3, model=model, config=cfg, trainer_state={"attempt": 2})
+    assert load_checkpoint(tmp_path / "step_00000003").trainer_state == {"attempt": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+
+
+def test_a_step_moved_aside_by_a_killed_resave_is_restored(tmp_path):
+    """Killed between the two renames (no exchange), the step was listed nowhere and the leftover clean-up
+    deleted the run's last checkpoint: the folder's owner puts the complete old copy back first."""
+    from staged_fast.checkpoint import restore_moved_aside
+
+    cfg, model, opt = _setup()
+    save_checkpoint(tmp_path, step=2, model=model, config=cfg)
+    save_checkpoint(tmp_path, step=3, model=model, config=cfg, trainer_state={"attempt": 1})
+    (tmp_path / "step_00000003").rename(tmp_path / ".tmp-old-step_00000003-4242")
+    (tmp_path / ".tmp-old-step_00000002-17").mkdir()  # its step is listed: a swap that completed, left to delete
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert restore_moved_aside(tmp_path) == ["step_00000003"]
+    assert load_checkpoint(resolve_checkpoint("latest", tmp_path)).trainer_state == {"attempt": 1}
+    assert (tmp_path / ".tmp-old-step_00000002-17").exists()
+
+
 def test_truncated_file_is_reported(tmp_path):
     cfg, model, opt = _setup()
     path = save_checkpoint(tmp_path, step=1, model=model, config=cfg, optimizer=opt)

@@ -55,10 +55,10 @@ def test_state_in_layout_moves_a_one_group_state_by_name():
         p.grad = torch.randn_like(p)
     old.step()
     saved, saved_names = old.state_dict(), [n for n, _ in model.named_parameters()]
-    new = torch.optim.AdamW(decay_groups(model, 0.1), lr=0.1)
+    new = torch.optim.AdamW(decay_groups(model, 0.1), lr=0.1, betas=(0.85, 0.95), eps=1e-7, amsgrad=False)
     new.load_state_dict(state_in_layout(new, model, saved, saved_names))
-    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]
-    assert all(g["betas"] == (0.8, 0.9) for g in new.param_groups)  # the saved hyperparameters, but the decay
+    assert [g["weight_decay"] for g in new.param_groups] == [0.1, 0.0]  # the command's (COMMAND_DECIDES)
+    assert all(g["betas"] == (0.85, 0.95) and g["eps"] == 1e-7 for g in new.param_groups)
     for p in model.parameters():
         assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
         assert torch.equal(new.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
@@ -94,6 +94,20 @@ def test_a_checkpoint_whose_adamw_decayed_every_parameter_resumes_by_name(tmp_pa
         assert dims == ({2} if g["weight_decay"] else {1}), dims
     assert sorted(names) == sorted(saved.param_names)
     assert final.optimizer_state["state"][names.index(names[0])]["step"].item() == 4
+
+
+def test_adamw_flags_changed_on_a_resume_apply_and_are_said(tmp_path, data_cache, capsys):
+    """--adam_beta2 / --adam_eps on a resume were recorded in the run's args but AdamW went on with the
+    checkpoint's; the command's values now apply, with a note."""
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "4", "--stop_at_step", "2") == 0
+    capsys.readouterr()
+    assert train(run, data_cache, "--train_steps", "4", "--resume", "latest", "--adam_beta2", "0.95",
+                 "--adam_eps", "1e-8") == 0
+    assert "note: AdamW betas (0.9, 0.98) -> (0.9, 0.95), eps 1e-06 -> 1e-08 from this command" in capsys.readouterr().out
+    final = load_checkpoint(list_checkpoints(run)[-1])
+    assert all(tuple(g["betas"]) == (0.9, 0.95) and g["eps"] == 1e-8 for g in final.optimizer_state["param_groups"])
+    assert final.trainer_state["args"]["adam_beta2"] == 0.95
 
 
 def test_names_follow_the_optimizer_order():

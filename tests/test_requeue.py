@@ -1,0 +1,104 @@
+"""What a requeue finds in its run folder: a finished run, an older checkpoint resumed in place, a step a killed
+re-save had moved aside, a validation cut short at a growth. Each ends in a clean continuation or a refusal."""
+import os
+import signal
+
+from staged_fast.checkpoint import list_checkpoints, load_checkpoint
+from staged_fast.metrics import read_metrics
+from staged_fast.train import main
+from train_utils import losses, train
+
+
+def test_the_requeue_of_a_finished_run_writes_nothing(tmp_path, data_cache, capsys):
+    """It used to save its last step again: a kill between that re-save's two renames lost the run."""
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "3", "--resume", "latest") == 0
+    (final,) = list_checkpoints(run)
+    inode, metrics = final.stat().st_ino, (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train(run, data_cache, "--train_steps", "3", "--resume", "latest") == 0
+    assert f"done: step 3, 768 tokens, checkpoint {final}" in capsys.readouterr().out
+    assert [p.stat().st_ino for p in list_checkpoints(run)] == [inode]
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_an_older_checkpoint_of_the_folder_is_continued_only_with_overwrite(tmp_path, data_cache, capsys):
+    """Continued in place, it left the newer checkpoints listed: a later --resume latest took them, beside the
+    new run's metrics. Refused; --overwrite deletes the newer ones, and the run goes on from the older."""
+    run = tmp_path / "run"
+    flags = ["--train_steps", "6", "--save_every", "2"]
+    assert train(run, data_cache, *flags) == 0
+    older = run / "step_00000002"
+    capsys.readouterr()
+    assert train(run, data_cache, *flags, "--resume", str(older)) == 2
+    err = capsys.readouterr().err
+    assert "is an older checkpoint of" in err and "step_00000004, step_00000006" in err and "--overwrite" in err
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert train(run, data_cache, *flags, "--resume", str(older), "--overwrite", "--stop_at_step", "3") == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000003"]
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_step_a_killed_resave_moved_aside_is_restored_and_continued(tmp_path, data_cache, capsys):
+    """Where a re-save cannot swap atomically it moves the old step aside first; killed right then, the leftover
+    clean-up deleted the run's last checkpoint and the same command started afresh from step 0."""
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "4", "--stop_at_step", "2") == 0
+    (step,) = list_checkpoints(run)
+    step.rename(run / f".tmp-old-{step.name}-4242")  # what the kill left: the old copy aside, the new one unnamed
+    (run / ".tmp-step_00000002-4242").mkdir()
+    capsys.readouterr()
+    assert train(run, data_cache, "--train_steps", "4", "--resume", "latest") == 0
+    out = capsys.readouterr().out
+    assert "restored checkpoint step_00000002" in out and f"resuming from {step}" in out, out[-2000:]
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_validation_cut_short_at_a_growth_is_logged_once_across_preempted_resumes(tmp_path, data_cache,
+                                                                                    monkeypatch, capsys):
+    """SIGTERM inside the validation of the growth's update, then again while the resumed run grows: the
+    validation and the growth are done (and logged) once, and saved before the run leaves, not redone and logged
+    again by the next start; the losses are the uninterrupted run's."""
+    import staged_fast.data as data_module
+    import staged_fast.trainer as trainer_module
+
+    flags = ["--size", "tiny_div2_width", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
+             "--warmup_steps", "1", "--log_rate", "1", "--val_every", "2", "--val_batches", "3", "--save_every",
+             "100", "--no_progress", "--cache_dir", data_cache, "--device", "cpu", "--resume", "latest",
+             "--grow_at", "4", "--grow_ops", "width"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*flags, "--save_prefix", str(straight)]) == 0
+    real_val_batches, calls = data_module.val_batches, []
+
+    def preempted_in_the_second_validation(*args, **kwargs):
+        calls.append(1) if kwargs["num_batches"] == 3 else None
+        for i, batch in enumerate(real_val_batches(*args, **kwargs)):
+            if len(calls) == 2 and i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+    monkeypatch.setattr(data_module, "val_batches", preempted_in_the_second_validation)
+    assert main([*flags, "--save_prefix", str(split)]) == 0
+    monkeypatch.setattr(data_module, "val_batches", real_val_batches)
+    assert load_checkpoint(list_checkpoints(split)[-1]).trainer_state["validation_pending"]
+
+    real_grow = trainer_module.Trainer.grow
+
+    def grow_preempted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_grow(self, *args, **kwargs)
+    monkeypatch.setattr(trainer_module.Trainer, "grow", grow_preempted)
+    capsys.readouterr()
+    assert main([*flags, "--save_prefix", str(split)]) == 0
+    assert "the same command continues" in capsys.readouterr().out
+    state = load_checkpoint(list_checkpoints(split)[-1]).trainer_state
+    assert not state["validation_pending"] and [g["op"] for g in state["growth_log"]] == ["width"]
+    monkeypatch.setattr(trainer_module.Trainer, "grow", real_grow)
+    assert main([*flags, "--save_prefix", str(split)]) == 0
+
+    def events(run):
+        return [(r["event"], r["iteration"]) for r in read_metrics(run / "metrics.jsonl") if "event" in r]
+    assert events(straight) == [("growth", 4)]
+    assert events(split) == [("validation", 4), ("growth", 4)]  # the resumed validation has its own record
+    assert losses(split) == losses(straight)
