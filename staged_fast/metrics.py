@@ -102,7 +102,10 @@ class MetricsLogger:
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # x axis: the update (iteration), which only grows (the step counter moves back at a growth with
+            # --restart_steps); purge_step hides what an earlier attempt logged after the update resumed from
+            purge = None if keep_until is None else keep_until + 1
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         if self.path is None:
@@ -112,10 +115,10 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a torn line is dropped by the next run's truncate_metrics
             raise _write_failed(self.path, e) from e
-        if self.writer is not None and "step" in record:
+        if self.writer is not None and "iteration" in record:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
+                    self.writer.add_scalar(key, value, record["iteration"])
 
     def close(self) -> None:
         if self.writer is not None:

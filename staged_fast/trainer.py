@@ -383,7 +383,9 @@ class Trainer:
                     "--restart_steps on a resume moves the step counter back; that is only meant for the first "
                     "resume of a freshly grown checkpoint, and this one was not just grown. Drop --restart_steps."
                 )
-            if st.get("grown_restarted"):  # train --doubling restarted it as it grew (then stopped before an update)
+            # train --doubling restarted it as it grew, then stopped before an update (an offline growth since, by
+            # `grow`, restarted nothing: the flag of an earlier in-run growth is not about it)
+            if st.get("grown_restarted") and st.get("grown_at_iteration") == self.iteration and "grown_from" not in st:
                 self.log(f"the growth at update {self.iteration} already restarted the step counter (now {self.step}); "
                          f"--restart_steps is not applied again")
                 return
