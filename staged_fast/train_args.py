@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     g.add_argument("--gpu_count", type=int, default=None, help="seed flag: processes to launch (-1 = all GPUs); "
                    "without torchrun, >1 re-launches itself with torch.distributed.run")
-    g.add_argument("--stop_at_step", type=int, default=None, help="save and exit at this step (resume later)")
+    g.add_argument("--stop_at_step", type=int, default=None,
+                   help="save and exit after this update (the run's updates, which a growth with --restart_steps "
+                   "does not move back, unlike the step counter); resume later")
     g.add_argument("--overwrite", action="store_true", help="allow a --save_prefix that already holds another run")
     g.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"), help="data parallelism under torchrun: "
                    "ddp (a full copy of weights and AdamW state per process) or fsdp (FSDP2 fully_shard per block "
