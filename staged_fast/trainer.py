@@ -194,7 +194,7 @@ class Trainer:
                          rank=self.dist.rank, world_size=self.dist.world_size))
         self.sampler = TokenSampler(
             self.data.train, seqlen=a.seqlen, batch_size=a.batch_size,
-            rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed, data_digest=self.data.train_digest,
         )
 
     def _weights_from_model(self, ckpt) -> bool:

@@ -1,4 +1,5 @@
 """Data pipeline: inputs -> packed token streams, cache, split, sampler order/sharding/resume, errors."""
+import hashlib
 import json
 import os
 
@@ -455,6 +456,25 @@ def test_sampler_errors():
         TokenSampler(np.zeros(50, np.uint16), seqlen=63, batch_size=1)
     with pytest.raises(DataError, match="rank"):
         TokenSampler(TOK, seqlen=10, batch_size=1, rank=2, world_size=2)
+
+
+def test_a_resume_on_other_tokens_with_as_many_samples_is_refused(tok, tmp_path):
+    """The sampler compared only its layout: a checkpoint resumed on other tokens with as many samples (data
+    rewritten, another tokenizer of the same size) went on over different text. The cache keeps a digest of
+    train.bin, the same for the same build anywhere, and the sampler compares it when both sides have one."""
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Record {i}: barges carry coal and salt downriver."}) + "\n"
+                            for i in range(60)))
+    one = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=tmp_path / "one", val_fraction=0.1)
+    two = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=tmp_path / "two", val_fraction=0.1)
+    assert one.train_digest == two.train_digest == hashlib.blake2b(np.asarray(one.train).tobytes(),
+                                                                      digest_size=16).hexdigest()
+    saved = TokenSampler(TOK, seqlen=10, batch_size=4, seed=0, data_digest="0" * 32)
+    saved.next_batch()
+    with pytest.raises(DataError, match="other training tokens.*--reset_data_order"):
+        TokenSampler(TOK, seqlen=10, batch_size=4, seed=0, data_digest="1" * 32).load_state_dict(saved.state_dict())
+    for digest in ("0" * 32, None):  # the same tokens, or a cache entry written before digests: resumed
+        TokenSampler(TOK, seqlen=10, batch_size=4, seed=0, data_digest=digest).load_state_dict(saved.state_dict())
 
 
 def test_val_batches():

@@ -59,8 +59,9 @@ class TokenSampler:
     """Shuffled, rank-sharded, resumable micro-batches over a packed token array (see module docstring)."""
 
     def __init__(self, tokens: np.ndarray, *, seqlen: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, data_digest: str | None = None):
         self.n_windows = _check_layout(tokens, seqlen, batch_size, rank, world_size, "training")
+        self.data_digest = data_digest  # of the tokens (PreparedData.train_digest): a resume on others is refused
         self.tokens, self.seqlen, self.batch_size = tokens, seqlen, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start = 0   # global sample index where this layout's micro-batch 0 begins (set by resume)
@@ -104,7 +105,8 @@ class TokenSampler:
         """Identical on every rank (rank-free), so saving rank 0's copy is enough."""
         return {"version": STATE_VERSION, "consumed_samples": self.consumed_samples,
                 "micro_batches": self.k, "seed": self.seed, "seqlen": self.seqlen,
-                "batch_size": self.batch_size, "world_size": self.world_size, "n_windows": self.n_windows}
+                "batch_size": self.batch_size, "world_size": self.world_size, "n_windows": self.n_windows,
+                "data_digest": self.data_digest}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "seqlen", "n_windows"):
@@ -114,6 +116,13 @@ class TokenSampler:
                     f"{key}={getattr(self, key)}. Fix: resume with the same --seed, --seqlen and data as the "
                     "checkpoint (leave them out to take the checkpoint's), or add --reset_data_order to start a "
                     "new data order.")
+        saved = state.get("data_digest")
+        if saved is not None and self.data_digest is not None and saved != self.data_digest:
+            raise DataError(
+                f"Cannot resume the data order: the checkpoint's sampler read other training tokens (digest "
+                f"{saved}) than this run's data gives ({self.data_digest}), with as many samples, so the order "
+                "would go on over different text. Fix: resume with the data and tokenizer the checkpoint was "
+                "trained on, or add --reset_data_order to start a new data order on this data.")
         # Same layout: start + k*W*B == old consumed count, so this continues bit for bit. New world_size or
         # batch_size: the new micro-batch 0 begins at the first sample no rank has seen.
         self.start, self.k = int(state["consumed_samples"]), 0
