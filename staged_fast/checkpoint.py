@@ -185,19 +185,16 @@ def commit(tmp: Path, final: Path, keep_last: int | None = None, before_commit=N
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the C library or
-    the filesystem lacks it (the caller then renames twice)."""
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where it did not happen
+    (the caller then renames twice)."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # not Linux, or a C library older than glibc 2.28
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+    # any failure (EINVAL: the filesystem lacks it, EPERM: a seccomp profile blocks it, ...) leaves both paths
+    # as they were: the caller's two renames then work, or raise the real error
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def restore_moved_aside(save_dir: str | os.PathLike) -> list[str]:

@@ -89,16 +89,20 @@ class MetricsLogger:
 
     `keep_until`: the update (iteration) the run starts from. Records logged after it by an earlier attempt
     that was killed before its next checkpoint, and a line torn by the kill, are dropped first, so the log
-    holds one line per update; 0 starts a fresh log. None leaves the file as it is. `pending`: that update's
-    checkpoint was saved with its validation cut short, so its validation and growth records came after it."""
+    holds one line per update; 0 starts a fresh log. None leaves the file as it is. `keep_lines`: the lines the
+    file held when that checkpoint was saved (`lines`, kept in checkpoints since), which says exactly where to
+    cut; without it, `pending` says that update's checkpoint was saved with its validation cut short, so its
+    validation and growth records came after it."""
 
     def __init__(self, run_dir: Path | None, tensorboard: bool = False, keep_until: int | None = None,
-                 pending: bool = False):
+                 pending: bool = False, keep_lines: int | None = None):
         self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
         self.writer = None
-        self.dropped = 0
+        self.dropped = self.lines = 0
         if self.path is not None and keep_until is not None:
-            self.dropped = truncate_metrics(self.path, keep_until, pending)
+            self.lines, self.dropped = truncate_metrics(self.path, keep_until, pending, keep_lines)
+        elif self.path is not None and self.path.exists():
+            self.lines = len(self.path.read_bytes().splitlines())
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -115,6 +119,7 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a torn line is dropped by the next run's truncate_metrics
             raise _write_failed(self.path, e) from e
+        self.lines += 1
         if self.writer is not None and "iteration" in record:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
@@ -125,20 +130,23 @@ class MetricsLogger:
             self.writer.close()
 
 
-def truncate_metrics(path: str | Path, iteration: int, pending: bool = False) -> int:
-    """Cut a metrics.jsonl back to the records of updates 1..`iteration` (and anything logged before the first
-    later record), with `pending` also before update `iteration`'s validation or growth record (logged after a
-    checkpoint whose validation was cut short); a torn or unreadable line ends the kept part. Rewritten
-    atomically; returns the lines dropped."""
+def truncate_metrics(path: str | Path, iteration: int, pending: bool = False,
+                     keep_lines: int | None = None) -> tuple[int, int]:
+    """Cut a metrics.jsonl back to its first `keep_lines` lines where given, else to the records of updates
+    1..`iteration` (and anything logged before the first later record), with `pending` also before update
+    `iteration`'s validation or growth record (logged after a checkpoint whose validation was cut short); a torn
+    or unreadable line ends the kept part. Rewritten atomically; returns (lines kept, lines dropped)."""
     import os
 
     path = Path(path)
     if not path.exists():
-        return 0
+        return 0, 0
     lines = path.read_text(errors="replace").splitlines(keepends=True)
     keep = []
     if iteration > 0:
         for line in lines:
+            if keep_lines is not None and len(keep) == keep_lines:
+                break
             try:
                 record = json.loads(line)
             except ValueError:
@@ -146,11 +154,12 @@ def truncate_metrics(path: str | Path, iteration: int, pending: bool = False) ->
             if not line.endswith("\n"):
                 break
             at = record.get("iteration", 0) if isinstance(record, dict) else 0
-            if at > iteration or (pending and at == iteration and record.get("event") in ("validation", "growth")):
+            if keep_lines is None and (at > iteration or (
+                    pending and at == iteration and record.get("event") in ("validation", "growth"))):
                 break
             keep.append(line)
     if len(keep) == len(lines):
-        return 0
+        return len(keep), 0
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         with open(tmp, "w") as f:
@@ -161,7 +170,7 @@ def truncate_metrics(path: str | Path, iteration: int, pending: bool = False) ->
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _write_failed(path, e) from e
-    return len(lines) - len(keep)
+    return len(keep), len(lines) - len(keep)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -442,8 +442,10 @@ def validate(args) -> None:
     if getattr(args, "parallel", "ddp") == "fsdp" and args.fp16:
         raise UsageError("--parallel fsdp does not support --fp16 (a GradScaler over sharded gradients); use --bf16 "
                          "(bf16 compute, fp32 gradient reduce) or --parallel ddp.")
-    weights_from_model = not args.resume and not args.random and args.model not in ("gpt2", None)
-    if args.seqlen > args.n_positions and not weights_from_model:  # else the --model's own config decides
+    # a fresh run shaped by its flags is checked here; a resumed one against its checkpoint's config, one from
+    # --model weights against theirs (the trainer does both: these flags' n_positions may mean nothing for them)
+    shaped_by_flags = not args.resume and (args.random or args.model in ("gpt2", None))
+    if args.seqlen > args.n_positions and shaped_by_flags:
         raise ConfigError(
             f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: "
             + ("its RoPE tables are built that long" if llama_requested(args) else "learned positions stop there")

@@ -89,7 +89,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.trainer_state["scaler"])
         self.peak_flops = device_peak_flops(self.device)
         self.metrics = MetricsLogger(self.run_dir if dist.is_main else None, tensorboard=args.tensorboard,
-                                     keep_until=self.metrics_keep_until, pending=self.metrics_pending)
+                                     keep_until=self.metrics_keep_until, pending=self.metrics_pending,
+                                     keep_lines=self.metrics_keep_lines)
         if self.metrics.dropped:
             self.log(f"metrics.jsonl: dropped {self.metrics.dropped} line(s) logged after update "
                      f"{self.metrics_keep_until} by the interrupted run")
@@ -124,25 +125,31 @@ class Trainer:
         """Refuse to write into a folder that holds another run (nothing gets overwritten). A folder with no
         complete checkpoint holds at most the leftovers of a start that was killed: it is started afresh."""
         self.metrics_keep_until = 0  # a fresh metrics.jsonl, unless this run continues one of the folder's checkpoints
-        self.metrics_pending = False
-        if not list_checkpoints(self.run_dir):
+        self.metrics_pending, self.metrics_keep_lines = False, None
+        # rank 0's listing, on every rank: all take the same branch (and meet the same barrier), also while rank 0
+        # deletes checkpoints below or where other nodes do not see the folder
+        names = D.broadcast_object([p.name for p in list_checkpoints(self.run_dir)] if self.dist.is_main else None,
+                                   self.dist)
+        if not names:
             if (self.run_dir / "metrics.jsonl").exists():
                 self.log(f"note: {self.run_dir} holds no complete checkpoint, only what an interrupted start left; "
                          f"its metrics.jsonl is started afresh")
             return
         continuing = ckpt is not None and Path(self.resume_path).resolve().parent == self.run_dir.resolve()
         if continuing:  # records an earlier attempt logged after this checkpoint are dropped (one line per update)
-            self._drop_newer_checkpoints()
+            self._drop_newer_checkpoints(names)
             self.metrics_keep_until = int(ckpt.trainer_state.get("iteration", 0))
             self.metrics_pending = bool(ckpt.trainer_state.get("validation_pending", False))
+            self.metrics_keep_lines = ckpt.trainer_state.get("metrics_lines")  # None: written before it was kept
+            self.last_saved_path = Path(self.resume_path)  # what a stop before the first update leaves to go on from
             if not self.metrics_pending:  # this state is saved: a requeue of a finished run writes nothing again
-                self.last_saved_iteration, self.last_saved_path = self.metrics_keep_until, Path(self.resume_path)
+                self.last_saved_iteration = self.metrics_keep_until
             return
         if self.args.overwrite:
             if self.dist.is_main:  # out of the listing first: a kill mid-delete leaves no listed half-checkpoint
                 from .checkpoint import remove_checkpoints
 
-                remove_checkpoints(self.run_dir, list_checkpoints(self.run_dir))
+                remove_checkpoints(self.run_dir, [self.run_dir / name for name in names])
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             D.barrier(self.dist)
             return
@@ -151,16 +158,14 @@ class Trainer:
             f"Continue it with --resume latest, choose another --save_prefix, or pass --overwrite to replace it."
         )
 
-    def _drop_newer_checkpoints(self) -> None:
+    def _drop_newer_checkpoints(self, names: list[str]) -> None:
         """Continuing an older checkpoint of this folder: the ones after it belong to the history it replaces. Left
         listed, `--resume latest` would later take them, next to this run's metrics. Refused without --overwrite;
         with it they are renamed out of the listing, then deleted (prune's order: a kill leaves `.tmp-` folders)."""
         from .checkpoint import remove_checkpoints
 
-        checkpoints = list_checkpoints(self.run_dir)
-        listed = [p.resolve() for p in checkpoints]
-        resumed = Path(self.resume_path).resolve()
-        newer = checkpoints[listed.index(resumed) + 1:] if resumed in listed else []
+        resumed = Path(self.resume_path).resolve().name  # in this folder (the caller checked)
+        newer = [self.run_dir / name for name in names[names.index(resumed) + 1:]] if resumed in names else []
         if not newer:
             return
         if not self.args.overwrite:
@@ -611,7 +616,7 @@ class Trainer:
             step=self.step, iteration=self.iteration, tokens=self.tokens, sampler=self.sampler.state_dict(),
             schedule=self.schedule.state_dict(), rng=D.gather_objects(rng, self.dist), scaler=self.scaler.state_dict(),
             last_val_loss=self.last_val_loss, validation_pending=self.validation_pending,
-            growth_log=self.growth_log, args=vars(self.args),
+            growth_log=self.growth_log, args=vars(self.args), metrics_lines=self.metrics.lines,
             world_size=self.dist.world_size, **self.growths.state_dict(),
         )
         if getattr(self, "grown_at_iteration", None) is not None:

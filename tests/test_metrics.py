@@ -42,3 +42,17 @@ def test_a_checkpoint_saved_with_its_validation_pending_drops_that_updates_later
     assert read_metrics(tmp_path / "metrics.jsonl") == lines[:2]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert MetricsLogger(tmp_path, keep_until=4).dropped == 0  # not pending: they belong to the checkpoint
+
+
+def test_the_line_count_a_checkpoint_keeps_says_exactly_where_to_cut(tmp_path):
+    """A --doubling from a checkpoint with its validation pending grows and logs the growth, then saves (still
+    pending): cut by update and event, the growth record went, and nothing logged it again. Checkpoints keep the
+    file's line count at their save; that count decides where one is given."""
+    lines = [{"iteration": 2, "loss": 1.0}, {"event": "growth", "iteration": 2},
+             {"event": "validation", "iteration": 2, "resumed": True}, {"iteration": 3, "loss": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    logger = MetricsLogger(tmp_path, keep_until=2, pending=True, keep_lines=2)
+    assert (logger.dropped, logger.lines) == (2, 2)
+    assert read_metrics(tmp_path / "metrics.jsonl") == lines[:2]
+    logger.log({"iteration": 3, "loss": 0.8})
+    assert logger.lines == 3 == len(read_metrics(tmp_path / "metrics.jsonl"))

@@ -80,6 +80,12 @@ def test_a_validation_cut_short_at_a_growth_is_logged_once_across_preempted_resu
             yield batch
     monkeypatch.setattr(data_module, "val_batches", preempted_in_the_second_validation)
     assert main([*flags, "--save_prefix", str(split)]) == 0
+    assert load_checkpoint(list_checkpoints(split)[-1]).trainer_state["validation_pending"]
+    calls[:] = [1]  # the resumed validation is cut short again: it names the checkpoint the same command continues
+    capsys.readouterr()
+    assert main([*flags, "--save_prefix", str(split)]) == 0
+    said = capsys.readouterr().out
+    assert f"checkpoint {list_checkpoints(split)[-1]}; the same command continues" in said, said[-1500:]
     monkeypatch.setattr(data_module, "val_batches", real_val_batches)
     assert load_checkpoint(list_checkpoints(split)[-1]).trainer_state["validation_pending"]
 
@@ -102,3 +108,59 @@ def test_a_validation_cut_short_at_a_growth_is_logged_once_across_preempted_resu
     assert events(straight) == [("growth", 4)]
     assert events(split) == [("validation", 4), ("growth", 4)]  # the resumed validation has its own record
     assert losses(split) == losses(straight)
+
+
+_TWO_RANKS_OVERWRITE = r'''
+import datetime, sys, time, types
+from pathlib import Path
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+def worker(rank, run, store, resumed):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    from staged_fast import distributed as D
+    from staged_fast.trainer import Trainer
+    trainer = Trainer.__new__(Trainer)  # only what _check_run_dir reads
+    trainer.dist = D.DistInfo(rank=rank, world_size=2, backend="gloo")
+    trainer.run_dir, trainer.args, trainer.log = Path(run), types.SimpleNamespace(overwrite=True), print
+    trainer.last_saved_iteration = trainer.last_saved_path = None
+    trainer.resume_path = Path(run) / resumed if resumed else None
+    ckpt = types.SimpleNamespace(trainer_state={"iteration": 1}) if resumed else None
+    if rank == 1:
+        time.sleep(1.0)  # its checkpoint loaded slower: rank 0 has already deleted what it would list
+    trainer._check_run_dir(ckpt)
+    box = [rank]
+    dist.broadcast_object_list(box, src=0)  # the start's next collective meets the same one on rank 0
+    print(f"rank {rank} through", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=tuple(sys.argv[1:4]), nprocs=2, join=True)
+'''
+
+
+def test_two_ranks_agree_on_what_overwrite_deletes(tmp_path):
+    """Each rank listed the folder itself: one that listed after rank 0 had deleted found nothing to do and
+    skipped the barrier, and its next collective met rank 0's barrier (a hang under NCCL). Rank 0's listing now
+    decides on every rank: an older checkpoint continued with --overwrite, and a whole run replaced."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from staged_fast.checkpoint import save_checkpoint
+    from staged_fast.config import GPTConfig
+    from staged_fast.model import GPT
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS_OVERWRITE)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64))
+    for resumed in ("step_00000001", ""):
+        run = tmp_path / f"run{resumed}"
+        for step in (1, 2, 3):
+            save_checkpoint(run, step=step, model=model, config=model.config, trainer_state={"iteration": step})
+        done = subprocess.run([sys.executable, str(script), str(run), str(tmp_path / f"store{resumed}"), resumed],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0 and "rank 0 through" in done.stdout and "rank 1 through" in done.stdout, \
+            (done.stdout + done.stderr)[-3000:]
+        assert [p.name for p in list_checkpoints(run)] == (["step_00000001"] if resumed else [])

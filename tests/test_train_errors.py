@@ -245,10 +245,14 @@ def test_a_model_folders_own_shape_is_checked_not_the_flags(tmp_path, data_cache
 
 
 def test_a_model_folder_with_a_longer_context_than_the_flags_trains_at_its_length(tmp_path, data_cache):
-    """--seqlen is checked against the folder's context (1100 here), not --n_positions' default 1024."""
+    """--seqlen is checked against the folder's context (1100 here), not --n_positions' default 1024, and so is
+    the continuation of that run (its checkpoint's context: the flags' 1024 refused it)."""
     folder = _model_folder(tmp_path / "hf", n_positions=1100)
-    assert train(tmp_path / "run", data_cache, "--train_steps", "1", "--model", str(folder), "--seqlen", "1100",
-                 "--batch_size", "1", "--val_batches", "1") == 0
+    flags = ["--train_steps", "2", "--seqlen", "1100", "--batch_size", "1", "--val_batches", "1"]
+    assert train(tmp_path / "run", data_cache, *flags, "--model", str(folder), "--stop_at_step", "1") == 0
+    from staged_fast.train import main
+
+    assert main(["--resume", "latest", "--save_prefix", str(tmp_path / "run"), "--no_progress"]) == 0
 
 
 def test_plan_whose_stages_are_not_doublings(tmp_path, data_cache, capsys):
