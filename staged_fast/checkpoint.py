@@ -205,10 +205,10 @@ def restore_moved_aside(save_dir: str | os.PathLike) -> list[str]:
     save_dir = Path(save_dir)
     restored = []
     for old in sorted(save_dir.glob(f"{_TMP_PREFIX}old-*")):
-        m = re.fullmatch(rf"{re.escape(_TMP_PREFIX)}old-(.+)-\d+", old.name)
-        if m and old.is_dir() and not (save_dir / m[1]).exists():
-            old.rename(save_dir / m[1])
-            restored.append(m[1])
+        name = _moved_aside_name(old)
+        if name and old.is_dir() and not (save_dir / name).exists():
+            old.rename(save_dir / name)
+            restored.append(name)
     if restored:
         _fsync_dir(save_dir)
     return restored
@@ -301,13 +301,27 @@ def _disk_full_error(save_dir: Path, name: str, needed: int, free: int | None, c
     )
 
 
-def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `save_dir`, oldest first (temporary folders of crashed writes are ignored)."""
+def list_checkpoints(save_dir: str | os.PathLike, moved_aside: bool = False) -> list[Path]:
+    """Complete checkpoints in `save_dir`, oldest first (temporary folders of crashed writes are ignored).
+    `moved_aside`: also a step a killed re-save left moved aside (`.tmp-old-<name>-<pid>`, its name missing),
+    which the folder's owner puts back at its start: what a reader before that (the command's parsing) sees."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
-    found = [p for p in save_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    by_name = {p.name: p for p in save_dir.iterdir()
+               if p.is_dir() and _STEP_DIR.match(p.name) and (p / "meta.json").exists()}
+    if moved_aside:
+        for old in save_dir.glob(f"{_TMP_PREFIX}old-*"):
+            name = _moved_aside_name(old)
+            if name and name not in by_name and (old / "meta.json").exists():
+                by_name[name] = old
+    return [by_name[name] for name in sorted(by_name, key=lambda n: int(_STEP_DIR.match(n).group(1)))]
+
+
+def _moved_aside_name(path: Path) -> str | None:
+    """The step name of a folder a re-save moved aside (`.tmp-old-<name>-<pid>`), else None."""
+    m = re.fullmatch(rf"{re.escape(_TMP_PREFIX)}old-(.+)-\d+", path.name)
+    return m[1] if m and _STEP_DIR.match(m[1]) else None
 
 
 def resolve_checkpoint(path: str | os.PathLike, save_dir: str | os.PathLike | None = None) -> Path:

@@ -242,8 +242,9 @@ def _continued_checkpoint(args) -> Path | None:
             return None
         args.save_prefix = str(path.parent)
         return path
-    if args.resume == "latest" and not list_checkpoints(args.save_prefix):
-        return None  # a fresh start
+    if args.resume == "latest":  # a step a killed re-save moved aside counts: the folder's owner puts it back
+        found = list_checkpoints(args.save_prefix, moved_aside=True)
+        return found[-1] if found else None  # none: a fresh start
     path = resolve_checkpoint(args.resume, args.save_prefix)
     return path if path.resolve().parent == Path(args.save_prefix).resolve() else None
 

@@ -1,6 +1,7 @@
 """The data cache under a cluster's habits: two jobs preparing the same data at once, and builds killed midway."""
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -154,9 +155,16 @@ def test_the_leftovers_of_killed_writes_are_removed_by_the_next_build(tok, tmp_p
     assert np.array_equal(again.train, whole.train) and np.array_equal(again.val, whole.val)
 
 
-def test_an_interrupted_build_keeps_its_work_and_says_so_and_bad_input_does_not(tok, tmp_path, monkeypatch, caplog):
+def test_an_interrupted_build_keeps_its_work_through_load_errors_and_other_splits(tok, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """Stopped after tokenizing, the work stays and says so; a rerun that fails to load its input (a network
+    outage, a file being copied: DataError) keeps it too (it was deleted); a rerun with another --val_fraction
+    resumes from it (the work is keyed by the input and tokenizer alone); tokens that cannot make an entry
+    (every document empty) take their work with them."""
+    import staged_fast.data.sources as sources_mod
+
     data, cache = _jsonl(tmp_path / "a.jsonl"), tmp_path / "cache"
-    real_write = prepare_mod._write
+    real_write, real_load = prepare_mod._write, prepare_mod.load_texts
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -167,17 +175,54 @@ def test_an_interrupted_build_keeps_its_work_and_says_so_and_bad_input_does_not(
     (work,) = [p for p in cache.iterdir() if p.name.endswith(".work")]
     assert list(work.glob("staged_fast-v3-*.arrow"))
     monkeypatch.setattr(prepare_mod, "_write", real_write)
+
+    def outage(*a, **k):
+        raise sources_mod.DataError("Could not load the hub dataset: ConnectionError")
+    monkeypatch.setattr(prepare_mod, "load_texts", outage)
+    with pytest.raises(DataError, match="ConnectionError"):
+        prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.1)
+    assert list(work.glob("staged_fast-v3-*.arrow"))
+    monkeypatch.setattr(prepare_mod, "load_texts", real_load)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        done = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.1)
+        done = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.2)
     assert "resuming an interrupted preparation: 1 of 1 chunks" in caplog.text and len(done.train) > 0
     assert not work.exists()
 
-    empty = tmp_path / "empty.jsonl"  # the input's fault: no rerun of it can use what was tokenized
+    empty = tmp_path / "empty.jsonl"  # the tokens cannot make an entry: no rerun of this input can use them
     empty.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(5)))
     with pytest.raises(DataError, match="every document is empty"):
         prepare_data([str(empty)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.1)
     assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_builder_seen_alive_in_the_work_folder_is_left_alone(tok, tmp_path, caplog):
+    """Locks that do not reach across nodes (Lustre localflock, NFS nolock) let a second node's builder in:
+    it sees the first one's fresh marker and tokenizes privately, removing nothing of the first one's; a
+    marker not touched for longer than STALE is a dead builder's, and its work is resumed."""
+    import time as time_mod
+
+    data, cache = _jsonl(tmp_path / "a.jsonl"), tmp_path / "cache"
+    key = prepare_mod._tokens_key(prepare_mod.resolve_source([str(data)], text_field="text"), tok, "gpt2")
+    work = cache / f".tokens-{key}.work"
+    work.mkdir(parents=True)
+    alive, partial = work / ".builder-othernode-4242", work / "tmpinflight"
+    alive.touch()
+    partial.write_bytes(b"the other node's map output being written")
+    (cache / ".tokens-0123456789abcdef0123.work").mkdir()  # another input's interrupted build: only mentioned
+    with caplog.at_level(logging.INFO):
+        built = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.1)
+    assert len(built.train) > 0 and "another builder is alive in" in caplog.text
+    assert alive.exists() and partial.exists()  # nothing of the live builder's was touched
+    assert not [p for p in cache.iterdir() if ".scratch-" in p.name]  # the private folder went with the build
+    stale = time_mod.time() - 2 * prepare_mod._Heartbeat.STALE
+    os.utime(alive, (stale, stale))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.3)
+    assert "another builder is alive" not in caplog.text and not work.exists()
+    assert "1 work folder(s) of other preparations" in caplog.text
+    assert len(again.val) > 0
 
 
 def test_an_entry_being_built_is_not_taken_for_leftovers(tok, tmp_path):
@@ -234,4 +279,19 @@ def test_without_flock_a_build_works_in_a_private_folder_it_removes(tok, tmp_pat
     monkeypatch.setattr(prepare_mod, "_write", real_write)
     done = prepare_data([str(data)], tok, tokenizer_name="gpt2", cache_dir=cache, val_fraction=0.1)
     assert len(done.train) > 0
-    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [f".{done.fingerprint}.lock"]
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [
+        f".tokens-{prepare_mod._tokens_key(prepare_mod.resolve_source([str(data)], text_field='text'), tok, 'gpt2')}.lock"]
+
+
+def test_a_builders_marker_is_kept_fresh_while_it_builds_and_goes_with_it(tmp_path, monkeypatch):
+    import time as time_mod
+
+    monkeypatch.setattr(prepare_mod._Heartbeat, "PERIOD", 0.05)
+    heartbeat = prepare_mod._Heartbeat.start_unless_another(tmp_path / "work")
+    marker = heartbeat.marker
+    old = time_mod.time() - 1000
+    os.utime(marker, (old, old))
+    time_mod.sleep(0.5)
+    assert time_mod.time() - marker.stat().st_mtime < 5  # touched again since
+    heartbeat.stop()
+    assert not marker.exists() and list((tmp_path / "work").iterdir()) == []

@@ -48,10 +48,11 @@ def test_a_step_a_killed_resave_moved_aside_is_restored_and_continued(tmp_path, 
     (step,) = list_checkpoints(run)
     step.rename(run / f".tmp-old-{step.name}-4242")  # what the kill left: the old copy aside, the new one unnamed
     (run / ".tmp-step_00000002-4242").mkdir()
-    capsys.readouterr()
-    assert train(run, data_cache, "--train_steps", "4", "--resume", "latest") == 0
+    capsys.readouterr()  # the flags left out are the moved-aside step's (it was the only one: a fresh start before)
+    assert main(["--resume", "latest", "--save_prefix", str(run), "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "restored checkpoint step_00000002" in out and f"resuming from {step}" in out, out[-2000:]
+    assert "--train_steps 4" in out and "done: step 4" in out, out[-2000:]
     assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 

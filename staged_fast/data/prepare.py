@@ -16,11 +16,12 @@ off into val (its head gets an EOS). Val text is never in train either way. With
 
 Caching is atomic: the files are written to a temporary folder that is renamed to `<fingerprint>/` only
 when complete (meta.json last), so a crash never leaves a cache that would be used. One process builds an
-entry at a time (a lock file per entry, `.<fingerprint>.lock`): a second job on the same data waits and then
-finds it built, and the builder removes what interrupted builds of the entry left. Builds resume: the input
-is tokenized in chunks of ~CHUNK_TEXT_BYTES of text, each kept in the entry's work folder
-(`.<fingerprint>.work/`) as it finishes, so a build that is killed or preempted and run again keeps the
-finished chunks and loses at most the one it was in; the work folder goes when the entry is complete. Under torch.distributed
+input and tokenizer at a time (a lock file, `.tokens-<key>.lock`): a second job on the same data waits and
+then finds it built, and the builder removes what interrupted builds left. Builds resume: the input is
+tokenized in chunks of ~CHUNK_TEXT_BYTES of text, each kept in the work folder (`.tokens-<key>.work/`, keyed
+by the input and tokenizer, so other split settings share it) as it finishes, so a build that is killed or
+preempted and run again keeps the finished chunks and loses at most the one it was in; the work folder goes
+when the entry is complete. Under torch.distributed
 with `rank0_only_build`, the local rank 0 of each node builds (where the shared filesystem has no flock,
 several nodes race harmlessly: the first rename wins) while the other ranks wait (up to a day, on the
 rendezvous store), then everyone opens the memmaps; a build error on any rank is raised on every rank
@@ -71,15 +72,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2 ** 16 else np.uint32)
 
 
+def _input_key(source: Source, tokenizer, tokenizer_name: str) -> dict:
+    """What decides the tokens: the input and the tokenizer (and the format)."""
+    return {"format": FORMAT_VERSION, "input": source.key, "tokenizer": tokenizer_name,
+            "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": id_space(tokenizer)}
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def _fingerprint(source: Source, tokenizer, tokenizer_name: str, val_fraction: float,
                  min_val_tokens: int, seed: int, whole: str | None = None) -> str:
-    key = {"format": FORMAT_VERSION, "input": source.key, "tokenizer": tokenizer_name,
-           "tokenizer_hash": tokenizer_fingerprint(tokenizer), "vocab_size": id_space(tokenizer)}
+    key = _input_key(source, tokenizer, tokenizer_name)
     if whole is None:  # split: the split's settings decide the content (keys as before: old caches still hit)
         key.update(val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed)
     else:
         key["whole"] = whole
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return _digest(key)
+
+
+def _tokens_key(source: Source, tokenizer, tokenizer_name: str) -> str:
+    """The key of a build's tokenizing work (its lock and work folder): the entries of one input and tokenizer
+    under other split settings share it, so an interrupted build resumed with another --val_fraction or --seed
+    keeps what it tokenized."""
+    return _digest(_input_key(source, tokenizer, tokenizer_name))
 
 
 def _assign(lengths: np.ndarray, whole: str | None, **split) -> tuple[np.ndarray, int, int]:
@@ -166,7 +183,7 @@ def _finished(path: Path) -> bool:
     return any(found == total for total, found in counts.items())
 
 
-def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: str, work: Path):
+def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, tokens_key: str, work: Path):
     """Dataset.map over each part: text -> rows of ids (+ EOS at a document's end), their count `n`, and
     `first` (the row starts a document: a .txt file's pieces continue it). Empty documents are dropped.
     Chunk by chunk (_chunk_bounds), each map's output cached in `work` under a name that says what it holds:
@@ -189,8 +206,8 @@ def _tokenize(parts: list, tokenizer, eos_id: int, num_proc: int, fingerprint: s
                 out["first"].append(first)
         return out
 
-    # v3: chunked; the entry's fingerprint covers the input's stats and the tokenizer, the rest says which rows
-    jobs = [(ds, a, b, f"staged_fast-v3-{fingerprint}-{i}-{a}-{b}") for i, ds in enumerate(parts)
+    # v3: chunked; the tokens' key covers the input's stats and the tokenizer, the rest says which rows
+    jobs = [(ds, a, b, f"staged_fast-v3-{tokens_key}-{i}-{a}-{b}") for i, ds in enumerate(parts)
             for a, b in _chunk_bounds(ds)]
     kept = sum(_finished(work / f"{key}.arrow") for *_, key in jobs)
     if kept:
@@ -217,7 +234,13 @@ def _document_lengths(ds) -> np.ndarray:
     return np.add.reduceat(counts, starts)
 
 
-def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokenizer_name: str,
+class UnusableTokens(DataError):
+    """The tokenized input cannot make a cache entry (no text, too little to hold out a validation set): a rerun
+    of the same input cannot use what was tokenized. (An error while loading it may pass: a network outage, a
+    file being copied.)"""
+
+
+def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokens_key: str, tokenizer_name: str,
            text_field: str, val_fraction: float, min_val_tokens: int, seed: int, num_proc: int,
            cache_dir: Path, work: Path, whole: str | None = None) -> None:
     """Tokenize into `work` (.txt pieces and tokenized chunks: what a rerun resumes from), then write the entry."""
@@ -226,10 +249,13 @@ def _build(source: Source, tokenizer, out_dir: Path, *, fingerprint: str, tokeni
     dtype = token_dtype(vocab_size)
     parts = load_texts(source, text_field=text_field, hf_cache_dir=cache_dir / "hf_datasets",
                        scratch_dir=work, holds=seam_check(tokenizer), num_proc=num_proc)
-    ds = _tokenize(parts, tokenizer, eos_id, num_proc, fingerprint, work)
-    _write(ds, source, out_dir, fingerprint=fingerprint, tokenizer_name=tokenizer_name, vocab_size=vocab_size,
-           eos_id=eos_id, dtype=dtype, val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed,
-           cache_dir=cache_dir, whole=whole, t0=t0)
+    ds = _tokenize(parts, tokenizer, eos_id, num_proc, tokens_key, work)
+    try:
+        _write(ds, source, out_dir, fingerprint=fingerprint, tokenizer_name=tokenizer_name, vocab_size=vocab_size,
+               eos_id=eos_id, dtype=dtype, val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed,
+               cache_dir=cache_dir, whole=whole, t0=t0)
+    except DataError as e:
+        raise UnusableTokens(str(e)) from None
 
 
 def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_name: str, vocab_size: int,
@@ -396,13 +422,16 @@ def prepare_data(data: list[str] | str | None, tokenizer, *, tokenizer_name: str
         train_digest=train_meta.get("train_digest"))
 
 
-def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callable[[Path], None]) -> None:
+def _build_once(out_dir: Path, fingerprint: str, tokens_key: str, cache_dir: Path,
+                build: Callable[[Path], None]) -> None:
     """Run `build(work folder)` for a cache entry unless another process built it meanwhile. One builder per
-    entry: a second job on the same data and cache (on any node, where the filesystem has flock) waits for the
-    first and then finds the entry, instead of tokenizing it again. With the entry's lock held, the work folder
-    `.<fingerprint>.work` is this build's alone: what an interrupted build of the entry tokenized there is
-    resumed from, and the temporary files it was writing are removed; the folder goes once the entry is
-    complete, or when the input itself is at fault (DataError: a rerun of it cannot use the work)."""
+    input and tokenizer (`tokens_key`'s lock): a second job on the same data and cache (on any node, where the
+    filesystem's flock reaches it) waits for the first and then finds the entry, instead of tokenizing it again.
+    Holding the lock, the work folder `.tokens-<key>.work` is this build's: what an interrupted build tokenized
+    there is resumed from, and the temporary files it was writing are removed; the folder goes once the entry
+    is complete, or when the tokens cannot make one (UnusableTokens: a rerun cannot use them). Where another
+    builder is seen alive in the folder anyway (locks that do not reach across nodes), or the filesystem has no
+    flock, the build works in a private folder instead (no resume, nothing shared)."""
     from ..run_folder import RunLock, describe_holder, remove_leftovers
 
     def waiting(holder: dict | None) -> None:
@@ -410,39 +439,132 @@ def _build_once(out_dir: Path, fingerprint: str, cache_dir: Path, build: Callabl
                        "(to go on without it: stop that process, or give this one another --cache_dir)",
                        describe_holder(holder), out_dir)
 
-    lock = RunLock(cache_dir, flag="--cache_dir", name=f".{fingerprint}.lock", role="a data cache")
+    lock = RunLock(cache_dir, flag="--cache_dir", name=f".tokens-{tokens_key}.lock", role="a data cache")
     lock.acquire(wait=waiting)
+    heartbeat = None
     try:
         if _valid(out_dir) is not None:
             logger.info("data: %s was prepared by the process waited for", out_dir)
             return
+        shared = cache_dir / f".tokens-{tokens_key}.work"
         if lock.warning is not None:  # no flock there: another builder's folders look like leftovers
             logger.warning("data: %s", lock.warning.removeprefix("warning: "))
-            work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.scratch-", dir=cache_dir))  # private: no resume
         else:
+            heartbeat = _Heartbeat.start_unless_another(shared)
+            if heartbeat is None:
+                logger.warning("data: another builder is alive in %s although this process holds its lock (the "
+                               "filesystem's locks do not reach across nodes?): tokenizing in a private folder, "
+                               "which a rerun cannot resume from", shared)
+        if heartbeat is None:
+            work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.scratch-", dir=cache_dir))
+        else:
+            work = shared
             count, freed = remove_leftovers(cache_dir, (f".{fingerprint}.tmp-", f".{fingerprint}.scratch-"))
             if count:
                 logger.warning("data: removed %d folder(s) (%.1f MB) left in %s by interrupted preparations of this "
                                "data", count, freed / 1e6, cache_dir)
-            work = cache_dir / f".{fingerprint}.work"
             _remove_partial_writes(work)
+            _mention_other_work(cache_dir, work)
         if out_dir.exists():  # a stale or foreign entry under our key: replace it
             shutil.rmtree(out_dir, ignore_errors=True)
         try:
             build(work)
-        except DataError:
+        except UnusableTokens:
             shutil.rmtree(work, ignore_errors=True)
             raise
         except BaseException:
-            if lock.warning is not None:
+            if heartbeat is None:
                 shutil.rmtree(work, ignore_errors=True)
-            elif work.exists():
+            else:
                 logger.warning("data: preparation stopped; what it tokenized so far stays in %s and the same command "
                                "resumes from it (delete that folder to free its space instead)", work)
             raise
+        if heartbeat is not None:
+            heartbeat.stop()
+            heartbeat = None
         shutil.rmtree(work, ignore_errors=True)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         lock.release()
+
+
+class _Heartbeat:
+    """A builder's marker in the shared work folder, touched every PERIOD seconds while it builds. The lock
+    should keep a second builder out; where it does not (flock that is local to each node), the second sees a
+    marker younger than STALE and works privately instead of removing the first one's files."""
+
+    PERIOD, STALE = 15.0, 60.0
+
+    def __init__(self, marker: Path):
+        import threading
+
+        self.marker, self._stopped = marker, threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="data-build-heartbeat", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start_unless_another(cls, work: Path) -> "_Heartbeat | None":
+        import socket
+
+        host = socket.gethostname()
+        work.mkdir(parents=True, exist_ok=True)
+        marker = work / f".builder-{host}-{os.getpid()}"
+        marker.touch()  # first ours, then a look for others: two racing builders both step aside, never share
+        now = time.time()
+        others = []
+        for other in work.glob(".builder-*"):
+            if other == marker:
+                continue
+            try:
+                young = now - other.stat().st_mtime < cls.STALE
+            except FileNotFoundError:
+                continue
+            if young and not _dead_here(other.name.removeprefix(".builder-"), host):
+                others.append(other)
+            else:
+                other.unlink(missing_ok=True)  # a builder that died: its files are leftovers
+        if others:
+            marker.unlink(missing_ok=True)
+            return None
+        return cls(marker)
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.PERIOD):
+            try:
+                os.utime(self.marker)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self.marker.unlink(missing_ok=True)
+
+
+def _dead_here(builder: str, host: str) -> bool:
+    """Is `builder` ("<host>-<pid>") a process of this host that no longer runs (killed: its marker stays)?"""
+    who, _, pid = builder.rpartition("-")
+    if who != host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _mention_other_work(cache_dir: Path, work: Path) -> None:
+    """Work folders of other inputs or tokenizers: builds that were interrupted (their own commands resume them)
+    or run now. Only said: whether they will run again is the user's to know."""
+    others = [p for p in cache_dir.glob(".tokens-*.work") if p != work and p.is_dir()]
+    if others:
+        size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+        logger.warning("data: %d work folder(s) of other preparations (interrupted, or running now) hold %.1f MB in "
+                       "%s: their commands resume them; delete the .tokens-*.work folders that will not run again",
+                       len(others), size / 1e6, cache_dir)
 
 
 def _remove_partial_writes(work: Path) -> None:
@@ -498,6 +620,7 @@ def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cac
     """Build (or find) the cache entry of one input, split or `whole` (train / val): (meta, folder, key)."""
     source = resolve_source(data, text_field=text_field)
     fp = _fingerprint(source, tokenizer, tokenizer_name, val_fraction, min_val_tokens, seed, whole)
+    tokens_key = _tokens_key(source, tokenizer, tokenizer_name)
     out_dir = cache_dir / fp
 
     distributed, rank, local_rank = _dist_info()
@@ -505,10 +628,10 @@ def _prepare_one(data, whole: str | None, *, tokenizer, tokenizer_name: str, cac
     error = None
     if builder and _valid(out_dir) is None:
         try:
-            _build_once(out_dir, fp, cache_dir, lambda work: _build(
-                source, tokenizer, out_dir, fingerprint=fp, tokenizer_name=tokenizer_name, text_field=text_field,
-                val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed, num_proc=num_proc,
-                cache_dir=cache_dir, work=work, whole=whole))
+            _build_once(out_dir, fp, tokens_key, cache_dir, lambda work: _build(
+                source, tokenizer, out_dir, fingerprint=fp, tokens_key=tokens_key, tokenizer_name=tokenizer_name,
+                text_field=text_field, val_fraction=val_fraction, min_val_tokens=min_val_tokens, seed=seed,
+                num_proc=num_proc, cache_dir=cache_dir, work=work, whole=whole))
         except Exception as e:
             if not distributed:
                 raise
