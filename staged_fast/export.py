@@ -65,7 +65,7 @@ def export(checkpoint: str, out: str | Path, *, tokenizer: str | None = None, wr
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     _check_out(out, overwrite)
-    model = load_eval_model(checkpoint)
+    model = load_eval_model(checkpoint, named="checkpoint")
     ids = {"bos_token_id": 50256, "eos_token_id": 50256, **_source_token_ids(checkpoint)}
     tok = None
     if write_tokenizer:
@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Path:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_tokenizer and args.tokenizer is not None:
+        parser.error("--tokenizer names the tokenizer to save and --no_tokenizer saves none: give one of them.")
     out = export(args.checkpoint, args.out, tokenizer=args.tokenizer, write_tokenizer=not args.no_tokenizer,
                  dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))

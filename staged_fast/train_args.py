@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint (weights = width, layers = depth), save it, and continue training")
     g.add_argument("--doubling_layers", default="alternate_id", choices=GROWTH_OP_NAMES[1:],
                    help="depth operator for --doubling layers (the seed's was alternate_copy, not loss-preserving)")
-    g.add_argument("--width_noise", type=finite_float, default=0.0, help="std of the symmetry-breaking split for width growth")
+    g.add_argument("--width_noise", type=finite_float, default=0.0, help="std of the symmetry-breaking split for width growth (exact in floating point only while "
+                   "small beside the weights: 0.01 or less for GPT-2-scale std 0.02; the run warns when a growth "
+                   "moves the loss)")
     g.add_argument("--restart_steps", default=None, help="step counter after growth: an int, or 'auto' = "
                    "growth step / constant_op of the operator")
     g.add_argument("--restart_warmup_steps", type=int, default=0, help="LR ramps from 0 at the restart step to "
@@ -311,6 +313,11 @@ def parse_args(argv: list[str] | None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
+    planned = sorted(given & {"restart_steps", "restart_warmup_steps", "grow_ops"}) if "schedule" in given else []
+    if planned:  # the plan's growths carry their own op, restart step and warmup: these would do nothing
+        raise UsageError(f"{', '.join('--' + n for n in planned)} with --schedule: the plan sets each growth's "
+                         f"operator, restart step and warmup. Drop {'them' if len(planned) > 1 else 'it'}, or make a "
+                         f"plan with other ones (`python -m staged_fast.schedule plan --help`).")
     # a resume restarts the step counter only for a --restart_steps typed on its command, not one a continued run
     # takes from its checkpoint (that one is for the run's own growths; the first resume of a grown run had it)
     args.restart_given = "restart_steps" in given
@@ -452,11 +459,14 @@ def validate(args) -> None:
             + ("its RoPE tables are built that long" if llama_requested(args) else "learned positions stop there")
             + ". Lower --seqlen or raise --n_positions."
         )
-    for name in ("batch_size", "grad_accum", "train_steps", "val_every", "log_rate", "save_every", "seqlen"):
+    for name in ("batch_size", "grad_accum", "train_steps", "val_every", "val_batches", "log_rate", "save_every",
+                 "seqlen"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.doubling and not args.resume:
         raise UsageError("--doubling grows a checkpoint: give it with --resume PATH.")
+    if args.gpu_count is not None and args.gpu_count < 1 and args.gpu_count != -1:
+        raise UsageError(f"--gpu_count must be 1 or more, or -1 for every GPU; got {args.gpu_count}.")
     if args.lr is not None and 0 < args.lr < args.min_lr:
         raise UsageError(f"--min_lr {args.min_lr} is above the peak --lr {args.lr}: the decay would raise the LR. "
                          f"Give a --min_lr below --lr (0 decays to nothing).")
@@ -656,13 +666,15 @@ def _check_plan_length(args, given: set[str]) -> None:
     from .schedule import Plan
 
     try:
-        final = Plan.from_json(args.schedule).to_dict()["final_schedule_step"]
+        plan = Plan.from_json(args.schedule).to_dict()
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable: load_plan says so, with the command that makes a plan
-    if args.train_steps != final:
-        raise UsageError(f"--train_steps {args.train_steps} contradicts --schedule {args.schedule}, which ends at "
-                         f"step {final}; drop --train_steps (the plan sets it), or make a plan of that length with "
-                         f"`python -m staged_fast.schedule plan --train_steps ...`.")
+    updates, final = plan["train_steps"], plan["final_schedule_step"]
+    if args.train_steps not in (updates, final):  # the plan's updates, or where its step counter ends
+        raise UsageError(f"--train_steps {args.train_steps} contradicts --schedule {args.schedule}, which takes "
+                         f"{updates} updates (its step counter ends at {final}: growths with restarts move it "
+                         f"back); drop --train_steps (the plan sets it), or make a plan of {args.train_steps} "
+                         f"updates with `python -m staged_fast.schedule plan --train_steps {args.train_steps} ...`.")
 
 
 def _check_plan(args) -> None:

@@ -181,7 +181,7 @@ class Trainer:
         D.barrier(self.dist)
 
     def _build_data(self) -> None:
-        from .data import TokenSampler, prepare_data, val_batches
+        from .data import TokenSampler, num_windows, prepare_data, val_batches
         from .tokenizer import load_tokenizer
 
         a = self.args
@@ -197,6 +197,10 @@ class Trainer:
         # a validation set too small for one batch per rank fails now, not at the first validation mid-run
         next(val_batches(self.data.val, seqlen=a.seqlen, batch_size=a.batch_size, num_batches=1,
                          rank=self.dist.rank, world_size=self.dist.world_size))
+        held = num_windows(len(self.data.val), a.seqlen) // (a.batch_size * self.dist.world_size)
+        if a.val_batches > held:  # val_batches takes what there is: say so, or the curve is read as more
+            self.log(f"note: --val_batches {a.val_batches}, and the validation data holds {held} batch(es) of "
+                     f"{a.batch_size} x {a.seqlen} per rank: each validation uses those {held}")
         self.sampler = TokenSampler(
             self.data.train, seqlen=a.seqlen, batch_size=a.batch_size,
             rank=self.dist.rank, world_size=self.dist.world_size, seed=a.seed, data_digest=self.data.train_digest,
@@ -368,6 +372,12 @@ class Trainer:
                      f"{a.train_steps}: the updates past step {end} run at its final LR ({self.schedule.min_lr:g}). "
                      f"Pass --reset_lr_scheduler to rebuild the schedule from this command's flags, or --train_steps "
                      f"{end}.")
+        if "grown_from" in st and a.lr is None and not a.reset_lr_scheduler:
+            grown_lr = initial_lr_for(self.config)  # as an in-run growth moves it (grown by `grow`: not yet)
+            if grown_lr != self.schedule.base_lr:
+                self.log(f"peak LR {self.schedule.base_lr:.3g} -> {grown_lr:.3g}: the heuristic for the grown "
+                         f"{self.config.shape_str()} model, as a growth in the run sets it (--lr keeps one fixed)")
+                self.schedule.base_lr = grown_lr
         self.step, self.iteration, self.tokens = st["step"], st["iteration"], st["tokens"]
         self.last_val_loss = st.get("last_val_loss")
         self.validation_pending = bool(st.get("validation_pending", False))
@@ -567,6 +577,7 @@ class Trainer:
         if restart is not None or warmup:
             self.schedule.restart(self.step, warmup)
         after = self.evaluate(num_batches=1)
+        self._warn_if_not_preserved(op, before, after, noise)
         event = dict(
             event="growth", op=op, iteration=self.iteration, step_before=step_before, step_after=self.step,
             loss_before=before, loss_after=after, old_size=old_shape, new_size=self.config.shape_str(),
@@ -579,9 +590,20 @@ class Trainer:
         self.growths.grown(self.config.n_params_non_embedding)
         self.log(
             f"grew {old_shape} -> {self.config.shape_str()} ({op}) at update {self.iteration}: "
-            f"val-batch loss {before:.4f} -> {after:.4f}, step counter {step_before} -> {self.step}"
+            f"val-batch loss {before:.4f} -> {after:.4f}, step counter {step_before} -> {self.step}, peak LR "
+            f"{self.schedule.base_lr:.3g}"
         )
         return event
+
+    def _warn_if_not_preserved(self, op: str, before: float, after: float, noise: float) -> None:
+        """The operators preserve the function up to rounding: a loss that moved more says why it might have."""
+        low = self.args.bf16 or self.args.fp16
+        if abs(after - before) <= (1e-2 if low else 1e-4) * abs(before):
+            return
+        why = (f"--width_noise {noise:g} is large beside these weights (the split W - E, E cancels inexactly in "
+               f"floating point once E nears their scale; 0.01 or less keeps GPT-2-scale weights exact)"
+               if op == "width" and noise > 0 else "this is not expected: please report it")
+        self.log(f"warning: the growth moved the val-batch loss {before:.4f} -> {after:.4f}; {why}")
 
     @torch.no_grad()
     def _check_ranks_agree(self, model=None, optimizer=None) -> None:

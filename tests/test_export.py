@@ -77,7 +77,11 @@ def test_export_cli_and_bad_input(tmp_path, capsys):
     assert run_cli(main, [str(ckpt), "--out", str(out), "--overwrite"]) == 0
     assert run_cli(main, [str(ckpt), "--out", str(ckpt)]) == 2  # would clobber a checkpoint
     assert run_cli(main, [str(tmp_path / "missing" / "ckpt"), "--out", str(tmp_path / "o")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    err = capsys.readouterr().err  # export takes it as an argument, not a --checkpoint flag
+    assert f"checkpoint {tmp_path / 'missing' / 'ckpt'}: no such folder" in err and "--checkpoint" not in err
+    with pytest.raises(SystemExit) as exited:  # one says which to save, the other to save none
+        main([str(ckpt), "--out", str(tmp_path / "o3"), "--no_tokenizer", "--tokenizer", "gpt2"])
+    assert exited.value.code == 2 and "give one of them" in capsys.readouterr().err
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "model.pt").write_bytes(b"\0")

@@ -227,6 +227,9 @@ def test_cli_analyze(capsys, tmp_path):
     assert main(["analyze", os.path.join(LOGS, "GPT2_base_div2_depth.csv"), os.path.join(LOGS, "GPT2_base.csv"),
                  "--op", "depth"]) == 0
     assert "13.8%" in capsys.readouterr().out
+    assert main(["analyze", os.path.join(LOGS, "GPT2_base.csv"), os.path.join(LOGS, "GPT2_base_div2_depth.csv"),
+                 "--op", "depth"]) == 2  # swapped: it printed n/a and -456.8%
+    assert "is not smaller than the target" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("step,loss\n1,2\n")
     assert main(["analyze", str(bad), str(bad), "--op", "width", "--small_params", "10",

@@ -87,6 +87,39 @@ def test_seed_workflow_grow_cli_then_resume_with_restart(tmp_path, data_cache):
     assert {float(s["step"]) for s in ck.optimizer_state["state"].values()} == {8.0}  # Adam's count = R + 5
 
 
+def test_an_offline_grown_checkpoint_trains_at_the_grown_models_peak_lr(tmp_path, data_cache, capsys):
+    """An in-run growth moves the peak LR to the heuristic's value for the new size; a checkpoint grown by `grow`
+    kept the small model's (the same 2L/256d model trained at 0.00246 one way and 0.00237 the other)."""
+    from staged_fast.config import initial_lr_for
+    from staged_fast.grow import main as grow_main
+
+    small = tmp_path / "small"
+    assert train(small, data_cache, *START, "--train_steps", "4") == 0
+    out = tmp_path / "grown_ckpt"
+    assert grow_main([str(list_checkpoints(small)[-1]), "--op", "width", "--out", str(out)]) == 0
+    capsys.readouterr()
+    cont = tmp_path / "cont"
+    assert train(cont, data_cache, "--size", "tiny", "--dropout", "0", "--train_steps", "6", "--resume",
+                 str(out)) == 0
+    grown = load_checkpoint(list_checkpoints(cont)[-1])
+    assert grown.trainer_state["schedule"]["base_lr"] == initial_lr_for(grown.config)
+    assert f"-> {initial_lr_for(grown.config):.3g}: the heuristic for the grown" in capsys.readouterr().out
+
+
+def test_a_growth_that_moves_the_loss_and_a_validation_cut_to_the_data_are_said(tmp_path, data_cache, capsys):
+    """Width noise near the weights' scale breaks function preservation in floating point (the split W - E, E
+    cancels inexactly), and the run trained on silently; --val_batches beyond the validation data was cut
+    silently too."""
+    assert train(tmp_path / "run", data_cache, *START, "--train_steps", "2", "--grow_at", "1", "--grow_ops", "width",
+                 "--width_noise", "0.5", "--val_batches", "5000") == 0
+    out = capsys.readouterr().out
+    assert "warning: the growth moved the val-batch loss" in out and "--width_noise 0.5 is large" in out, out[-2000:]
+    assert "note: --val_batches 5000, and the validation data holds" in out
+    assert train(tmp_path / "exact", data_cache, *START, "--train_steps", "2", "--grow_at", "1", "--grow_ops",
+                 "width", "--width_noise", "0.001") == 0
+    assert "moved the val-batch loss" not in capsys.readouterr().out
+
+
 def test_plan_drives_growth(tmp_path, data_cache):
     from staged_fast.schedule import plan_for_run
 

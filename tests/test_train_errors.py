@@ -53,6 +53,9 @@ def _fails(capsys, code, *fragments):
                  ["sets the step counter to 100", "would never train"], id="restart_steps_past_the_end"),
     pytest.param(["--lr", "0.001", "--min_lr", "0.01"], ["--min_lr 0.01 is above the peak --lr 0.001"],
                  id="min_lr_above_lr"),
+    # was accepted, then refused after the data and model were built with a false "fewer than one batch"
+    pytest.param(["--val_batches", "0"], ["--val_batches must be positive, got 0"], id="zero_val_batches"),
+    pytest.param(["--gpu_count", "0"], ["--gpu_count must be 1 or more, or -1"], id="zero_gpu_count"),
 ])
 def test_bad_flags(tmp_path, data_cache, capsys, flags, fragments):
     run = tmp_path / "run"
@@ -253,6 +256,26 @@ def test_a_model_folder_with_a_longer_context_than_the_flags_trains_at_its_lengt
     from staged_fast.train import main
 
     assert main(["--resume", "latest", "--save_prefix", str(tmp_path / "run"), "--no_progress"]) == 0
+
+
+def test_a_plan_sets_its_growths_and_takes_its_own_length(tmp_path, data_cache, capsys):
+    """--restart_steps, --restart_warmup_steps and --grow_ops beside --schedule did nothing (the plan's were
+    used, silently); a --train_steps equal to the plan's own (its updates) was refused, with a fix that led back
+    to the same plan."""
+    from staged_fast.schedule import plan_for_run
+
+    path = tmp_path / "plan.json"
+    plan = plan_for_run("tiny", ["width"], train_steps=12)
+    path.write_text(plan.to_json())
+    for flags in (["--restart_steps", "3"], ["--grow_ops", "alternate_id", "--restart_warmup_steps", "2"]):
+        _fails(capsys, train(tmp_path / "a", data_cache, "--schedule", str(path), *flags),
+               "with --schedule: the plan sets each growth's operator, restart step and warmup")
+    final = plan.to_dict()["final_schedule_step"]
+    assert final < 12  # the growth restarts the counter: the two lengths differ
+    _fails(capsys, train(tmp_path / "b", data_cache, "--schedule", str(path), "--train_steps", "20"),
+           "which takes 12 updates", f"its step counter ends at {final}", "plan --train_steps 20")
+    assert train(tmp_path / "c", data_cache, "--schedule", str(path), "--train_steps", "12", "--stop_at_step",
+                 "1") == 0
 
 
 def test_plan_whose_stages_are_not_doublings(tmp_path, data_cache, capsys):

@@ -63,7 +63,8 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: str = "torch"):
+def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: str = "torch",
+                    named: str = "--checkpoint"):
     """Our GPT, in eval mode, from a staged_fast checkpoint / run folder, a HF GPT-2 folder or a hub name."""
     from ..hf import HFImportError
     from ..kernels import backend_for_head_dim, resolve_backend
@@ -73,18 +74,18 @@ def load_eval_model(path: str, *, device: torch.device | str = "cpu", kernels: s
     # a local path, not a hub name ('org/name'): its folder exists here (a typo there used to spend ~30 s on hub
     # retries offline before it failed)
     if str(path) == "latest" and not p.exists():
-        raise InputError("--checkpoint latest: 'latest' is train's --resume word (with --save_prefix); here give "
+        raise InputError(f"{named} latest: 'latest' is train's --resume word (with --save_prefix); here give "
                          "the run folder (its newest checkpoint is used) or a step_<8-digit update> folder.")
     local = str(path).count("/") > 1 or str(path).startswith((".", "/", "~")) or (
         "/" in str(path) and p.parent.is_dir())
     if not p.exists() and local:
         raise InputError(
-            f"--checkpoint {path}: no such folder. Fix: check the path; give a step_<8-digit update> folder or run folder "
+            f"{named} {path}: no such folder. Fix: check the path; give a step_<8-digit update> folder or run folder "
             f"written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
         )
     if p.is_file():
         raise InputError(
-            f"--checkpoint {path} is a file; checkpoints are folders. Fix: pass the step_<8-digit update> folder (or its "
+            f"{named} {path} is a file; checkpoints are folders. Fix: pass the step_<8-digit update> folder (or its "
             f"run folder) written by staged_fast.train, or a Hugging Face GPT-2 folder (config.json + weights)."
         )
     try:

@@ -76,9 +76,13 @@ def cmd_analyze(args) -> int:
         if not (args.small and args.target and args.op):
             raise ConfigError("analyze needs SMALL.csv TARGET.csv --op OP, or --logs DIR.")
         small, target = read_curve(args.small), read_curve(args.target)
-        results = [analyze_pair(small, target, args.op,
-                                _n_params_for(args.small, args.small_preset, args.small_params, "small"),
-                                _n_params_for(args.target, args.target_preset, args.target_params, "target"),
+        small_params = _n_params_for(args.small, args.small_preset, args.small_params, "small")
+        target_params = _n_params_for(args.target, args.target_preset, args.target_params, "target")
+        if small_params >= target_params:  # swapped: the savings came out as n/a and -456.8%
+            raise ConfigError(f"the small model ({args.small}: {small_params:.4g} parameters) is not smaller than the "
+                              f"target ({args.target}: {target_params:.4g}): give the small model's curve first, "
+                              f"`analyze SMALL.csv TARGET.csv --op OP`.")
+        results = [analyze_pair(small, target, args.op, small_params, target_params,
                                 args.batch_tokens, args.window, args.smooth_x, args.rule)]
     print(format_pairs(results))
     if args.json:
