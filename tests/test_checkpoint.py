@@ -74,11 +74,16 @@ def test_resaving_a_step_replaces_it_whole(tmp_path, monkeypatch, swap):
     it by moving the old one aside first; either way the step holds the new state and nothing is left over."""
     import staged_fast.checkpoint as checkpoint_mod
 
-    if swap == "two renames":
-        monkeypatch.setattr(checkpoint_mod, "_exchange", lambda a, b: False)
+    real, swapped = checkpoint_mod._exchange, []
+
+    def exchange(a, b):
+        swapped.append(real(a, b) if swap == "exchange" else False)
+        return swapped[-1]
+    monkeypatch.setattr(checkpoint_mod, "_exchange", exchange)
     cfg, model, opt = _setup()
     save_checkpoint(tmp_path, step=3, model=model, config=cfg, trainer_state={"attempt": 1})
     save_checkpoint(tmp_path, step=3, model=model, config=cfg, trainer_state={"attempt": 2})
+    assert swapped == [swap == "exchange"]  # Linux (glibc 2.28+, a local filesystem): the atomic swap was used
     assert load_checkpoint(tmp_path / "step_00000003").trainer_state == {"attempt": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
 
