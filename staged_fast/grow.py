@@ -121,6 +121,7 @@ def _grow(args) -> int:
         ckpt, op, width_noise=args.width_noise, generator=generator, optimizer_step=args.optimizer_step,
         target=target, backend=args.backend,
     )
+    trainer_state.pop("metrics_lines", None)  # of the source run's log: --out starts its own metrics.jsonl
     trainer_state["grown_from"] = {"checkpoint": str(path), "op": op, "shape": old_shape,
                                    "width_noise": args.width_noise, "seed": args.seed}
     # the growth log tells a later `train --resume` with the small model's flags that it grew (as in-run growth)

@@ -321,6 +321,7 @@ def parse_args(argv: list[str] | None):
     # a resume restarts the step counter only for a --restart_steps typed on its command, not one a continued run
     # takes from its checkpoint (that one is for the run's own growths; the first resume of a grown run had it)
     args.restart_given = "restart_steps" in given
+    _plan_updates_as_length(args, given)
     taken, branched = continue_with_saved_flags(args, given)
     _check_plan_length(args, given)
     if taken and branched is None:
@@ -452,7 +453,11 @@ def validate(args) -> None:
                          "(bf16 compute, fp32 gradient reduce) or --parallel ddp.")
     # a fresh run shaped by its flags is checked here; a resumed one against its checkpoint's config, one from
     # --model weights against theirs (the trainer does both: these flags' n_positions may mean nothing for them)
-    shaped_by_flags = not args.resume and (args.random or args.model in ("gpt2", None))
+    from .checkpoint import list_checkpoints
+
+    fresh = not args.resume or (args.resume == "latest" and args.save_prefix is not None
+                                and not list_checkpoints(args.save_prefix, moved_aside=True))
+    shaped_by_flags = fresh and (args.random or args.model in ("gpt2", None))
     if args.seqlen > args.n_positions and shaped_by_flags:
         raise ConfigError(
             f"--seqlen {args.seqlen} exceeds the model's n_positions={args.n_positions}: "
@@ -656,6 +661,22 @@ def _check_growths(args) -> None:
                 f"{at}, and the run ends at --train_steps {args.train_steps}: the grown model would never train. "
                 f"Give a --restart_steps below --train_steps (or 'auto').")
         counter, done = counter if restart is None else restart, at
+
+
+def _plan_updates_as_length(args, given: set[str]) -> None:
+    """A --train_steps equal to the --schedule plan's updates means its length: the run's schedule ends where the
+    plan's step counter does (load_plan sets that, and the checkpoint records it), so the requeue of the same
+    command must compare that value, not the updates (it was refused as a changed schedule flag)."""
+    if not args.schedule or "train_steps" not in given:
+        return
+    from .schedule import Plan
+
+    try:
+        plan = Plan.from_json(args.schedule).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: load_plan says so
+    if args.train_steps == plan["train_steps"]:
+        args.train_steps = plan["final_schedule_step"]
 
 
 def _check_plan_length(args, given: set[str]) -> None:

@@ -283,15 +283,29 @@ def test_without_flock_a_build_works_in_a_private_folder_it_removes(tok, tmp_pat
         f".tokens-{prepare_mod._tokens_key(prepare_mod.resolve_source([str(data)], text_field='text'), tok, 'gpt2')}.lock"]
 
 
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
 def test_a_builders_marker_is_kept_fresh_while_it_builds_and_goes_with_it(tmp_path, monkeypatch):
+    """The marker is touched while the build runs; another's fresh marker is alive, one of a finished process
+    of this host is not (a killed builder's stays behind: its requeue on this host must not wait STALE)."""
+    import socket
     import time as time_mod
 
     monkeypatch.setattr(prepare_mod._Heartbeat, "PERIOD", 0.05)
-    heartbeat = prepare_mod._Heartbeat.start_unless_another(tmp_path / "work")
+    heartbeat = prepare_mod._Heartbeat.start(tmp_path / "work")
     marker = heartbeat.marker
+    (tmp_path / "work" / ".builder-thishost-1").touch()  # fresh, another host's: alive
+    assert heartbeat.others_alive()
+    dead = tmp_path / "work" / f".builder-{socket.gethostname()}-{_dead_pid()}"  # this host's, its process gone
+    (tmp_path / "work" / ".builder-thishost-1").unlink()
+    dead.touch()
+    assert not heartbeat.others_alive() and not dead.exists()
     old = time_mod.time() - 1000
     os.utime(marker, (old, old))
     time_mod.sleep(0.5)
     assert time_mod.time() - marker.stat().st_mtime < 5  # touched again since
     heartbeat.stop()
-    assert not marker.exists() and list((tmp_path / "work").iterdir()) == []
+    assert not marker.exists() and not (tmp_path / "work").exists()  # made for the marker alone: it went too

@@ -20,6 +20,21 @@ def test_the_requeue_of_a_finished_run_writes_nothing(tmp_path, data_cache, caps
     assert f"done: step 3, 768 tokens, checkpoint {final}" in capsys.readouterr().out
     assert [p.stat().st_ino for p in list_checkpoints(run)] == [inode]
     assert (run / "metrics.jsonl").read_text() == metrics
+    assert load_checkpoint(final).trainer_state["metrics_lines"] == len(metrics.splitlines())
+
+
+def test_a_requeue_cuts_the_log_at_the_checkpoints_own_line_count(tmp_path, data_cache):
+    """What a killed attempt logged after the checkpoint goes, even a record of the checkpoint's own update
+    (cut by update alone, a growth or validation record logged after that update's save stayed)."""
+    run = tmp_path / "run"
+    assert train(run, data_cache, "--train_steps", "3", "--stop_at_step", "2") == 0
+    kept = (run / "metrics.jsonl").read_text()
+    with open(run / "metrics.jsonl", "a") as f:  # the killed attempt's lines: update 2's, then update 3's
+        f.write('{"event": "growth", "iteration": 2}\n{"iteration": 3, "loss": 1.0}\n')
+    assert train(run, data_cache, "--train_steps", "3", "--resume", "latest") == 0
+    lines = (run / "metrics.jsonl").read_text()
+    assert lines.startswith(kept) and '"event": "growth"' not in lines
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
 def test_an_older_checkpoint_of_the_folder_is_continued_only_with_overwrite(tmp_path, data_cache, capsys):

@@ -101,6 +101,7 @@ def test_an_offline_grown_checkpoint_trains_at_the_grown_models_peak_lr(tmp_path
     cont = tmp_path / "cont"
     assert train(cont, data_cache, "--size", "tiny", "--dropout", "0", "--train_steps", "6", "--resume",
                  str(out)) == 0
+    assert "metrics_lines" not in load_checkpoint(list_checkpoints(out)[-1]).trainer_state  # the source run's log is not --out's
     grown = load_checkpoint(list_checkpoints(cont)[-1])
     assert grown.trainer_state["schedule"]["base_lr"] == initial_lr_for(grown.config)
     assert f"-> {initial_lr_for(grown.config):.3g}: the heuristic for the grown" in capsys.readouterr().out
@@ -117,6 +118,9 @@ def test_a_growth_that_moves_the_loss_and_a_validation_cut_to_the_data_are_said(
     assert "note: --val_batches 5000, and the validation data holds" in out
     assert train(tmp_path / "exact", data_cache, *START, "--train_steps", "2", "--grow_at", "1", "--grow_ops",
                  "width", "--width_noise", "0.001") == 0
+    assert "moved the val-batch loss" not in capsys.readouterr().out
+    assert train(tmp_path / "copy", data_cache, *START, "--train_steps", "2", "--grow_at", "1", "--grow_ops",
+                 "alternate_copy") == 0  # copies layers: changes the function by design, not worth a warning
     assert "moved the val-batch loss" not in capsys.readouterr().out
 
 

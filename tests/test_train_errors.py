@@ -56,6 +56,9 @@ def _fails(capsys, code, *fragments):
     # was accepted, then refused after the data and model were built with a false "fewer than one batch"
     pytest.param(["--val_batches", "0"], ["--val_batches must be positive, got 0"], id="zero_val_batches"),
     pytest.param(["--gpu_count", "0"], ["--gpu_count must be 1 or more, or -1"], id="zero_gpu_count"),
+    # a --resume latest that finds no checkpoint is a fresh run: checked before the data, as without it
+    pytest.param(["--seqlen", "2048", "--resume", "latest"], ["--seqlen 2048 exceeds", "n_positions=1024"],
+                 id="seqlen_fresh_resume_latest"),
 ])
 def test_bad_flags(tmp_path, data_cache, capsys, flags, fragments):
     run = tmp_path / "run"
@@ -274,8 +277,9 @@ def test_a_plan_sets_its_growths_and_takes_its_own_length(tmp_path, data_cache, 
     assert final < 12  # the growth restarts the counter: the two lengths differ
     _fails(capsys, train(tmp_path / "b", data_cache, "--schedule", str(path), "--train_steps", "20"),
            "which takes 12 updates", f"its step counter ends at {final}", "plan --train_steps 20")
-    assert train(tmp_path / "c", data_cache, "--schedule", str(path), "--train_steps", "12", "--stop_at_step",
-                 "1") == 0
+    same = ["--schedule", str(path), "--train_steps", "12", "--resume", "latest"]
+    assert train(tmp_path / "c", data_cache, *same, "--stop_at_step", "1") == 0
+    assert train(tmp_path / "c", data_cache, *same, "--stop_at_step", "2") == 0  # its requeue: the same flags
 
 
 def test_plan_whose_stages_are_not_doublings(tmp_path, data_cache, capsys):

@@ -447,15 +447,17 @@ def _build_once(out_dir: Path, fingerprint: str, tokens_key: str, cache_dir: Pat
             logger.info("data: %s was prepared by the process waited for", out_dir)
             return
         shared = cache_dir / f".tokens-{tokens_key}.work"
-        if lock.warning is not None:  # no flock there: another builder's folders look like leftovers
+        private = lock.warning is not None
+        if private:  # no flock there: another builder's folders look like leftovers
             logger.warning("data: %s", lock.warning.removeprefix("warning: "))
-        else:
-            heartbeat = _Heartbeat.start_unless_another(shared)
-            if heartbeat is None:
+        else:  # a private builder keeps its marker here too: a third one then steps aside as well
+            heartbeat = _Heartbeat.start(shared)
+            private = heartbeat.others_alive()
+            if private:
                 logger.warning("data: another builder is alive in %s although this process holds its lock (the "
                                "filesystem's locks do not reach across nodes?): tokenizing in a private folder, "
                                "which a rerun cannot resume from", shared)
-        if heartbeat is None:
+        if private:
             work = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.scratch-", dir=cache_dir))
         else:
             work = shared
@@ -473,7 +475,7 @@ def _build_once(out_dir: Path, fingerprint: str, tokens_key: str, cache_dir: Pat
             shutil.rmtree(work, ignore_errors=True)
             raise
         except BaseException:
-            if heartbeat is None:
+            if private:
                 shutil.rmtree(work, ignore_errors=True)
             else:
                 logger.warning("data: preparation stopped; what it tokenized so far stays in %s and the same command "
@@ -504,30 +506,32 @@ class _Heartbeat:
         self._thread.start()
 
     @classmethod
-    def start_unless_another(cls, work: Path) -> "_Heartbeat | None":
+    def start(cls, work: Path) -> "_Heartbeat":
         import socket
 
-        host = socket.gethostname()
         work.mkdir(parents=True, exist_ok=True)
-        marker = work / f".builder-{host}-{os.getpid()}"
-        marker.touch()  # first ours, then a look for others: two racing builders both step aside, never share
-        now = time.time()
-        others = []
-        for other in work.glob(".builder-*"):
-            if other == marker:
+        marker = work / f".builder-{socket.gethostname()}-{os.getpid()}"
+        marker.touch()  # ours first, then others_alive: two racing builders both step aside, never share
+        return cls(marker)
+
+    def others_alive(self) -> bool:
+        """Is another builder's marker fresh (younger than STALE, and not a dead process of this host)? Dead
+        builders' markers are removed."""
+        import socket
+
+        host, now, alive = socket.gethostname(), time.time(), False
+        for other in self.marker.parent.glob(".builder-*"):
+            if other == self.marker:
                 continue
             try:
-                young = now - other.stat().st_mtime < cls.STALE
+                young = now - other.stat().st_mtime < self.STALE
             except FileNotFoundError:
                 continue
             if young and not _dead_here(other.name.removeprefix(".builder-"), host):
-                others.append(other)
+                alive = True
             else:
                 other.unlink(missing_ok=True)  # a builder that died: its files are leftovers
-        if others:
-            marker.unlink(missing_ok=True)
-            return None
-        return cls(marker)
+        return alive
 
     def _beat(self) -> None:
         while not self._stopped.wait(self.PERIOD):
@@ -540,6 +544,10 @@ class _Heartbeat:
         self._stopped.set()
         self._thread.join()
         self.marker.unlink(missing_ok=True)
+        try:  # a folder made only for the marker (a private build's) goes too; one with work stays
+            self.marker.parent.rmdir()
+        except OSError:
+            pass
 
 
 def _dead_here(builder: str, host: str) -> bool:
