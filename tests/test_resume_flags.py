@@ -165,7 +165,8 @@ def test_a_train_steps_that_contradicts_the_plan_is_refused(tmp_path):
     path = tmp_path / "plan.json"
     plan_for_run("tiny", ["width"], train_steps=12).to_json(str(path))
     final = plan_for_run("tiny", ["width"], train_steps=12).to_dict()["final_schedule_step"]
-    with pytest.raises(UsageError, match=f"--train_steps 20 contradicts --schedule .* ends at step {final}"):
+    with pytest.raises(UsageError, match=rf"--train_steps 20 contradicts --schedule .* takes 12 updates \(its step "
+                                         rf"counter ends at {final}"):
         parse_args(["--schedule", str(path), "--train_steps", "20"])
     assert parse_args(["--schedule", str(path), "--train_steps", str(final)]).schedule == str(path)
 

@@ -250,12 +250,14 @@ def test_a_model_folders_own_shape_is_checked_not_the_flags(tmp_path, data_cache
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_a_model_folder_with_a_longer_context_than_the_flags_trains_at_its_length(tmp_path, data_cache):
+def test_a_model_folder_with_a_longer_context_than_the_flags_trains_at_its_length(tmp_path, small_vocab):
     """--seqlen is checked against the folder's context (1100 here), not --n_positions' default 1024, and so is
     the continuation of that run (its checkpoint's context: the flags' 1024 refused it)."""
-    folder = _model_folder(tmp_path / "hf", n_positions=1100)
-    flags = ["--train_steps", "2", "--seqlen", "1100", "--batch_size", "1", "--val_batches", "1"]
-    assert train(tmp_path / "run", data_cache, *flags, "--model", str(folder), "--stop_at_step", "1") == 0
+    tokenizer, cache = small_vocab  # a 512-token vocabulary: 1100 positions of GPT-2's 50257 logits are slow
+    folder = _model_folder(tmp_path / "hf", n_positions=1100, vocab_size=512)
+    flags = ["--train_steps", "2", "--seqlen", "1100", "--batch_size", "1", "--val_batches", "1", "--tokenizer",
+             tokenizer]
+    assert train(tmp_path / "run", cache, *flags, "--model", str(folder), "--stop_at_step", "1") == 0
     from staged_fast.train import main
 
     assert main(["--resume", "latest", "--save_prefix", str(tmp_path / "run"), "--no_progress"]) == 0
