@@ -132,27 +132,29 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-def worker(rank, run, store, resumed):
+def worker(rank, store, cases):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))
     from staged_fast import distributed as D
     from staged_fast.trainer import Trainer
-    trainer = Trainer.__new__(Trainer)  # only what _check_run_dir reads
-    trainer.dist = D.DistInfo(rank=rank, world_size=2, backend="gloo")
-    trainer.run_dir, trainer.args, trainer.log = Path(run), types.SimpleNamespace(overwrite=True), print
-    trainer.last_saved_iteration = trainer.last_saved_path = None
-    trainer.resume_path = Path(run) / resumed if resumed else None
-    ckpt = types.SimpleNamespace(trainer_state={"iteration": 1}) if resumed else None
-    if rank == 1:
-        time.sleep(1.0)  # its checkpoint loaded slower: rank 0 has already deleted what it would list
-    trainer._check_run_dir(ckpt)
-    box = [rank]
-    dist.broadcast_object_list(box, src=0)  # the start's next collective meets the same one on rank 0
-    print(f"rank {rank} through", flush=True)
+    for run, resumed in cases:  # (folder, the checkpoint continued there or "" for a whole run replaced)
+        trainer = Trainer.__new__(Trainer)  # only what _check_run_dir reads
+        trainer.dist = D.DistInfo(rank=rank, world_size=2, backend="gloo")
+        trainer.run_dir, trainer.args, trainer.log = Path(run), types.SimpleNamespace(overwrite=True), print
+        trainer.last_saved_iteration = trainer.last_saved_path = None
+        trainer.resume_path = Path(run) / resumed if resumed else None
+        ckpt = types.SimpleNamespace(trainer_state={"iteration": 1}) if resumed else None
+        if rank == 1:
+            time.sleep(1.0)  # its checkpoint loaded slower: rank 0 has already deleted what it would list
+        trainer._check_run_dir(ckpt)
+        box = [rank]
+        dist.broadcast_object_list(box, src=0)  # the start's next collective meets the same one on rank 0
+        print(f"rank {rank} through {Path(run).name}", flush=True)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=tuple(sys.argv[1:4]), nprocs=2, join=True)
+    args = sys.argv[1:]
+    mp.spawn(worker, args=(args[0], list(zip(args[1::2], args[2::2]))), nprocs=2, join=True)
 '''
 
 
@@ -171,12 +173,15 @@ def test_two_ranks_agree_on_what_overwrite_deletes(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS_OVERWRITE)
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64))
-    for resumed in ("step_00000001", ""):
-        run = tmp_path / f"run{resumed}"
+    cases = [(tmp_path / "older", "step_00000001"), (tmp_path / "whole", "")]
+    for run, _ in cases:
         for step in (1, 2, 3):
             save_checkpoint(run, step=step, model=model, config=model.config, trainer_state={"iteration": step})
-        done = subprocess.run([sys.executable, str(script), str(run), str(tmp_path / f"store{resumed}"), resumed],
-                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
-        assert done.returncode == 0 and "rank 0 through" in done.stdout and "rank 1 through" in done.stdout, \
-            (done.stdout + done.stderr)[-3000:]
-        assert [p.name for p in list_checkpoints(run)] == (["step_00000001"] if resumed else [])
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "store"),
+                           *[str(x) for case in cases for x in case]],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and all(f"rank {r} through {run.name}" in said for r in (0, 1) for run, _ in cases), \
+        said[-3000:]
+    assert [p.name for p in list_checkpoints(tmp_path / "older")] == ["step_00000001"]
+    assert list_checkpoints(tmp_path / "whole") == []
