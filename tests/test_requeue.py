@@ -9,57 +9,64 @@ from staged_fast.train import main
 from train_utils import losses, train
 
 
-def test_the_requeue_of_a_finished_run_writes_nothing(tmp_path, data_cache, capsys):
+def _vocab512(small_vocab) -> tuple[str, ...]:
+    """train()'s cache and a 512-token tokenizer: what a requeue finds does not depend on the vocabulary, and the
+    LM head of GPT-2's 50257 dominates these runs."""
+    tokenizer, cache = small_vocab
+    return cache, "--tokenizer", tokenizer
+
+
+def test_the_requeue_of_a_finished_run_writes_nothing(tmp_path, small_vocab, capsys):
     """It used to save its last step again: a kill between that re-save's two renames lost the run."""
     run = tmp_path / "run"
-    assert train(run, data_cache, "--train_steps", "3", "--resume", "latest") == 0
+    assert train(run, *_vocab512(small_vocab), "--train_steps", "3", "--resume", "latest") == 0
     (final,) = list_checkpoints(run)
     inode, metrics = final.stat().st_ino, (run / "metrics.jsonl").read_text()
     capsys.readouterr()
-    assert train(run, data_cache, "--train_steps", "3", "--resume", "latest") == 0
+    assert train(run, *_vocab512(small_vocab), "--train_steps", "3", "--resume", "latest") == 0
     assert f"done: step 3, 768 tokens, checkpoint {final}" in capsys.readouterr().out
     assert [p.stat().st_ino for p in list_checkpoints(run)] == [inode]
     assert (run / "metrics.jsonl").read_text() == metrics
     assert load_checkpoint(final).trainer_state["metrics_lines"] == len(metrics.splitlines())
 
 
-def test_a_requeue_cuts_the_log_at_the_checkpoints_own_line_count(tmp_path, data_cache):
+def test_a_requeue_cuts_the_log_at_the_checkpoints_own_line_count(tmp_path, small_vocab):
     """What a killed attempt logged after the checkpoint goes, even a record of the checkpoint's own update
     (cut by update alone, a growth or validation record logged after that update's save stayed)."""
     run = tmp_path / "run"
-    assert train(run, data_cache, "--train_steps", "3", "--stop_at_step", "2") == 0
+    assert train(run, *_vocab512(small_vocab), "--train_steps", "3", "--stop_at_step", "2") == 0
     kept = (run / "metrics.jsonl").read_text()
     with open(run / "metrics.jsonl", "a") as f:  # the killed attempt's lines: update 2's, then update 3's
         f.write('{"event": "growth", "iteration": 2}\n{"iteration": 3, "loss": 1.0}\n')
-    assert train(run, data_cache, "--train_steps", "3", "--resume", "latest") == 0
+    assert train(run, *_vocab512(small_vocab), "--train_steps", "3", "--resume", "latest") == 0
     lines = (run / "metrics.jsonl").read_text()
     assert lines.startswith(kept) and '"event": "growth"' not in lines
     assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
-def test_an_older_checkpoint_of_the_folder_is_continued_only_with_overwrite(tmp_path, data_cache, capsys):
+def test_an_older_checkpoint_of_the_folder_is_continued_only_with_overwrite(tmp_path, small_vocab, capsys):
     """Continued in place, it left the newer checkpoints listed: a later --resume latest took them, beside the
     new run's metrics. Refused; --overwrite deletes the newer ones, and the run goes on from the older."""
     run = tmp_path / "run"
     flags = ["--train_steps", "6", "--save_every", "2"]
-    assert train(run, data_cache, *flags) == 0
+    assert train(run, *_vocab512(small_vocab), *flags) == 0
     older = run / "step_00000002"
     capsys.readouterr()
-    assert train(run, data_cache, *flags, "--resume", str(older)) == 2
+    assert train(run, *_vocab512(small_vocab), *flags, "--resume", str(older)) == 2
     err = capsys.readouterr().err
     assert "is an older checkpoint of" in err and "step_00000004, step_00000006" in err and "--overwrite" in err
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004", "step_00000006"]
-    assert train(run, data_cache, *flags, "--resume", str(older), "--overwrite", "--stop_at_step", "3") == 0
+    assert train(run, *_vocab512(small_vocab), *flags, "--resume", str(older), "--overwrite", "--stop_at_step", "3") == 0
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000003"]
     assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_a_step_a_killed_resave_moved_aside_is_restored_and_continued(tmp_path, data_cache, capsys):
+def test_a_step_a_killed_resave_moved_aside_is_restored_and_continued(tmp_path, small_vocab, capsys):
     """Where a re-save cannot swap atomically it moves the old step aside first; killed right then, the leftover
     clean-up deleted the run's last checkpoint and the same command started afresh from step 0."""
     run = tmp_path / "run"
-    assert train(run, data_cache, "--train_steps", "4", "--stop_at_step", "2") == 0
+    assert train(run, *_vocab512(small_vocab), "--train_steps", "4", "--stop_at_step", "2") == 0
     (step,) = list_checkpoints(run)
     step.rename(run / f".tmp-old-{step.name}-4242")  # what the kill left: the old copy aside, the new one unnamed
     (run / ".tmp-step_00000002-4242").mkdir()
@@ -72,7 +79,7 @@ def test_a_step_a_killed_resave_moved_aside_is_restored_and_continued(tmp_path, 
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_a_validation_cut_short_at_a_growth_is_logged_once_across_preempted_resumes(tmp_path, data_cache,
+def test_a_validation_cut_short_at_a_growth_is_logged_once_across_preempted_resumes(tmp_path, small_vocab,
                                                                                     monkeypatch, capsys):
     """SIGTERM inside the validation of the growth's update, then again while the resumed run grows: the
     validation and the growth are done (and logged) once, and saved before the run leaves, not redone and logged
@@ -82,7 +89,8 @@ def test_a_validation_cut_short_at_a_growth_is_logged_once_across_preempted_resu
 
     flags = ["--size", "tiny_div2_width", "--seqlen", "32", "--batch_size", "2", "--train_steps", "8",
              "--warmup_steps", "1", "--log_rate", "1", "--val_every", "2", "--val_batches", "3", "--save_every",
-             "100", "--no_progress", "--cache_dir", data_cache, "--device", "cpu", "--resume", "latest",
+             "100", "--no_progress", "--cache_dir", small_vocab[1], "--tokenizer", small_vocab[0], "--device", "cpu",
+             "--resume", "latest",
              "--grow_at", "4", "--grow_ops", "width"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*flags, "--save_prefix", str(straight)]) == 0

@@ -181,7 +181,7 @@ def test_flags_that_do_nothing_are_warned_about(capsys):
     assert "--width_noise 0.01 splits width growths, and this run's growths are append_id" in err
 
 
-def test_a_doubled_run_with_restart_steps_continues_and_restarts_once(tmp_path, data_cache, capsys, monkeypatch):
+def test_a_doubled_run_with_restart_steps_continues_and_restarts_once(tmp_path, small_vocab, capsys, monkeypatch):
     """`--resume latest --save_prefix DIR` continues a --doubling --restart_steps run, as its finish line says: the
     flag it takes from the checkpoint restarts nothing (it was refused: 'Drop --restart_steps', which the command
     did not give). Preempted as it grew, the resume does not restart the counter a second time (10 -> 6 -> 3)."""
@@ -194,7 +194,7 @@ def test_a_doubled_run_with_restart_steps_continues_and_restarts_once(tmp_path, 
 
     flags = ["--seqlen", "32", "--batch_size", "2", "--train_steps", "20", "--warmup_steps", "3", "--log_rate", "1",
              "--val_every", "1000", "--val_batches", "2", "--no_progress", "--save_every", "1000", "--device", "cpu",
-             "--cache_dir", data_cache]
+             "--tokenizer", small_vocab[0], "--cache_dir", small_vocab[1]]  # 512 tokens: the vocabulary is not the point
     small, trained, preempted = tmp_path / "small", tmp_path / "trained", tmp_path / "preempted"
     assert main([*flags, "--size", "tiny_div2_width", "--save_prefix", str(small), "--stop_at_step", "10"]) == 0
     doubling = [*flags, "--resume", str(small), "--doubling", "weights", "--restart_steps", "auto"]

@@ -107,17 +107,19 @@ def test_an_offline_grown_checkpoint_trains_at_the_grown_models_peak_lr(tmp_path
     assert f"-> {initial_lr_for(grown.config):.3g}: the heuristic for the grown" in capsys.readouterr().out
 
 
-def test_a_growth_that_moves_the_loss_and_a_validation_cut_to_the_data_are_said(tmp_path, data_cache, capsys):
+def test_a_growth_that_moves_the_loss_and_a_validation_cut_to_the_data_are_said(tmp_path, small_vocab, capsys):
     """Width noise near the weights' scale breaks function preservation in floating point (the split W - E, E
     cancels inexactly), and the run trained on silently; --val_batches beyond the validation data was cut
     silently too."""
     # the second growth copies layers: it changes the function by design, and is not warned about
-    assert train(tmp_path / "run", data_cache, *START, "--train_steps", "3", "--grow_at", "1,2", "--grow_ops",
+    tokenizer, data_cache = small_vocab  # 512 tokens: the vocabulary is not the point
+    start = [*START, "--tokenizer", tokenizer]
+    assert train(tmp_path / "run", data_cache, *start, "--train_steps", "3", "--grow_at", "1,2", "--grow_ops",
                  "width,alternate_copy", "--width_noise", "0.5", "--val_batches", "5000") == 0
     out = capsys.readouterr().out
     assert out.count("warning: the growth moved the val-batch loss") == 1, out[-3000:]
     assert "--width_noise 0.5 is large" in out and "note: --val_batches 5000, and the validation data holds" in out
-    assert train(tmp_path / "exact", data_cache, *START, "--train_steps", "2", "--grow_at", "1", "--grow_ops",
+    assert train(tmp_path / "exact", data_cache, *start, "--train_steps", "2", "--grow_at", "1", "--grow_ops",
                  "width", "--width_noise", "0.001") == 0
     assert "moved the val-batch loss" not in capsys.readouterr().out
 
