@@ -663,34 +663,36 @@ def _check_growths(args) -> None:
         counter, done = counter if restart is None else restart, at
 
 
-def _plan_updates_as_length(args, given: set[str]) -> None:
-    """A --train_steps equal to the --schedule plan's updates means its length: the run's schedule ends where the
-    plan's step counter does (load_plan sets that, and the checkpoint records it), so the requeue of the same
-    command must compare that value, not the updates (it was refused as a changed schedule flag)."""
+def _plan_lengths(args, given: set[str]) -> tuple[int, int] | None:
+    """(updates, the step counter's end) of a --schedule plan given beside a --train_steps of this command; None
+    otherwise or when the plan is unreadable (load_plan says so, with the command that makes a plan)."""
     if not args.schedule or "train_steps" not in given:
-        return
+        return None
     from .schedule import Plan
 
     try:
         plan = Plan.from_json(args.schedule).to_dict()
     except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable: load_plan says so
-    if args.train_steps == plan["train_steps"]:
-        args.train_steps = plan["final_schedule_step"]
+        return None
+    return plan["train_steps"], plan["final_schedule_step"]
+
+
+def _plan_updates_as_length(args, given: set[str]) -> None:
+    """A --train_steps equal to the --schedule plan's updates means its length: the run's schedule ends where the
+    plan's step counter does (load_plan sets that, and the checkpoint records it), so the requeue of the same
+    command must compare that value, not the updates (it was refused as a changed schedule flag)."""
+    lengths = _plan_lengths(args, given)
+    if lengths is not None and args.train_steps == lengths[0]:
+        args.train_steps = lengths[1]
 
 
 def _check_plan_length(args, given: set[str]) -> None:
     """A --schedule plan sets --train_steps to its final step: a different one given with it would be overridden
     silently (a contradicting --size is refused the same way)."""
-    if not args.schedule or "train_steps" not in given:
+    lengths = _plan_lengths(args, given)
+    if lengths is None:
         return
-    from .schedule import Plan
-
-    try:
-        plan = Plan.from_json(args.schedule).to_dict()
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable: load_plan says so, with the command that makes a plan
-    updates, final = plan["train_steps"], plan["final_schedule_step"]
+    updates, final = lengths
     if args.train_steps not in (updates, final):  # the plan's updates, or where its step counter ends
         raise UsageError(f"--train_steps {args.train_steps} contradicts --schedule {args.schedule}, which takes "
                          f"{updates} updates (its step counter ends at {final}: growths with restarts move it "

@@ -334,12 +334,9 @@ def _write(ds, source: Source, out_dir: Path, *, fingerprint: str, tokenizer_nam
 
 
 def _file_digest(path: Path) -> str:
-    """BLAKE2b-128 of a file's bytes, read in 64 MiB blocks (~1 GB/s: seconds beside the tokenization)."""
-    h = hashlib.blake2b(digest_size=16)
+    """BLAKE2b-128 of a file's bytes (~1 GB/s: seconds beside the tokenization)."""
     with open(path, "rb") as f:
-        while block := f.read(64 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def _valid(out_dir: Path) -> dict | None:
